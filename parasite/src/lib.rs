@@ -1,0 +1,1 @@
+//! ptrace control and remote system calls.

@@ -1,0 +1,289 @@
+//! The image model: everything ferry captures about a process, independent of
+//! where it is stored (an image directory) or how it travels (the wire).
+//!
+//! Memory *contents* are not part of this model: they live in a page store
+//! (see [`crate::pages`]) keyed by virtual address. This model describes the
+//! shape of the address space and all non-memory state.
+
+use serde::{Deserialize, Serialize};
+
+/// Size of a page on every architecture ferry supports today (x86-64).
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A whole checkpointed process: one thread group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessImage {
+    /// Where the image was taken.
+    pub host: HostInfo,
+    /// Thread-group id (the PID the user sees).
+    pub pid: i32,
+    /// Parent PID at checkpoint time (informational only).
+    pub ppid: i32,
+    /// Memory areas, sorted by start address, non-overlapping.
+    pub vmas: Vec<Vma>,
+    /// The mm fields set with `PR_SET_MM_MAP`.
+    pub mm: MmFields,
+    /// Every thread; the thread whose tid == pid comes first.
+    pub threads: Vec<ThreadState>,
+    /// Open file descriptors, sorted by number.
+    pub fds: Vec<FdEntry>,
+    /// Process-wide state: credentials, signals, limits, paths.
+    pub misc: ProcessMisc,
+}
+
+/// Facts about the host an image was taken on, used for compatibility checks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// `uname -m`, e.g. `x86_64`.
+    pub arch: String,
+    /// `uname -r`.
+    pub kernel: String,
+    /// Size in bytes of the XSAVE area (CPUID 0xD,0 EBX).
+    pub xstate_size: u32,
+    /// XCR0: the XSAVE features enabled by the kernel.
+    pub xfeatures: u64,
+}
+
+/// What backs a memory area.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmaKind {
+    /// Private anonymous memory (heap, stacks, anonymous mmaps).
+    Anonymous,
+    /// A private mapping of a file, at `offset` into it.
+    File(FileMapping),
+    /// A shared mapping of a regular file: its contents live in the file.
+    SharedFile(FileMapping),
+    /// `[vdso]`, `[vvar]`, `[vvar_vclock]`, ... : kernel special areas that are
+    /// moved into place, never written. `name` is as shown in /proc/PID/maps.
+    Special { name: String },
+}
+
+/// A file mapped into memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMapping {
+    /// Absolute path of the file.
+    pub path: String,
+    /// Offset into the file of the area's first byte.
+    pub offset: u64,
+    /// Device and inode at checkpoint time, to detect a replaced file.
+    pub dev: u64,
+    pub ino: u64,
+    /// Size and modification time at checkpoint time.
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+/// One memory area (a line of /proc/PID/maps).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vma {
+    /// First byte (page aligned).
+    pub start: u64,
+    /// One past the last byte (page aligned).
+    pub end: u64,
+    /// `PROT_*` bits.
+    pub prot: u32,
+    /// `MAP_*` bits that matter at restore: `MAP_PRIVATE`/`MAP_SHARED`,
+    /// `MAP_GROWSDOWN`.
+    pub flags: u32,
+    /// What backs it.
+    pub kind: VmaKind,
+    /// The name shown in maps (`[heap]`, `[stack]`, `[anon:foo]`), if any.
+    pub name: Option<String>,
+}
+
+impl Vma {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    /// True for an empty area (never in a valid image).
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+    /// True if `[addr, addr+len)` lies inside this area.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.start && addr.checked_add(len).is_some_and(|e| e <= self.end)
+    }
+}
+
+/// The fields of `struct prctl_mm_map` (see `PR_SET_MM_MAP`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    /// Raw contents of /proc/PID/auxv (pairs of u64).
+    pub auxv: Vec<u64>,
+    /// Path of the executable (/proc/PID/exe).
+    pub exe_path: String,
+}
+
+/// x86-64 `struct user_regs_struct`, field for field.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpRegs {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub rbp: u64,
+    pub rbx: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rax: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub orig_rax: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub eflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub ds: u64,
+    pub es: u64,
+    pub fs: u64,
+    pub gs: u64,
+}
+
+/// rseq registration of a thread (from `PTRACE_GET_RSEQ_CONFIGURATION`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    pub abi_pointer: u64,
+    pub len: u32,
+    pub flags: u32,
+    pub signature: u32,
+}
+
+/// An alternate signal stack (`stack_t`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}
+
+/// A queued signal, as `siginfo_t` bytes (128 bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingSignal {
+    pub signo: i32,
+    pub siginfo: Vec<u8>,
+}
+
+/// Everything per thread.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadState {
+    pub tid: i32,
+    /// `/proc/PID/task/TID/comm`.
+    pub comm: String,
+    pub regs: GpRegs,
+    /// XSAVE area (NT_X86_XSTATE), `HostInfo::xstate_size` bytes.
+    pub xstate: Vec<u8>,
+    /// Blocked signals.
+    pub sigmask: u64,
+    pub sigaltstack: SigAltStack,
+    /// `set_tid_address` value (`PR_GET_TID_ADDRESS`).
+    pub clear_child_tid: u64,
+    /// Robust futex list head and length (`get_robust_list`).
+    pub robust_list: u64,
+    pub robust_list_len: u64,
+    /// rseq registration, if the thread registered one.
+    pub rseq: Option<Rseq>,
+    /// Signals pending for this thread only.
+    pub pending: Vec<PendingSignal>,
+}
+
+/// A signal disposition, in the kernel's `struct sigaction` layout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAction {
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+/// Credentials of the process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    /// real, effective, saved, filesystem
+    pub uids: [u32; 4],
+    pub gids: [u32; 4],
+    pub groups: Vec<u32>,
+    pub cap_inheritable: u64,
+    pub cap_permitted: u64,
+    pub cap_effective: u64,
+    pub cap_bounding: u64,
+    pub cap_ambient: u64,
+    pub no_new_privs: bool,
+}
+
+/// A resource limit (`RLIMIT_*` number, soft, hard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Process-wide state that is not memory, threads or fds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessMisc {
+    pub creds: Credentials,
+    /// Index i holds the action of signal i+1, for signals 1..=64.
+    pub sigactions: Vec<SigAction>,
+    /// Signals pending for the whole thread group.
+    pub shared_pending: Vec<PendingSignal>,
+    pub cwd: String,
+    pub root: String,
+    pub umask: u32,
+    pub rlimits: Vec<Rlimit>,
+    pub personality: u32,
+}
+
+/// One open file descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdEntry {
+    /// The fd number.
+    pub fd: i32,
+    /// `O_*` status flags from /proc/PID/fdinfo (access mode, O_APPEND, ...).
+    pub flags: u32,
+    /// Close-on-exec.
+    pub cloexec: bool,
+    /// Position of the file.
+    pub pos: u64,
+    /// What it refers to.
+    pub kind: FdKind,
+}
+
+/// The kinds of fd ferry knows how to restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdKind {
+    /// A regular file, reopened by path.
+    Regular { path: String, dev: u64, ino: u64 },
+    /// A directory, reopened by path.
+    Directory { path: String },
+    /// A character device (/dev/null, a tty), reopened by path.
+    CharDevice { path: String, rdev: u64 },
+    /// One end of a pipe. `id` (the pipe inode) ties ends together; the
+    /// unread bytes are stored once, with the first fd of the pipe.
+    Pipe {
+        id: u64,
+        write_end: bool,
+        /// Unread contents; `Some` on exactly one fd per pipe.
+        data: Option<Vec<u8>>,
+        /// Pipe capacity (`F_GETPIPE_SZ`).
+        capacity: u32,
+    },
+}
