@@ -31,7 +31,7 @@ pub const TRAMPOLINE_CODE: [u8; 3] = [0x0f, 0x05, 0xcc];
 /// Address of a `syscall; int3` gadget in this program's own text. A child
 /// forked from us (a restore stub) has it at the same address.
 pub fn local_gadget_addr() -> u64 {
-    ferry_syscall_gadget as usize as u64
+    ferry_syscall_gadget as *const () as usize as u64
 }
 
 /// What happened while an injected system call ran.

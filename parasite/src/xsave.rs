@@ -3,8 +3,7 @@
 /// Size in bytes of the XSAVE area the kernel uses (CPUID 0xD,0 EBX), which
 /// is what `NT_X86_XSTATE` returns.
 pub fn host_xstate_size() -> usize {
-    // SAFETY: CPUID is available on every x86-64 CPU.
-    let r = unsafe { std::arch::x86_64::__cpuid_count(0xd, 0) };
+    let r = std::arch::x86_64::__cpuid_count(0xd, 0);
     r.ebx as usize
 }
 

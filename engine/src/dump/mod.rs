@@ -1,0 +1,4 @@
+//! Checkpoint: capture the state of a frozen process.
+
+pub mod fds;
+pub mod misc;
