@@ -30,6 +30,12 @@ pub enum Error {
     /// The image cannot be restored on this host (named in the message).
     #[error("cannot restore here: {0}")]
     Incompatible(String),
+    /// The image could not be read.
+    #[error(transparent)]
+    Image(#[from] ferry_protocol::image::ImageError),
+    /// The page store could not be read or written.
+    #[error(transparent)]
+    Pages(#[from] ferry_protocol::pages::PageError),
     /// Data read from /proc or an image did not have the expected form.
     #[error("unexpected {what}: {detail}")]
     Parse { what: String, detail: String },

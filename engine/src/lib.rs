@@ -2,7 +2,7 @@
 //! plus a page store, and restore one by remote control of a stub process.
 //!
 //! ```text
-//!  checkpoint:  freeze ──► dump::{memory, threads, fds, misc} ──► image dir
+//!  checkpoint:  freeze ──► dump::{memory, threads, mm, fds, misc} ──► image dir
 //!  restore:     image dir ──► restore::stub (clone3 set_tid, tear down)
 //!               ──► restore::{memory, mm, fds, misc, threads} ──► detach
 //! ```
@@ -11,7 +11,10 @@
 
 pub mod dump;
 pub mod error;
+pub mod freeze;
+pub mod host;
 pub mod procfs;
+pub mod regs;
 pub mod restore;
 
 pub use error::{Error, Result};

@@ -1,1 +1,26 @@
+//! `ferry-protocol`: the data ferry moves around, independent of how it is
+//! captured or restored.
+//!
+//! - [`model`]: the image model, everything ferry records about a process
+//!   (address space layout, threads, fds, process-wide state), and
+//!   [`validate`]: the invariants every image must satisfy before it is used.
+//! - [`image`]: the process image file (`process.img`), a versioned,
+//!   checksummed container for a [`model::ProcessImage`].
+//! - [`pages`]: the page store, memory contents keyed by virtual address,
+//!   zstd-compressed in batches with zero pages stored as markers; its batch
+//!   codec is meant to be reused on the wire.
+//!
+//! Later: the wire protocol between the source and destination agents
+//! (messages, framing, versioning), reusing the same validation.
+//!
+//! Nothing read from outside (a file, the network) is trusted: every length
+//! is bounded, every checksum verified, and decoding never panics.
+
+pub mod image;
 pub mod model;
+pub mod pages;
+pub mod validate;
+
+pub use image::{read_process_image, write_process_image, ImageError};
+pub use pages::{PageBatch, PageError, PageReader, PageRun, PageStats, PageWriter};
+pub use validate::ValidationError;

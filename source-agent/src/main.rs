@@ -1,1 +1,123 @@
-fn main() {}
+//! `migrate`: checkpoint, restore and (later) live-migrate Linux processes.
+
+mod check;
+mod pagemap_scan;
+mod uffd_raw;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use ferry_engine::dump::{checkpoint, CheckpointOptions};
+use ferry_engine::restore::restore;
+use std::path::PathBuf;
+
+/// ferry: move running Linux processes between hosts, or to disk and back.
+#[derive(Parser)]
+#[command(name = "migrate", version, about, long_about = None)]
+struct Cli {
+    /// Log more (repeat for more detail); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Freeze a process, write its image to a directory, then kill it
+    /// (or let it continue with --leave-running).
+    ///
+    /// The process must be one ferry can capture: regular files, pipes,
+    /// directories and character devices as fds (no sockets yet), private
+    /// memory and file mappings. If anything cannot be captured the
+    /// checkpoint fails, names the reason, and the process keeps running.
+    Checkpoint {
+        /// PID of the process to checkpoint.
+        pid: i32,
+        /// Directory for the image (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Let the process continue after the checkpoint instead of killing it.
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Recreate a process from an image directory, with the same PID and
+    /// thread ids, and let it run. Prints the PID on stdout.
+    ///
+    /// The PID and TIDs must be free on this host, and the executable and
+    /// mapped files must be the same as at checkpoint time.
+    Restore {
+        /// Directory holding the image written by `migrate checkpoint`.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Show what this kernel offers ferry; exits non-zero if something
+    /// required is missing.
+    Check {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.cmd) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cmd: Command) -> Result<i32> {
+    match cmd {
+        Command::Checkpoint {
+            pid,
+            dir,
+            leave_running,
+        } => {
+            let s = checkpoint(pid, &dir, &CheckpointOptions { leave_running })
+                .with_context(|| format!("checkpoint of process {pid} failed"))?;
+            println!(
+                "checkpoint pid={} threads={} pages={} zero_pages={} bytes={} frozen_ms={:.2} total_ms={:.2} dir={} {}",
+                s.pid,
+                s.threads,
+                s.pages.pages,
+                s.pages.zero_pages,
+                s.pages.bytes_written + s.image_bytes,
+                s.frozen.as_secs_f64() * 1e3,
+                s.total.as_secs_f64() * 1e3,
+                dir.display(),
+                if leave_running { "left running" } else { "killed" },
+            );
+            Ok(0)
+        }
+        Command::Restore { dir } => {
+            let s = restore(&dir)
+                .with_context(|| format!("restore from {} failed", dir.display()))?;
+            eprintln!(
+                "restored pid={} threads={} pages={} restore_ms={:.2}",
+                s.pid,
+                s.threads,
+                s.pages,
+                s.duration.as_secs_f64() * 1e3
+            );
+            println!("{}", s.pid);
+            Ok(0)
+        }
+        Command::Check { json } => Ok(if check::run(json)? { 0 } else { 1 }),
+    }
+}

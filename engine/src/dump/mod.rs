@@ -1,4 +1,144 @@
-//! Checkpoint: capture the state of a frozen process.
+//! Checkpoint: freeze a process, capture its whole state into an image
+//! directory, then kill it or let it run on.
 
 pub mod fds;
+pub mod memory;
 pub mod misc;
+pub mod mm;
+pub mod threads;
+
+use crate::error::{Error, Result};
+use crate::freeze::Frozen;
+use ferry_parasite::remote::{find_syscall_insn, Injector};
+use ferry_protocol::image::write_process_image;
+use ferry_protocol::model::{ProcessImage, VmaKind};
+use ferry_protocol::pages::{PageStats, PageWriter};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How to checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointOptions {
+    /// Let the process continue after the checkpoint instead of killing it.
+    pub leave_running: bool,
+}
+
+/// What a checkpoint did.
+#[derive(Debug, Clone)]
+pub struct CheckpointSummary {
+    pub pid: i32,
+    pub threads: usize,
+    pub pages: PageStats,
+    /// Bytes of the process image file.
+    pub image_bytes: u64,
+    /// From the first thread stopped until it was killed or resumed.
+    pub frozen: Duration,
+    /// The whole checkpoint.
+    pub total: Duration,
+}
+
+/// Checkpoint `pid` into `dir`. On any error the process is resumed
+/// untouched and the partial image files are removed.
+pub fn checkpoint(pid: i32, dir: &Path, opts: &CheckpointOptions) -> Result<CheckpointSummary> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    let mut frozen = Frozen::freeze(pid)?;
+    let t_frozen = Instant::now();
+    let result = capture(&mut frozen, dir);
+    match result {
+        Ok((image, pages, image_bytes)) => {
+            let threads = image.threads.len();
+            if opts.leave_running {
+                frozen.thaw()?;
+            } else {
+                frozen.kill()?;
+            }
+            let frozen_for = t_frozen.elapsed();
+            Ok(CheckpointSummary {
+                pid,
+                threads,
+                pages,
+                image_bytes,
+                frozen: frozen_for,
+                total: t0.elapsed(),
+            })
+        }
+        Err(e) => {
+            remove_image_files(dir);
+            if let Err(te) = frozen.thaw() {
+                tracing::error!("resuming {pid} after a failed checkpoint: {te}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn remove_image_files(dir: &Path) {
+    for f in [
+        ferry_protocol::image::PROCESS_FILE,
+        ferry_protocol::pages::PAGES_FILE,
+    ] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}
+
+fn capture(frozen: &mut Frozen, dir: &Path) -> Result<(ProcessImage, PageStats, u64)> {
+    let pid = frozen.pid();
+    let host = crate::host::host_info();
+    let fds = fds::collect(pid)?;
+    let vmas = memory::collect_vmas(pid)?;
+    let vdso = vmas
+        .iter()
+        .find(|v| matches!(&v.kind, VmaKind::Special { name } if name == "[vdso]"))
+        .ok_or_else(|| Error::Unsupported {
+            pid,
+            what: "a process without a [vdso] area".into(),
+        })?;
+    let syscall_ip =
+        find_syscall_insn(pid, vdso.start, vdso.end)?.ok_or_else(|| Error::Unsupported {
+            pid,
+            what: "a vDSO without a syscall instruction".into(),
+        })?;
+    let xsize = host.xstate_size as usize;
+    let mut threads = Vec::new();
+    for t in frozen.threads().iter_mut() {
+        threads.push(threads::dump_thread(pid, t, syscall_ip, xsize)?);
+    }
+    let main = frozen
+        .threads()
+        .first_mut()
+        .ok_or(Error::NoSuchProcess { pid })?;
+    let mut inj = Injector::on_stack(main, syscall_ip)?;
+    let mm = mm::collect(pid, &mut inj);
+    let misc = misc::collect(pid, &mut inj);
+    inj.finish()?;
+    let (mm, misc) = (mm?, misc?);
+
+    let mut writer = PageWriter::create(dir).map_err(|e| {
+        Error::io(
+            format!("create page store in {}", dir.display()),
+            std::io::Error::other(e),
+        )
+    })?;
+    memory::dump_pages(pid, &vmas, &mut writer)?;
+    let pages = writer
+        .finish()
+        .map_err(|e| Error::io("finish page store", std::io::Error::other(e)))?;
+    let status = crate::procfs::read(pid, "status")?;
+    let ppid = crate::procfs::status_field(&status, "PPid")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let image = ProcessImage {
+        host,
+        pid,
+        ppid,
+        vmas,
+        mm,
+        threads,
+        fds,
+        misc,
+    };
+    let bytes = write_process_image(dir, &image)
+        .map_err(|e| Error::io("write process image", std::io::Error::other(e)))?;
+    Ok((image, pages, bytes))
+}

@@ -1,0 +1,95 @@
+//! Helpers shared by the workload programs and the integration tests
+//! (included with `mod shared;` / `#[path]`, so it only uses std and libc).
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// FNV-1a over little-endian 64-bit words (then the tail bytes one by one).
+/// Fast enough for a few hundred MiB; the tests compute the same function
+/// over memory they read with `process_vm_readv`.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(PRIME);
+    }
+    for &b in chunks.remainder() {
+        h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+    }
+    h
+}
+
+/// splitmix64: the deterministic pattern generator.
+pub fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Byte `i` of the deterministic content of the data files the workloads
+/// create (wl-files' input file, wl-memory's mapped file).
+pub fn file_byte(i: usize) -> u8 {
+    ((i * 7 + 3) % 251) as u8
+}
+
+/// Print one line to stdout and flush it; a workload whose stdout is broken
+/// exits with status 3 (it cannot report anything any more).
+pub fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+        std::process::exit(3);
+    }
+}
+
+/// Print a message on stderr and exit with status 2.
+pub fn die(msg: &str) -> ! {
+    let _ = writeln!(std::io::stderr(), "workload error: {msg}");
+    std::process::exit(2);
+}
+
+pub static SIGUSR1_SEEN: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigusr1(_sig: libc::c_int) {
+    SIGUSR1_SEEN.store(true, Ordering::SeqCst);
+}
+
+/// Install a SIGUSR1 handler (SA_RESTART) that only sets `SIGUSR1_SEEN`.
+pub fn install_sigusr1() {
+    // SAFETY: a plain sigaction with an async-signal-safe handler.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigusr1 as extern "C" fn(libc::c_int) as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()) != 0 {
+            die("sigaction(SIGUSR1) failed");
+        }
+    }
+}
+
+/// True once per SIGUSR1 received (clears the flag).
+pub fn take_sigusr1() -> bool {
+    SIGUSR1_SEEN.swap(false, Ordering::SeqCst)
+}
+
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+pub fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// Parse the single argument `name` as a number, or die with a usage message.
+pub fn arg_num<T: std::str::FromStr>(pos: usize, usage: &str) -> T {
+    match std::env::args().nth(pos).map(|a| a.parse::<T>()) {
+        Some(Ok(v)) => v,
+        _ => die(usage),
+    }
+}
