@@ -124,7 +124,11 @@ fn vm_readv(pid: i32, local: &[iovec], remote: &[iovec]) -> Result<usize> {
         )
     };
     if n < 0 {
-        return Err(Error::sys("process_vm_readv", pid, io::Error::last_os_error()));
+        return Err(Error::sys(
+            "process_vm_readv",
+            pid,
+            io::Error::last_os_error(),
+        ));
     }
     Ok(n as usize)
 }
@@ -143,7 +147,11 @@ fn vm_writev(pid: i32, local: &[iovec], remote: &[iovec]) -> Result<usize> {
         )
     };
     if n < 0 {
-        return Err(Error::sys("process_vm_writev", pid, io::Error::last_os_error()));
+        return Err(Error::sys(
+            "process_vm_writev",
+            pid,
+            io::Error::last_os_error(),
+        ));
     }
     Ok(n as usize)
 }

@@ -422,8 +422,12 @@ mod tests {
         let xs = t.xstate(crate::xsave::host_xstate_size()).expect("xstate");
         assert_eq!(xs.len(), crate::xsave::host_xstate_size());
         let mask = t.sigmask().expect("sigmask");
-        t.set_sigmask(mask | (1 << (libc::SIGUSR2 - 1))).expect("setmask");
-        assert_eq!(t.sigmask().expect("sigmask"), mask | (1 << (libc::SIGUSR2 - 1)));
+        t.set_sigmask(mask | (1 << (libc::SIGUSR2 - 1)))
+            .expect("setmask");
+        assert_eq!(
+            t.sigmask().expect("sigmask"),
+            mask | (1 << (libc::SIGUSR2 - 1))
+        );
         t.set_sigmask(mask).expect("setmask");
         t.detach().expect("detach");
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.pid)).unwrap();

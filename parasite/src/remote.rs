@@ -136,67 +136,6 @@ pub fn find_syscall_insn(pid: i32, start: u64, end: u64) -> Result<Option<u64>> 
         .map(|p| start + p as u64))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testutil::Child;
-
-    #[test]
-    fn getpid_and_mmap_in_child_via_local_gadget() {
-        let child = Child::spawn_pause();
-        let mut t = Tracee::seize(child.pid).expect("seize");
-        t.interrupt().expect("interrupt");
-        let before = t.regs().expect("regs");
-        let ip = local_gadget_addr();
-        let pid = syscall(&mut t, ip, "getpid", libc::SYS_getpid, &[]).expect("getpid");
-        assert_eq!(pid as i32, child.pid);
-        let addr = syscall(
-            &mut t,
-            ip,
-            "mmap",
-            libc::SYS_mmap,
-            &[
-                0,
-                4096,
-                (libc::PROT_READ | libc::PROT_WRITE) as u64,
-                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-                u64::MAX,
-                0,
-            ],
-        )
-        .expect("mmap");
-        crate::mem::write(child.pid, addr, b"hello").expect("write");
-        let mut back = [0u8; 5];
-        crate::mem::read(child.pid, addr, &mut back).expect("read");
-        assert_eq!(&back, b"hello");
-        let err = syscall(&mut t, ip, "close", libc::SYS_close, &[9999]).unwrap_err();
-        assert!(err.to_string().contains("close"), "{err}");
-        // Registers are as before the injections.
-        let after = t.regs().expect("regs");
-        assert_eq!((after.rip, after.rsp), (before.rip, before.rsp));
-        t.detach().expect("detach");
-    }
-
-    #[test]
-    fn syscall_found_in_vdso() {
-        let child = Child::spawn_pause();
-        let maps = std::fs::read_to_string(format!("/proc/{}/maps", child.pid)).unwrap();
-        let line = maps.lines().find(|l| l.ends_with("[vdso]")).expect("vdso");
-        let range = line.split_whitespace().next().unwrap();
-        let (s, e) = range.split_once('-').unwrap();
-        let (s, e) = (
-            u64::from_str_radix(s, 16).unwrap(),
-            u64::from_str_radix(e, 16).unwrap(),
-        );
-        let ip = find_syscall_insn(child.pid, s, e).expect("read vdso").expect("found");
-        let mut t = Tracee::seize(child.pid).expect("seize");
-        t.interrupt().expect("interrupt");
-        let pid = syscall(&mut t, ip, "getpid", libc::SYS_getpid, &[]).expect("getpid");
-        assert_eq!(pid as i32, child.pid);
-        t.detach().expect("detach");
-    }
-}
-
 /// Runs system calls inside one stopped thread, with a small scratch area
 /// of its memory for the calls' in/out structures.
 pub struct Injector<'a> {
@@ -315,5 +254,68 @@ impl<'a> Injector<'a> {
             crate::mem::write(self.tracee.tid(), self.scratch, &saved)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::Child;
+
+    #[test]
+    fn getpid_and_mmap_in_child_via_local_gadget() {
+        let child = Child::spawn_pause();
+        let mut t = Tracee::seize(child.pid).expect("seize");
+        t.interrupt().expect("interrupt");
+        let before = t.regs().expect("regs");
+        let ip = local_gadget_addr();
+        let pid = syscall(&mut t, ip, "getpid", libc::SYS_getpid, &[]).expect("getpid");
+        assert_eq!(pid as i32, child.pid);
+        let addr = syscall(
+            &mut t,
+            ip,
+            "mmap",
+            libc::SYS_mmap,
+            &[
+                0,
+                4096,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )
+        .expect("mmap");
+        crate::mem::write(child.pid, addr, b"hello").expect("write");
+        let mut back = [0u8; 5];
+        crate::mem::read(child.pid, addr, &mut back).expect("read");
+        assert_eq!(&back, b"hello");
+        let err = syscall(&mut t, ip, "close", libc::SYS_close, &[9999]).unwrap_err();
+        assert!(err.to_string().contains("close"), "{err}");
+        // Registers are as before the injections.
+        let after = t.regs().expect("regs");
+        assert_eq!((after.rip, after.rsp), (before.rip, before.rsp));
+        t.detach().expect("detach");
+    }
+
+    #[test]
+    fn syscall_found_in_vdso() {
+        let child = Child::spawn_pause();
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", child.pid)).unwrap();
+        let line = maps.lines().find(|l| l.ends_with("[vdso]")).expect("vdso");
+        let range = line.split_whitespace().next().unwrap();
+        let (s, e) = range.split_once('-').unwrap();
+        let (s, e) = (
+            u64::from_str_radix(s, 16).unwrap(),
+            u64::from_str_radix(e, 16).unwrap(),
+        );
+        let ip = find_syscall_insn(child.pid, s, e)
+            .expect("read vdso")
+            .expect("found");
+        let mut t = Tracee::seize(child.pid).expect("seize");
+        t.interrupt().expect("interrupt");
+        let pid = syscall(&mut t, ip, "getpid", libc::SYS_getpid, &[]).expect("getpid");
+        assert_eq!(pid as i32, child.pid);
+        t.detach().expect("detach");
     }
 }

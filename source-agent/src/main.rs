@@ -106,8 +106,8 @@ fn run(cmd: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Restore { dir } => {
-            let s = restore(&dir)
-                .with_context(|| format!("restore from {} failed", dir.display()))?;
+            let s =
+                restore(&dir).with_context(|| format!("restore from {} failed", dir.display()))?;
             eprintln!(
                 "restored pid={} threads={} pages={} restore_ms={:.2}",
                 s.pid,
