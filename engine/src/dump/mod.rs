@@ -37,40 +37,83 @@ pub struct CheckpointSummary {
     pub total: Duration,
 }
 
-/// Checkpoint `pid` into `dir`. On any error the process is resumed
-/// untouched and the partial image files are removed.
-pub fn checkpoint(pid: i32, dir: &Path, opts: &CheckpointOptions) -> Result<CheckpointSummary> {
-    let t0 = Instant::now();
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-    let mut frozen = Frozen::freeze(pid)?;
-    let t_frozen = Instant::now();
-    let result = capture(&mut frozen, dir);
-    match result {
-        Ok((image, pages, image_bytes)) => {
-            let threads = image.threads.len();
-            if opts.leave_running {
-                frozen.thaw()?;
-            } else {
-                frozen.kill()?;
-            }
-            let frozen_for = t_frozen.elapsed();
-            Ok(CheckpointSummary {
-                pid,
-                threads,
+/// A process frozen with its image written to a directory, waiting for
+/// the caller's decision: [`Captured::kill`] once the image has taken over
+/// (written to disk, or running elsewhere), or [`Captured::thaw`] to let the
+/// process go on untouched. Dropping it thaws the process (ptrace detach).
+///
+/// ptrace binds a tracee to the OS thread that seized it: create, kill and
+/// thaw a `Captured` on the same thread.
+pub struct Captured {
+    frozen: Frozen,
+    /// The captured state (memory contents are in the directory's page store).
+    pub image: ProcessImage,
+    /// What the page store holds.
+    pub pages: PageStats,
+    /// Bytes of the process image file.
+    pub image_bytes: u64,
+    frozen_at: Instant,
+}
+
+impl Captured {
+    /// Freeze `pid` and write its image into `dir`. On any error the
+    /// process is resumed untouched and the partial image files are removed.
+    pub fn capture(pid: i32, dir: &Path) -> Result<Captured> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let mut frozen = Frozen::freeze(pid)?;
+        let frozen_at = Instant::now();
+        match capture(&mut frozen, dir) {
+            Ok((image, pages, image_bytes)) => Ok(Captured {
+                frozen,
+                image,
                 pages,
                 image_bytes,
-                frozen: frozen_for,
-                total: t0.elapsed(),
-            })
-        }
-        Err(e) => {
-            remove_image_files(dir);
-            if let Err(te) = frozen.thaw() {
-                tracing::error!("resuming {pid} after a failed checkpoint: {te}");
+                frozen_at,
+            }),
+            Err(e) => {
+                remove_image_files(dir);
+                if let Err(te) = frozen.thaw() {
+                    tracing::error!("resuming {pid} after a failed checkpoint: {te}");
+                }
+                Err(e)
             }
-            Err(e)
         }
     }
+
+    /// Kill the process; returns how long it was frozen.
+    pub fn kill(self) -> Result<Duration> {
+        self.frozen.kill()?;
+        Ok(self.frozen_at.elapsed())
+    }
+
+    /// Let the process continue; returns how long it was frozen.
+    pub fn thaw(self) -> Result<Duration> {
+        self.frozen.thaw()?;
+        Ok(self.frozen_at.elapsed())
+    }
+}
+
+/// Checkpoint `pid` into `dir`, then kill it or let it run on
+/// (`opts.leave_running`). On any error the process is resumed untouched
+/// and the partial image files are removed.
+pub fn checkpoint(pid: i32, dir: &Path, opts: &CheckpointOptions) -> Result<CheckpointSummary> {
+    let t0 = Instant::now();
+    let c = Captured::capture(pid, dir)?;
+    let (threads, pages, image_bytes) = (c.image.threads.len(), c.pages, c.image_bytes);
+    let frozen = if opts.leave_running {
+        c.thaw()?
+    } else {
+        c.kill()?
+    };
+    Ok(CheckpointSummary {
+        pid,
+        threads,
+        pages,
+        image_bytes,
+        frozen,
+        total: t0.elapsed(),
+    })
 }
 
 fn remove_image_files(dir: &Path) {
