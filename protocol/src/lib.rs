@@ -10,8 +10,8 @@
 //!   zstd-compressed in batches with zero pages stored as markers; its batch
 //!   codec is meant to be reused on the wire.
 //!
-//! Later: the wire protocol between the source and destination agents
-//! (messages, framing, versioning), reusing the same validation.
+//! - [`wire`]: the wire protocol between the source and destination agents
+//!   (messages, framing, versioning), reusing the same validation.
 //!
 //! Nothing read from outside (a file, the network) is trusted: every length
 //! is bounded, every checksum verified, and decoding never panics.
@@ -20,6 +20,7 @@ pub mod image;
 pub mod model;
 pub mod pages;
 pub mod validate;
+pub mod wire;
 
 pub use image::{read_process_image, write_process_image, ImageError};
 pub use pages::{PageBatch, PageError, PageReader, PageRun, PageStats, PageWriter};

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use thiserror::Error;
 
-use crate::model::{FdKind, PendingSignal, ProcessImage, VmaKind, PAGE_SIZE};
+use crate::model::{FdKind, PendingSignal, ProcessImage, Vma, VmaKind, PAGE_SIZE};
 
 /// One past the highest user-space address on x86-64 with 4-level paging.
 pub const TASK_SIZE: u64 = 0x0000_8000_0000_0000;
@@ -212,58 +212,7 @@ impl ProcessImage {
     }
 
     fn validate_vmas(&self) -> Result<(), ValidationError> {
-        if self.vmas.len() > MAX_VMAS {
-            return Err(ValidationError::TooManyVmas {
-                found: self.vmas.len(),
-                max: MAX_VMAS,
-            });
-        }
-        let mut prev_end = 0u64;
-        for (index, v) in self.vmas.iter().enumerate() {
-            let (start, end) = (v.start, v.end);
-            let is_vsyscall = start == VSYSCALL_ADDR
-                || v.name.as_deref() == Some("[vsyscall]")
-                || matches!(&v.kind, VmaKind::Special { name } if name == "[vsyscall]");
-            if is_vsyscall {
-                return Err(ValidationError::VmaVsyscall { index, start });
-            }
-            if !is_page_aligned(start) || !is_page_aligned(end) {
-                return Err(ValidationError::VmaNotAligned { index, start, end });
-            }
-            if end <= start {
-                return Err(ValidationError::VmaEmpty { index, start, end });
-            }
-            if end > TASK_SIZE {
-                return Err(ValidationError::VmaAboveTaskSize { index, start, end });
-            }
-            if index > 0 && start < prev_end {
-                return Err(ValidationError::VmaOverlap {
-                    index,
-                    start,
-                    prev_end,
-                });
-            }
-            prev_end = end;
-            if let Some(name) = &v.name {
-                check_str(|| format!("VMA #{index} name"), name)?;
-            }
-            match &v.kind {
-                VmaKind::Anonymous => {}
-                VmaKind::File(f) | VmaKind::SharedFile(f) => {
-                    check_str(|| format!("VMA #{index} path"), &f.path)?;
-                    if !is_page_aligned(f.offset) || f.offset.checked_add(end - start).is_none() {
-                        return Err(ValidationError::VmaBadOffset {
-                            index,
-                            offset: f.offset,
-                        });
-                    }
-                }
-                VmaKind::Special { name } => {
-                    check_str(|| format!("VMA #{index} special name"), name)?;
-                }
-            }
-        }
-        Ok(())
+        validate_vmas(&self.vmas)
     }
 
     fn validate_threads(&self) -> Result<(), ValidationError> {
@@ -385,6 +334,65 @@ impl ProcessImage {
         }
         Ok(())
     }
+}
+
+/// Checks a layout as declared in `PassStart`: at most [`MAX_VMAS`], each page
+/// aligned, non-empty, below `TASK_SIZE`, not `[vsyscall]`, sorted and
+/// non-overlapping, bounded strings (the same rules as
+/// [`ProcessImage::validate`] applies to an image's VMAs).
+pub fn validate_vmas(vmas: &[Vma]) -> Result<(), ValidationError> {
+    if vmas.len() > MAX_VMAS {
+        return Err(ValidationError::TooManyVmas {
+            found: vmas.len(),
+            max: MAX_VMAS,
+        });
+    }
+    let mut prev_end = 0u64;
+    for (index, v) in vmas.iter().enumerate() {
+        let (start, end) = (v.start, v.end);
+        let is_vsyscall = start == VSYSCALL_ADDR
+            || v.name.as_deref() == Some("[vsyscall]")
+            || matches!(&v.kind, VmaKind::Special { name } if name == "[vsyscall]");
+        if is_vsyscall {
+            return Err(ValidationError::VmaVsyscall { index, start });
+        }
+        if !is_page_aligned(start) || !is_page_aligned(end) {
+            return Err(ValidationError::VmaNotAligned { index, start, end });
+        }
+        if end <= start {
+            return Err(ValidationError::VmaEmpty { index, start, end });
+        }
+        if end > TASK_SIZE {
+            return Err(ValidationError::VmaAboveTaskSize { index, start, end });
+        }
+        if index > 0 && start < prev_end {
+            return Err(ValidationError::VmaOverlap {
+                index,
+                start,
+                prev_end,
+            });
+        }
+        prev_end = end;
+        if let Some(name) = &v.name {
+            check_str(|| format!("VMA #{index} name"), name)?;
+        }
+        match &v.kind {
+            VmaKind::Anonymous => {}
+            VmaKind::File(f) | VmaKind::SharedFile(f) => {
+                check_str(|| format!("VMA #{index} path"), &f.path)?;
+                if !is_page_aligned(f.offset) || f.offset.checked_add(end - start).is_none() {
+                    return Err(ValidationError::VmaBadOffset {
+                        index,
+                        offset: f.offset,
+                    });
+                }
+            }
+            VmaKind::Special { name } => {
+                check_str(|| format!("VMA #{index} special name"), name)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,959 @@
+use super::*;
+use crate::model::PAGE_SIZE;
+use crate::pages::{encode_batch, PageRun};
+use crate::validate::tests::sample_image;
+
+fn host() -> HostInfo {
+    sample_image().host
+}
+
+fn facts(path: &str) -> FileFacts {
+    FileFacts {
+        path: path.into(),
+        size: 40_000,
+        mtime_ns: 1_700_000_000_000_000_000,
+        hash: ContentHash::Sha256([7; 32]),
+    }
+}
+
+fn hello() -> ControlMsg {
+    ControlMsg::Hello {
+        version: ProtocolVersion::CURRENT,
+        host: host(),
+        agent: "ferry test".into(),
+    }
+}
+
+fn prepare() -> ControlMsg {
+    ControlMsg::Prepare {
+        pid: 4242,
+        tids: vec![4242, 4243],
+        exe: facts("/usr/bin/sleep"),
+        files: vec![FileFacts {
+            hash: ContentHash::Xxh3_128(0x1234_5678_9abc_def0_1122_3344_5566_7788),
+            ..facts("/usr/lib/libc.so.6")
+        }],
+    }
+}
+
+fn pass_start(pass: u32) -> ControlMsg {
+    ControlMsg::PassStart {
+        pass,
+        vmas: sample_image().vmas,
+    }
+}
+
+fn every_message() -> Vec<ControlMsg> {
+    vec![
+        hello(),
+        ControlMsg::HelloAck {
+            version: ProtocolVersion::CURRENT,
+            host: host(),
+            agent: "ferry dest".into(),
+        },
+        prepare(),
+        ControlMsg::Ready,
+        ControlMsg::Refuse {
+            code: RefuseCode::PidTaken,
+            reason: "pid 4242 is in use".into(),
+        },
+        pass_start(0),
+        ControlMsg::PassEnd {
+            pass: 0,
+            batches: 2,
+            pages: 10,
+            bytes: 9000,
+        },
+        ControlMsg::Switchover {
+            image: Box::new(sample_image()),
+        },
+        ControlMsg::Running {
+            pid: 4242,
+            restore_us: 3500,
+        },
+        ControlMsg::Failed {
+            reason: "clone3 failed".into(),
+        },
+        ControlMsg::Done,
+        ControlMsg::Abort {
+            reason: "user pressed ^C".into(),
+        },
+    ]
+}
+
+fn frame_of(bytes: &[u8]) -> Result<Frame, WireError> {
+    let (f, rest) = decode_frame(bytes, MAX_CONTROL_FRAME)?;
+    assert!(rest.is_empty());
+    Ok(f)
+}
+
+fn decode_bytes(bytes: &[u8]) -> Result<ControlMsg, WireError> {
+    decode_control(&frame_of(bytes)?)
+}
+
+/// Rewrites the header checksum so that a mutated payload reaches decoding.
+fn fix_checksum(bytes: &mut [u8]) {
+    if bytes.len() >= HEADER_LEN {
+        let c = xxh3_64(&bytes[HEADER_LEN..]);
+        bytes[8..16].copy_from_slice(&c.to_le_bytes());
+    }
+}
+
+#[test]
+fn every_message_round_trips() {
+    let kinds: HashSet<MsgKind> = every_message().iter().map(ControlMsg::kind).collect();
+    assert_eq!(kinds.len(), 12, "one sample per control kind");
+    for msg in every_message() {
+        let bytes = encode_control(&msg).unwrap();
+        assert_eq!(bytes[3], msg.kind() as u8);
+        assert_eq!(decode_bytes(&bytes).unwrap(), msg, "{}", msg.kind());
+        // Through std::io as well.
+        let mut buf = Vec::new();
+        write_control(&mut buf, &msg).unwrap();
+        assert_eq!(buf, bytes);
+        assert_eq!(read_control(&mut &buf[..]).unwrap(), msg);
+    }
+}
+
+#[test]
+fn kind_bytes_are_stable_and_zero_is_invalid() {
+    assert_eq!(MsgKind::from_u8(0), None);
+    for k in MsgKind::ALL {
+        assert_eq!(MsgKind::from_u8(k as u8), Some(k));
+    }
+    assert_eq!(MsgKind::Hello as u8, 1);
+    assert_eq!(MsgKind::Abort as u8, 12);
+    assert_eq!(MsgKind::Pages as u8, 32);
+}
+
+#[test]
+fn header_layout() {
+    let bytes = encode_control(&ControlMsg::Done).unwrap();
+    assert_eq!(bytes.len(), HEADER_LEN);
+    assert_eq!(&bytes[0..2], &[0x77, 0xFE]);
+    assert_eq!(bytes[2], WIRE_MAJOR);
+    assert_eq!(bytes[3], MsgKind::Done as u8);
+    assert_eq!(&bytes[4..8], &[0, 0, 0, 0]);
+    assert_eq!(&bytes[8..16], &xxh3_64(&[]).to_le_bytes());
+    // An all-zero header means nothing.
+    assert!(matches!(
+        decode_bytes(&[0u8; HEADER_LEN]),
+        Err(WireError::BadMagic(0))
+    ));
+}
+
+#[test]
+fn page_frame_limit_matches_zstd() {
+    let bound = zstd::zstd_safe::compress_bound(PAGE_BATCH_LIMITS.max_raw);
+    assert_eq!(zstd_compress_bound(PAGE_BATCH_LIMITS.max_raw), bound);
+    assert_eq!(
+        zstd_compress_bound(1000),
+        zstd::zstd_safe::compress_bound(1000)
+    );
+    let expected =
+        PAGE_PREFIX_LEN + BATCH_HEADER_LEN + PAGE_BATCH_LIMITS.max_runs as usize * RUN_LEN + bound;
+    assert_eq!(MAX_PAGE_FRAME as usize, expected);
+}
+
+#[test]
+fn flipped_payload_byte_is_a_checksum_error() {
+    let mut bytes = encode_control(&prepare()).unwrap();
+    bytes[HEADER_LEN + 3] ^= 0x40;
+    assert!(matches!(
+        decode_bytes(&bytes),
+        Err(WireError::Checksum {
+            kind: MsgKind::Prepare,
+            ..
+        })
+    ));
+    let mut bytes = encode_control(&prepare()).unwrap();
+    bytes[9] ^= 1; // the checksum itself
+    assert!(matches!(
+        read_control(&mut &bytes[..]),
+        Err(WireError::Checksum { .. })
+    ));
+}
+
+#[test]
+fn other_version_is_refused() {
+    let mut bytes = encode_control(&hello()).unwrap();
+    bytes[2] = WIRE_MAJOR + 1;
+    match decode_bytes(&bytes) {
+        Err(WireError::UnsupportedVersion { found, supported }) => {
+            assert_eq!((found, supported), (WIRE_MAJOR + 1, WIRE_MAJOR));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A Hello announcing another major inside a well-formed frame.
+    let mut st = DestState::new();
+    let h = ControlMsg::Hello {
+        version: ProtocolVersion {
+            major: WIRE_MAJOR + 1,
+            minor: 0,
+        },
+        host: host(),
+        agent: "future".into(),
+    };
+    assert!(matches!(
+        st.accept(&h),
+        Err(WireError::UnsupportedVersion { .. })
+    ));
+}
+
+#[test]
+fn newer_minor_is_negotiated_down() {
+    let mut st = DestState::new();
+    let h = ControlMsg::Hello {
+        version: ProtocolVersion {
+            major: WIRE_MAJOR,
+            minor: WIRE_MINOR + 5,
+        },
+        host: host(),
+        agent: "newer".into(),
+    };
+    st.accept(&h).unwrap();
+    assert_eq!(st.version(), Some(ProtocolVersion::CURRENT));
+}
+
+#[test]
+fn unknown_kind_is_refused() {
+    for k in [0u8, 13, 31, 33, 255] {
+        let mut bytes = encode_control(&ControlMsg::Done).unwrap();
+        bytes[3] = k;
+        assert!(
+            matches!(decode_bytes(&bytes), Err(WireError::UnknownKind(x)) if x == k),
+            "kind {k}"
+        );
+    }
+}
+
+#[test]
+fn bad_magic_is_refused() {
+    let mut bytes = encode_control(&ControlMsg::Ready).unwrap();
+    bytes[0] = b'G';
+    assert!(matches!(decode_bytes(&bytes), Err(WireError::BadMagic(_))));
+}
+
+/// A reader that serves a header and then endless bytes, counting what was
+/// read.
+struct Endless {
+    header: [u8; HEADER_LEN],
+    pos: u64,
+}
+
+impl Read for Endless {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        for b in buf.iter_mut() {
+            *b = self.header.get(self.pos as usize).copied().unwrap_or(0xAB);
+            self.pos += 1;
+        }
+        Ok(buf.len())
+    }
+}
+
+fn header_with_len(kind: MsgKind, len: u32) -> [u8; HEADER_LEN] {
+    FrameHeader {
+        kind,
+        len,
+        checksum: 0,
+    }
+    .to_bytes()
+}
+
+#[test]
+fn oversized_length_is_refused_before_reading_the_payload() {
+    let mut r = Endless {
+        header: header_with_len(MsgKind::Switchover, MAX_CONTROL_FRAME + 1),
+        pos: 0,
+    };
+    match read_frame(&mut r, MAX_CONTROL_FRAME) {
+        Err(WireError::TooLarge { kind, len, max }) => {
+            assert_eq!(kind, MsgKind::Switchover);
+            assert_eq!(len, u64::from(MAX_CONTROL_FRAME) + 1);
+            assert_eq!(max, u64::from(MAX_CONTROL_FRAME));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(r.pos, HEADER_LEN as u64, "nothing read past the header");
+
+    // u32::MAX as well, and the per-kind limits: a unit message has none.
+    let mut r = Endless {
+        header: header_with_len(MsgKind::Pages, u32::MAX),
+        pos: 0,
+    };
+    assert!(matches!(
+        read_frame(&mut r, u32::MAX),
+        Err(WireError::TooLarge { .. })
+    ));
+    let mut r = Endless {
+        header: header_with_len(MsgKind::Ready, 1),
+        pos: 0,
+    };
+    assert!(matches!(
+        read_frame(&mut r, MAX_CONTROL_FRAME),
+        Err(WireError::TooLarge { max: 0, .. })
+    ));
+    // The caller's limit applies too (a page frame is bigger than this).
+    let mut r = Endless {
+        header: header_with_len(MsgKind::Pages, 1 << 20),
+        pos: 0,
+    };
+    assert!(matches!(
+        read_frame(&mut r, 1 << 10),
+        Err(WireError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn truncated_streams() {
+    let bytes = encode_control(&prepare()).unwrap();
+    assert!(matches!(
+        read_frame(&mut &bytes[..0], MAX_CONTROL_FRAME),
+        Err(WireError::EndOfStream)
+    ));
+    for cut in [1, HEADER_LEN - 1, HEADER_LEN, bytes.len() - 1] {
+        assert!(
+            matches!(
+                read_frame(&mut &bytes[..cut], MAX_CONTROL_FRAME),
+                Err(WireError::Truncated { .. })
+            ),
+            "cut at {cut}"
+        );
+        assert!(
+            matches!(
+                decode_frame(&bytes[..cut], MAX_CONTROL_FRAME),
+                Err(WireError::Truncated { .. })
+            ),
+            "cut at {cut}"
+        );
+    }
+    // A huge declared length with a short stream: truncated, not a huge
+    // allocation.
+    let mut s = header_with_len(MsgKind::Switchover, MAX_CONTROL_FRAME).to_vec();
+    s.extend_from_slice(&[1, 2, 3]);
+    assert!(matches!(
+        read_frame(&mut &s[..], MAX_CONTROL_FRAME),
+        Err(WireError::Truncated { .. })
+    ));
+}
+
+#[test]
+fn frames_back_to_back() {
+    let mut buf = Vec::new();
+    for m in every_message() {
+        write_control(&mut buf, &m).unwrap();
+    }
+    let mut r = &buf[..];
+    for m in every_message() {
+        assert_eq!(read_control(&mut r).unwrap(), m);
+    }
+    assert!(matches!(read_control(&mut r), Err(WireError::EndOfStream)));
+    let mut rest = &buf[..];
+    let mut n = 0;
+    while !rest.is_empty() {
+        let (f, r) = decode_frame(rest, MAX_CONTROL_FRAME).unwrap();
+        decode_control(&f).unwrap();
+        rest = r;
+        n += 1;
+    }
+    assert_eq!(n, every_message().len());
+}
+
+#[test]
+fn trailing_bytes_are_refused() {
+    let mut payload = ControlMsg::Running {
+        pid: 5,
+        restore_us: 1,
+    }
+    .payload()
+    .unwrap();
+    payload.push(0);
+    let bytes = encode_frame(MsgKind::Running, &payload).unwrap();
+    assert!(matches!(
+        decode_bytes(&bytes),
+        Err(WireError::TrailingBytes { extra: 1, .. })
+    ));
+    let bytes = encode_frame(MsgKind::Done, &[]).unwrap();
+    assert_eq!(decode_bytes(&bytes).unwrap(), ControlMsg::Done);
+}
+
+#[test]
+fn garbage_payload_is_a_decode_error() {
+    let bytes = encode_frame(MsgKind::Prepare, &[0xff; 3]).unwrap();
+    assert!(matches!(
+        decode_bytes(&bytes),
+        Err(WireError::Decode {
+            kind: MsgKind::Prepare,
+            ..
+        })
+    ));
+}
+
+type PrepEdit = dyn Fn(&mut i32, &mut Vec<i32>, &mut FileFacts, &mut Vec<FileFacts>);
+
+#[test]
+fn semantic_checks() {
+    let bad = |m: ControlMsg| {
+        let e = encode_control(&m).expect_err("the sender refuses it too");
+        // Encoded without the sender's check, the receiver refuses it.
+        let bytes = encode_frame(m.kind(), &m.payload().unwrap()).unwrap();
+        let d = decode_bytes(&bytes).expect_err("receiver refuses");
+        assert_eq!(e.to_string(), d.to_string());
+        d
+    };
+    let prep = |f: &PrepEdit| {
+        let ControlMsg::Prepare {
+            mut pid,
+            mut tids,
+            mut exe,
+            mut files,
+        } = prepare()
+        else {
+            unreachable!()
+        };
+        f(&mut pid, &mut tids, &mut exe, &mut files);
+        ControlMsg::Prepare {
+            pid,
+            tids,
+            exe,
+            files,
+        }
+    };
+    for m in [
+        prep(&|p, _, _, _| *p = 0),
+        prep(&|_, t, _, _| t.clear()),
+        prep(&|_, t, _, _| t[0] = 4243),
+        prep(&|_, t, _, _| t.push(4243)),
+        prep(&|_, t, _, _| t.push(-1)),
+        prep(&|_, _, e, _| e.path = "relative/path".into()),
+        prep(&|_, _, e, _| e.path = format!("/{}", "a".repeat(MAX_PATH_LEN))),
+        prep(&|_, _, _, f| f.push(f[0].clone())),
+        prep(&|_, _, _, f| f[0].path = "/nul\0".into()),
+    ] {
+        assert!(matches!(bad(m), WireError::Invalid(_)));
+    }
+    let long = "x".repeat(MAX_REASON_LEN + 1);
+    for m in [
+        ControlMsg::Refuse {
+            code: RefuseCode::Other,
+            reason: long.clone(),
+        },
+        ControlMsg::Failed {
+            reason: long.clone(),
+        },
+        ControlMsg::Abort { reason: long },
+        ControlMsg::Hello {
+            version: ProtocolVersion::CURRENT,
+            host: host(),
+            agent: "a".repeat(MAX_NAME_LEN + 1),
+        },
+        ControlMsg::Hello {
+            version: ProtocolVersion::CURRENT,
+            host: HostInfo {
+                xstate_size: MAX_XSTATE_SIZE + 1,
+                ..host()
+            },
+            agent: String::new(),
+        },
+        ControlMsg::PassStart {
+            pass: MAX_PASSES,
+            vmas: vec![],
+        },
+        ControlMsg::PassEnd {
+            pass: 0,
+            batches: 0,
+            pages: 3,
+            bytes: 0,
+        },
+        ControlMsg::PassEnd {
+            pass: 0,
+            batches: 2,
+            pages: 3,
+            bytes: 10,
+        },
+        ControlMsg::PassEnd {
+            pass: 0,
+            batches: u64::MAX,
+            pages: 3,
+            bytes: u64::MAX,
+        },
+        ControlMsg::Running {
+            pid: -4,
+            restore_us: 0,
+        },
+    ] {
+        assert!(matches!(bad(m), WireError::Invalid(_)));
+    }
+    // Layouts: unsorted, unaligned.
+    let mut vmas = sample_image().vmas;
+    vmas.swap(0, 1);
+    assert!(matches!(
+        bad(ControlMsg::PassStart { pass: 0, vmas }),
+        WireError::Invalid(_)
+    ));
+    let mut vmas = sample_image().vmas;
+    vmas[1].end += 1;
+    assert!(matches!(
+        bad(ControlMsg::PassStart { pass: 0, vmas }),
+        WireError::Invalid(_)
+    ));
+    // The image goes through ProcessImage::validate.
+    let mut img = sample_image();
+    img.threads[1].tid = img.pid;
+    assert!(matches!(
+        bad(ControlMsg::Switchover {
+            image: Box::new(img)
+        }),
+        WireError::InvalidImage(ValidationError::DuplicateTid { .. })
+    ));
+}
+
+#[test]
+fn validate_vmas_agrees_with_image_validation() {
+    let mut img = sample_image();
+    assert_eq!(validate_vmas(&img.vmas), Ok(()));
+    img.vmas[2].start = img.vmas[1].start;
+    assert_eq!(
+        validate_vmas(&img.vmas).err(),
+        img.validate().err(),
+        "same error as ProcessImage::validate"
+    );
+}
+
+fn batch(runs: &[(u64, u32, bool)]) -> PageBatch {
+    let mut b = PageBatch::default();
+    for &(addr, pages, zero) in runs {
+        b.runs.push(PageRun { addr, pages, zero });
+        if !zero {
+            b.data
+                .extend((0..pages as u64 * PAGE_SIZE).map(|i| (i % 251) as u8));
+        }
+    }
+    b
+}
+
+#[test]
+fn page_frames_round_trip_and_stay_inside_the_vmas() {
+    let vmas = sample_image().vmas; // file 0x400000-0x405000, heap 0x600000-0x621000, vdso
+    let b = batch(&[
+        (0x40_0000, 2, false),
+        (0x60_0000, 0x21, true),
+        (0x40_4000, 1, false),
+    ]);
+    let enc = encode_batch(&b, 1);
+    let frame = encode_page_frame(7, &enc).unwrap();
+    assert_eq!(frame[3], MsgKind::Pages as u8);
+    let pf = read_page_frame(&mut &frame[..]).unwrap();
+    assert_eq!(pf.pass, 7);
+    assert_eq!(pf.batch, enc);
+    assert_eq!(pf.encode().unwrap(), frame);
+    let mut dec = page_decoder();
+    let mut out = PageBatch::default();
+    pf.decode_batch(&mut dec, &vmas, &mut out).unwrap();
+    assert_eq!(out, b);
+
+    let outside = [
+        (0x40_5000, 1, false),        // just past the file mapping
+        (0x3f_f000, 2, true),         // starts before it
+        (0x40_4000, 2, false),        // runs off its end
+        (0x62_0000, 2, true),         // off the heap's end
+        (0x10_0000, 1, true),         // nowhere
+        (0x7fff_f7fc_0000, 1, false), // the vdso: never written
+    ];
+    for run in outside {
+        let bad = batch(&[(0x60_0000, 1, false), run]);
+        assert!(
+            matches!(check_runs_within(&bad, &vmas), Err(WireError::Invalid(_))),
+            "{run:x?}"
+        );
+        let pf = PageFrame {
+            pass: 0,
+            batch: encode_batch(&bad, 1),
+        };
+        assert!(matches!(
+            pf.decode_batch(&mut dec, &vmas, &mut out),
+            Err(WireError::Invalid(_))
+        ));
+        assert!(out.runs.is_empty(), "nothing handed out on error");
+    }
+    // No layout: nothing fits.
+    assert!(check_runs_within(&b, &[]).is_err());
+    // Adjacent VMAs: a run must not cross the boundary.
+    let mut two = vmas[1..2].to_vec();
+    let mut next = two[0].clone();
+    next.start = two[0].end;
+    next.end = next.start + 0x1000;
+    two.push(next);
+    assert!(
+        check_runs_within(&batch(&[(0x62_0000, 1, true), (0x62_1000, 1, false)]), &two).is_ok()
+    );
+    assert!(check_runs_within(&batch(&[(0x62_0000, 2, true)]), &two).is_err());
+}
+
+#[test]
+fn page_frame_rejections() {
+    // A corrupt batch with a good frame checksum goes to the batch codec.
+    let mut enc = encode_batch(&batch(&[(0x60_0000, 1, false)]), 1);
+    enc[0] = b'X';
+    let pf = read_page_frame(&mut &encode_page_frame(0, &enc).unwrap()[..]).unwrap();
+    assert!(matches!(
+        pf.decode_batch(
+            &mut page_decoder(),
+            &sample_image().vmas,
+            &mut PageBatch::default()
+        ),
+        Err(WireError::Batch(_))
+    ));
+    // Too short for a pass number.
+    let f = encode_frame(MsgKind::Pages, &[1, 2]).unwrap();
+    assert!(matches!(
+        read_page_frame(&mut &f[..]),
+        Err(WireError::Invalid(_))
+    ));
+    // Wrong streams.
+    let f = encode_control(&ControlMsg::Done).unwrap();
+    assert!(matches!(
+        read_page_frame(&mut &f[..]),
+        Err(WireError::WrongStream {
+            kind: MsgKind::Done
+        })
+    ));
+    let f = encode_page_frame(0, &enc).unwrap();
+    assert!(matches!(
+        read_control(&mut &f[..]),
+        Err(WireError::WrongStream {
+            kind: MsgKind::Pages
+        })
+    ));
+    // Larger than a page frame may be.
+    let big = vec![0u8; MAX_PAGE_FRAME as usize];
+    assert!(matches!(
+        encode_page_frame(0, &big),
+        Err(WireError::TooLarge { .. })
+    ));
+}
+
+fn running() -> ControlMsg {
+    ControlMsg::Running {
+        pid: 4242,
+        restore_us: 1,
+    }
+}
+
+fn pass_end(pass: u32, batches: u64, pages: u64, bytes: u64) -> ControlMsg {
+    ControlMsg::PassEnd {
+        pass,
+        batches,
+        pages,
+        bytes,
+    }
+}
+
+fn switchover() -> ControlMsg {
+    ControlMsg::Switchover {
+        image: Box::new(sample_image()),
+    }
+}
+
+fn ack() -> ControlMsg {
+    ControlMsg::HelloAck {
+        version: ProtocolVersion::CURRENT,
+        host: host(),
+        agent: "dest".into(),
+    }
+}
+
+/// A destination state after the handshake.
+fn ready_state() -> DestState {
+    let mut st = DestState::new();
+    st.accept(&hello()).unwrap();
+    st.sent(&ack()).unwrap();
+    st.accept(&prepare()).unwrap();
+    st.sent(&ControlMsg::Ready).unwrap();
+    assert_eq!(st.phase(), Phase::PreCopy);
+    st
+}
+
+#[test]
+fn a_whole_migration_is_legal() {
+    let mut st = ready_state();
+    assert_eq!(st.pid(), Some(4242));
+    for pass in 0..3u32 {
+        // A batch of a pass may overtake its PassStart.
+        assert_eq!(st.page_batch(pass, 1, 100).unwrap(), PageAdmit::Wait);
+        st.accept(&pass_start(pass)).unwrap();
+        assert_eq!(st.phase(), Phase::InPass(pass));
+        assert_eq!(st.page_batch(pass, 1, 100).unwrap(), PageAdmit::Accept);
+        st.accept(&pass_end(pass, 2, 3, 300)).unwrap();
+        assert!(!st.pass_complete(pass));
+        // The rest of the pass arrives after its PassEnd.
+        assert_eq!(st.page_batch(pass, 2, 200).unwrap(), PageAdmit::Accept);
+        assert!(st.pass_complete(pass));
+    }
+    // Last pass: PassEnd first, then Switchover, then straggling pages.
+    st.accept(&pass_start(3)).unwrap();
+    st.accept(&pass_end(3, 1, 5, 1000)).unwrap();
+    st.accept(&switchover()).unwrap();
+    assert_eq!(st.phase(), Phase::Restoring);
+    assert!(!st.all_passes_complete());
+    assert!(
+        matches!(st.clone().sent(&running()), Err(WireError::Invalid(_))),
+        "no Running before all pages are in"
+    );
+    assert_eq!(st.page_batch(3, 5, 1000).unwrap(), PageAdmit::Accept);
+    assert!(st.all_passes_complete());
+    st.sent(&running()).unwrap();
+    st.accept(&ControlMsg::Done).unwrap();
+    assert_eq!(st.phase(), Phase::Closed);
+    assert_eq!(st.passes_started(), 4);
+}
+
+fn unexpected(r: Result<(), WireError>) -> bool {
+    matches!(r, Err(WireError::UnexpectedMessage { .. }))
+}
+
+#[test]
+fn out_of_order_messages_are_refused() {
+    // Anything but Hello first.
+    for m in every_message() {
+        let mut st = DestState::new();
+        if m.kind() == MsgKind::Hello {
+            continue;
+        }
+        let r = st.accept(&m);
+        if m.kind() == MsgKind::Abort {
+            assert!(r.is_ok());
+        } else {
+            assert!(unexpected(r), "{} first", m.kind());
+        }
+    }
+    let mut st = DestState::new();
+    st.accept(&hello()).unwrap();
+    assert!(
+        unexpected(st.clone().accept(&prepare())),
+        "Prepare before HelloAck"
+    );
+    assert!(unexpected(st.clone().accept(&hello())), "Hello twice");
+    st.sent(&ack()).unwrap();
+    assert!(
+        unexpected(st.clone().accept(&pass_start(0))),
+        "pages before Prepare"
+    );
+    st.accept(&prepare()).unwrap();
+    assert!(
+        unexpected(st.clone().accept(&pass_start(0))),
+        "before Ready"
+    );
+    assert!(matches!(
+        st.clone().page_batch(0, 1, 1),
+        Err(WireError::UnexpectedMessage {
+            state: Phase::Checking,
+            got: MsgKind::Pages
+        })
+    ));
+
+    let mut st = ready_state();
+    assert!(
+        matches!(st.clone().accept(&switchover()), Err(WireError::Invalid(_))),
+        "Switchover without a pass"
+    );
+    assert!(
+        unexpected(st.clone().accept(&pass_end(0, 0, 0, 0))),
+        "PassEnd outside a pass"
+    );
+    assert!(
+        matches!(
+            st.clone().accept(&pass_start(1)),
+            Err(WireError::Invalid(_))
+        ),
+        "pass numbers have no gaps"
+    );
+    st.accept(&pass_start(0)).unwrap();
+    assert!(unexpected(st.clone().accept(&pass_start(1))), "nested pass");
+    assert!(
+        unexpected(st.clone().accept(&switchover())),
+        "Switchover inside a pass"
+    );
+    assert!(
+        matches!(
+            st.clone().accept(&pass_end(1, 0, 0, 0)),
+            Err(WireError::Invalid(_))
+        ),
+        "PassEnd of another pass"
+    );
+    assert!(
+        matches!(st.clone().page_batch(2, 1, 1), Err(WireError::Invalid(_))),
+        "pages two passes ahead"
+    );
+    st.accept(&pass_end(0, 0, 0, 0)).unwrap();
+    assert!(st.pass_complete(0));
+    assert!(
+        matches!(st.clone().page_batch(0, 1, 1), Err(WireError::Invalid(_))),
+        "pages beyond what PassEnd declared"
+    );
+    assert!(
+        unexpected(st.clone().accept(&ControlMsg::Done)),
+        "Done before Running"
+    );
+    st.accept(&switchover()).unwrap();
+    assert!(
+        matches!(st.clone().page_batch(1, 1, 1), Err(WireError::Invalid(_))),
+        "no new pass after Switchover"
+    );
+    assert!(
+        unexpected(st.clone().accept(&pass_start(1))),
+        "PassStart after Switchover"
+    );
+    st.sent(&running()).unwrap();
+    assert!(unexpected(
+        st.clone().accept(&ControlMsg::Abort { reason: "x".into() })
+    ));
+    assert!(unexpected(st.clone().page_batch(0, 1, 1).map(|_| ())));
+    st.accept(&ControlMsg::Done).unwrap();
+    for m in every_message() {
+        assert!(
+            unexpected(st.clone().accept(&m)),
+            "{} after Closed",
+            m.kind()
+        );
+        assert!(
+            unexpected(st.clone().sent(&m)),
+            "sending {} after Closed",
+            m.kind()
+        );
+    }
+}
+
+#[test]
+fn destination_cannot_send_out_of_turn() {
+    let mut st = DestState::new();
+    assert!(unexpected(st.clone().sent(&ack())), "HelloAck before Hello");
+    st.accept(&hello()).unwrap();
+    assert!(unexpected(st.clone().sent(&ControlMsg::Ready)));
+    assert!(
+        unexpected(st.clone().accept(&ack())),
+        "source messages only"
+    );
+    let mut refused = st.clone();
+    refused
+        .sent(&ControlMsg::Refuse {
+            code: RefuseCode::Arch,
+            reason: "aarch64".into(),
+        })
+        .unwrap();
+    assert_eq!(refused.phase(), Phase::Closed);
+    let mut st = ready_state();
+    assert!(
+        unexpected(st.clone().sent(&running())),
+        "Running before Switchover"
+    );
+    st.sent(&ControlMsg::Abort {
+        reason: "disk full".into(),
+    })
+    .unwrap();
+    assert_eq!(st.phase(), Phase::Closed);
+}
+
+#[test]
+fn pass_tallies_must_match() {
+    let mut st = ready_state();
+    st.accept(&pass_start(0)).unwrap();
+    st.page_batch(0, 4, 100).unwrap();
+    // Declared fewer pages than already arrived.
+    assert!(matches!(
+        st.clone().accept(&pass_end(0, 1, 3, 100)),
+        Err(WireError::Invalid(_))
+    ));
+    // Declared two batches; the second brings the wrong byte count.
+    st.accept(&pass_end(0, 2, 8, 200)).unwrap();
+    assert!(matches!(
+        st.clone().page_batch(0, 4, 99),
+        Err(WireError::Invalid(_))
+    ));
+    st.page_batch(0, 4, 100).unwrap();
+    assert!(st.pass_complete(0));
+}
+
+#[test]
+fn switchover_must_match_the_handshake() {
+    let mut st = ready_state();
+    st.accept(&pass_start(0)).unwrap();
+    st.accept(&pass_end(0, 0, 0, 0)).unwrap();
+    let mut img = sample_image();
+    img.pid = 4243;
+    img.threads.swap(0, 1);
+    assert!(matches!(
+        st.clone().accept(&ControlMsg::Switchover {
+            image: Box::new(img)
+        }),
+        Err(WireError::Invalid(_))
+    ));
+    let mut img = sample_image();
+    img.host.xfeatures = 7;
+    assert!(matches!(
+        st.clone().accept(&ControlMsg::Switchover {
+            image: Box::new(img)
+        }),
+        Err(WireError::Invalid(_))
+    ));
+}
+
+/// xorshift64*, enough for mutations.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn random_mutations_never_panic() {
+    let mut samples: Vec<Vec<u8>> = every_message()
+        .iter()
+        .map(|m| encode_control(m).unwrap())
+        .collect();
+    let b = batch(&[(0x40_0000, 2, false), (0x60_0000, 3, true)]);
+    samples.push(encode_page_frame(0, &encode_batch(&b, 1)).unwrap());
+    samples.push(encode_page_frame(1, &encode_batch(&b, 0)).unwrap());
+    let vmas = sample_image().vmas;
+    let mut dec = page_decoder();
+    let mut out = PageBatch::default();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut refused = 0;
+    for i in 0..500 {
+        let mut bytes = samples[i % samples.len()].clone();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(bytes.len());
+            match rng.below(4) {
+                0 => bytes[at] ^= 1 << rng.below(8),
+                1 => bytes[at] = rng.next() as u8,
+                2 => bytes.truncate(at.max(1)),
+                _ => bytes.insert(at, rng.next() as u8),
+            }
+        }
+        // Half the time, make the checksum right so decoding is reached.
+        if i % 2 == 0 {
+            fix_checksum(&mut bytes);
+        }
+        let ctl = read_control(&mut &bytes[..]);
+        let pages = read_page_frame(&mut &bytes[..])
+            .and_then(|pf| pf.decode_batch(&mut dec, &vmas, &mut out));
+        if ctl.is_err() && pages.is_err() {
+            refused += 1;
+        }
+        // Whatever decoded must be valid and feedable to the state machine.
+        if let Ok(m) = ctl {
+            m.validate().unwrap();
+            let _ = DestState::new().accept(&m);
+            let _ = ready_state().accept(&m);
+        }
+    }
+    assert!(refused > 250, "most mutations are caught ({refused})");
+}
