@@ -125,6 +125,30 @@ pub fn check(tid: i32, name: &'static str, r: i64) -> Result<u64> {
     }
 }
 
+/// Map `len` bytes of private anonymous memory with `prot` inside the
+/// stopped thread's process: exactly at `addr` (never replacing anything)
+/// when `addr` is non-zero, anywhere otherwise. Returns the address.
+pub fn mmap_anon(t: &mut Tracee, ip: u64, addr: u64, len: u64, prot: i32) -> Result<u64> {
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    if addr != 0 {
+        flags |= libc::MAP_FIXED_NOREPLACE;
+    }
+    let got = syscall(
+        t,
+        ip,
+        "mmap(anonymous)",
+        libc::SYS_mmap,
+        &[addr, len, prot as u64, flags as u64, u64::MAX, 0],
+    )?;
+    if addr != 0 && got != addr {
+        return Err(Error::Unexpected {
+            tid: t.tid(),
+            what: format!("mmap at {addr:#x} landed at {got:#x}"),
+        });
+    }
+    Ok(got)
+}
+
 /// Find a `syscall` instruction (`0f 05`) in `[start, end)` of process `pid`,
 /// typically its `[vdso]`.
 pub fn find_syscall_insn(pid: i32, start: u64, end: u64) -> Result<Option<u64>> {
@@ -271,21 +295,8 @@ mod tests {
         let ip = local_gadget_addr();
         let pid = syscall(&mut t, ip, "getpid", libc::SYS_getpid, &[]).expect("getpid");
         assert_eq!(pid as i32, child.pid);
-        let addr = syscall(
-            &mut t,
-            ip,
-            "mmap",
-            libc::SYS_mmap,
-            &[
-                0,
-                4096,
-                (libc::PROT_READ | libc::PROT_WRITE) as u64,
-                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-                u64::MAX,
-                0,
-            ],
-        )
-        .expect("mmap");
+        let addr =
+            mmap_anon(&mut t, ip, 0, 4096, libc::PROT_READ | libc::PROT_WRITE).expect("mmap");
         crate::mem::write(child.pid, addr, b"hello").expect("write");
         let mut back = [0u8; 5];
         crate::mem::read(child.pid, addr, &mut back).expect("read");

@@ -381,7 +381,7 @@ fn remote(what: &str, err: ferry_parasite::Error) -> Error {
 mod tests {
     use super::*;
     use crate::dump::fds::testkit::{kill_and_reap, pattern, scene, ScriptChild, TempDir};
-    use ferry_parasite::remote::{local_gadget_addr, syscall};
+    use ferry_parasite::remote::local_gadget_addr;
     use ferry_parasite::Tracee;
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
@@ -402,19 +402,12 @@ mod tests {
         let mut t = Tracee::seize(pid).expect("seize");
         t.interrupt().expect("interrupt");
         let ip = local_gadget_addr();
-        let scratch = syscall(
+        let scratch = ferry_parasite::remote::mmap_anon(
             &mut t,
             ip,
-            "mmap",
-            libc::SYS_mmap,
-            &[
-                0,
-                4096,
-                (libc::PROT_READ | libc::PROT_WRITE) as u64,
-                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-                u64::MAX,
-                0,
-            ],
+            0,
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
         )
         .expect("mmap scratch");
         let out = {

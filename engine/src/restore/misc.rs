@@ -406,7 +406,7 @@ mod tests {
     use crate::dump::misc::{
         decode_sigaction, parse_hex, parse_umask, read_status, KSIGACTION_SIZE,
     };
-    use ferry_parasite::remote::{local_gadget_addr, syscall};
+    use ferry_parasite::remote::local_gadget_addr;
     use ferry_parasite::Tracee;
 
     /// Kills and reaps the stub by PID on drop.
@@ -462,19 +462,12 @@ mod tests {
         let mut t = Tracee::seize(pid).expect("seize");
         t.interrupt().expect("interrupt");
         let ip = local_gadget_addr();
-        let scratch = syscall(
+        let scratch = ferry_parasite::remote::mmap_anon(
             &mut t,
             ip,
-            "mmap",
-            libc::SYS_mmap,
-            &[
-                0,
-                4096,
-                (libc::PROT_READ | libc::PROT_WRITE) as u64,
-                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-                u64::MAX,
-                0,
-            ],
+            0,
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
         )
         .expect("mmap scratch");
         let mut inj = Injector::new(&mut t, ip, scratch, 4096);

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::procfs;
-use ferry_parasite::remote::{local_gadget_addr, Injector, TRAMPOLINE_CODE};
+use ferry_parasite::remote::{local_gadget_addr, mmap_anon, Injector, TRAMPOLINE_CODE};
 use ferry_parasite::{stub::spawn_paused, Tracee};
 use ferry_protocol::model::{Vma, PAGE_SIZE};
 
@@ -76,20 +76,15 @@ impl Stub {
             Error::Incompatible("no free address range for the trampoline".into())
         })?;
         {
-            let mut inj = Injector::new(&mut t, local_gadget_addr(), 0, 0);
-            let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-            let flags =
-                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
-            let got = inj.call(
-                "mmap(trampoline)",
-                libc::SYS_mmap,
-                &[tramp, len, rw, flags, u64::MAX, 0],
+            let gadget = local_gadget_addr();
+            mmap_anon(
+                &mut t,
+                gadget,
+                tramp,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
             )?;
-            if got != tramp {
-                return Err(Error::Incompatible(format!(
-                    "trampoline landed at {got:#x} instead of {tramp:#x}"
-                )));
-            }
+            let mut inj = Injector::new(&mut t, gadget, 0, 0);
             ferry_parasite::mem::write(stub_pid, tramp, &TRAMPOLINE_CODE)?;
             let rx = (libc::PROT_READ | libc::PROT_EXEC) as u64;
             inj.call(
