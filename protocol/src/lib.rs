@@ -16,6 +16,7 @@
 //! Nothing read from outside (a file, the network) is trusted: every length
 //! is bounded, every checksum verified, and decoding never panics.
 
+pub mod compress;
 pub mod image;
 pub mod model;
 pub mod pages;

@@ -48,6 +48,7 @@ use thiserror::Error;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use zstd::bulk::{Compressor, Decompressor};
 
+use crate::compress::EncoderPool;
 use crate::model::PAGE_SIZE;
 use crate::validate::is_page_aligned;
 
@@ -623,6 +624,8 @@ pub struct PageWriterOptions {
     pub batch_bytes: usize,
     /// Runs collected before a batch is flushed.
     pub max_runs: usize,
+    /// Threads compressing batches in parallel (at least one).
+    pub threads: usize,
 }
 
 impl Default for PageWriterOptions {
@@ -631,6 +634,9 @@ impl Default for PageWriterOptions {
             level: DEFAULT_LEVEL,
             batch_bytes: DEFAULT_BATCH_BYTES,
             max_runs: DEFAULT_MAX_RUNS,
+            threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(4),
         }
     }
 }
@@ -667,7 +673,9 @@ pub struct PageWriter {
     tmp: PathBuf,
     file: File,
     opts: PageWriterOptions,
-    enc: BatchEncoder,
+    pool: EncoderPool,
+    /// Emptied buffers handed back by the pool, for the next batches.
+    spare: Vec<(Vec<PageRun>, Vec<u8>, Vec<u8>)>,
     runs: Vec<PageRun>,
     data: Vec<u8>,
     out: Vec<u8>,
@@ -695,6 +703,7 @@ impl PageWriter {
             level: opts.level,
             batch_bytes: opts.batch_bytes.clamp(PAGE, 16 << 20),
             max_runs: opts.max_runs.clamp(1, 1 << 16),
+            threads: opts.threads.clamp(1, 64),
         };
         let mut out =
             Vec::with_capacity(WRITE_BUF + opts.batch_bytes + (opts.batch_bytes >> 7) + 4096);
@@ -705,7 +714,8 @@ impl PageWriter {
             path,
             tmp,
             file,
-            enc: BatchEncoder::new(opts.level),
+            pool: EncoderPool::new(opts.threads, opts.level),
+            spare: Vec::new(),
             runs: Vec::with_capacity(opts.max_runs),
             data: Vec::with_capacity(opts.batch_bytes + PAGE),
             out,
@@ -814,21 +824,51 @@ impl PageWriter {
         }
     }
 
+    /// Hands the current batch to the compression pool, and writes out the
+    /// batches that are done while more than two per thread are in flight.
     fn flush_batch(&mut self) -> Result<(), PageError> {
         if self.runs.is_empty() {
             return Ok(());
         }
-        let before = self.out.len();
-        let sum = self.enc.encode_into(&self.runs, &self.data, &mut self.out);
-        self.content.update(&sum.to_le_bytes());
+        let (runs, data, out) = self.spare.pop().unwrap_or_else(|| {
+            (
+                Vec::with_capacity(self.opts.max_runs),
+                Vec::with_capacity(self.opts.batch_bytes + PAGE),
+                Vec::new(),
+            )
+        });
+        let runs = std::mem::replace(&mut self.runs, runs);
+        let data = std::mem::replace(&mut self.data, data);
+        if let Err(e) = self.pool.submit(runs, data, out) {
+            self.poisoned = true;
+            return Err(io_err(&self.tmp)(std::io::Error::other(e)));
+        }
+        while self.pool.in_flight() > 2 * self.pool.threads() {
+            self.collect_batch()?;
+        }
+        Ok(())
+    }
+
+    /// Appends the oldest compressed batch to the output; false when none
+    /// is in flight.
+    fn collect_batch(&mut self) -> Result<bool, PageError> {
+        let e = match self.pool.collect() {
+            Ok(Some(e)) => e,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                self.poisoned = true;
+                return Err(io_err(&self.tmp)(std::io::Error::other(e)));
+            }
+        };
+        self.out.extend_from_slice(&e.bytes);
+        self.content.update(&e.checksum.to_le_bytes());
         self.stats.batches += 1;
-        self.stats.bytes_written += (self.out.len() - before) as u64;
-        self.runs.clear();
-        self.data.clear();
+        self.stats.bytes_written += e.bytes.len() as u64;
+        self.spare.push((e.runs, e.data, e.bytes));
         if self.out.len() >= WRITE_BUF {
             self.write_out()?;
         }
-        Ok(())
+        Ok(true)
     }
 
     fn write_out(&mut self) -> Result<(), PageError> {
@@ -852,6 +892,7 @@ impl PageWriter {
     pub fn finish(mut self) -> Result<PageStats, PageError> {
         self.check_poisoned()?;
         self.flush_batch()?;
+        while self.collect_batch()? {}
         let mut t = [0u8; TRAILER_LEN];
         t[0..4].copy_from_slice(&TRAILER_MAGIC);
         t[8..16].copy_from_slice(&self.stats.batches.to_le_bytes());
@@ -1793,6 +1834,7 @@ mod tests {
                 level: [1, 3, -1][round % 3],
                 batch_bytes: PAGE * (1 + rng.below(24) as usize),
                 max_runs: 1 + rng.below(12) as usize,
+                threads: 1 + round % 3,
             };
             let mut w = PageWriter::create_with(dir.path(), opts).expect("create");
             let mut expected = BTreeMap::new();
