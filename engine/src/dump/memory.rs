@@ -174,12 +174,7 @@ pub fn dump_pages(pid: i32, vmas: &[Vma], writer: &mut PageWriter) -> Result<()>
                 ferry_parasite::mem::read_forced(pid, start, b)
             };
             r?;
-            writer.add(start, b).map_err(|e| {
-                Error::io(
-                    format!("write pages at {start:#x}"),
-                    std::io::Error::other(e),
-                )
-            })?;
+            writer.add(start, b)?;
             i += n;
         }
     }

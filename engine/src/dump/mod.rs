@@ -127,6 +127,7 @@ fn remove_image_files(dir: &Path) {
 
 fn capture(frozen: &mut Frozen, dir: &Path) -> Result<(ProcessImage, PageStats, u64)> {
     let pid = frozen.pid();
+    let t_start = Instant::now();
     let host = crate::host::host_info();
     let fds = fds::collect(pid)?;
     let vmas = memory::collect_vmas(pid)?;
@@ -157,16 +158,12 @@ fn capture(frozen: &mut Frozen, dir: &Path) -> Result<(ProcessImage, PageStats, 
     inj.finish()?;
     let (mm, misc) = (mm?, misc?);
 
-    let mut writer = PageWriter::create(dir).map_err(|e| {
-        Error::io(
-            format!("create page store in {}", dir.display()),
-            std::io::Error::other(e),
-        )
-    })?;
+    let mut writer = PageWriter::create(dir)?;
+    let t_state = t_start.elapsed();
     memory::dump_pages(pid, &vmas, &mut writer)?;
-    let pages = writer
-        .finish()
-        .map_err(|e| Error::io("finish page store", std::io::Error::other(e)))?;
+    let t_pages = t_start.elapsed();
+    let pages = writer.finish()?;
+    let t_sync = t_start.elapsed();
     let status = crate::procfs::read(pid, "status")?;
     let ppid = crate::procfs::status_field(&status, "PPid")
         .and_then(|v| v.parse().ok())
@@ -181,7 +178,17 @@ fn capture(frozen: &mut Frozen, dir: &Path) -> Result<(ProcessImage, PageStats, 
         fds,
         misc,
     };
-    let bytes = write_process_image(dir, &image)
-        .map_err(|e| Error::io("write process image", std::io::Error::other(e)))?;
+    let bytes = write_process_image(dir, &image)?;
+    tracing::info!(
+        "capture of {pid}: state {:.1} ms, pages {:.1} ms, page store sync {:.1} ms, image {:.1} ms",
+        ms(t_state),
+        ms(t_pages - t_state),
+        ms(t_sync - t_pages),
+        ms(t_start.elapsed() - t_sync)
+    );
     Ok((image, pages, bytes))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
