@@ -5,9 +5,8 @@ use crate::error::{Error, Result};
 use crate::procfs;
 use ferry_parasite::remote::Injector;
 use ferry_protocol::model::{Vma, VmaKind, PAGE_SIZE};
-use ferry_protocol::pages::PageReader;
+use ferry_protocol::pages::PageBatch;
 use std::collections::HashMap;
-use std::path::Path;
 
 /// Move the stub's `[vvar]`/`[vvar_vclock]`/`[vdso]` to the image's
 /// addresses, keeping their relative layout.
@@ -154,56 +153,101 @@ fn open_in(
     Ok(fd)
 }
 
-/// Write the saved pages into the stub. Returns the number of pages written.
-pub fn fill(pid: i32, vmas: &[Vma], dir: &Path) -> Result<u64> {
-    let zeros = vec![0u8; 256 * PAGE_SIZE as usize];
-    let mut reader = PageReader::open(dir)?;
-    let mut written = 0u64;
-    let mut vi = 0usize;
-    let private: Vec<&Vma> = vmas
-        .iter()
-        .filter(|v| crate::dump::memory::has_private_pages(v))
-        .collect();
-    while let Some(batch) = reader.next_batch()? {
-        let mut pieces: Vec<(u64, &[u8])> = Vec::with_capacity(batch.runs.len());
+/// Writes page batches into the process being built, checking that every
+/// page lies inside one of its private memory areas.
+pub struct PageFiller {
+    pid: i32,
+    /// The private areas (anonymous and private file), sorted by address.
+    private: Vec<Vma>,
+    /// Index of the area that held the previous run (runs come sorted).
+    cursor: usize,
+    zeros: Vec<u8>,
+    /// Pages written so far.
+    pub pages: u64,
+}
+
+impl PageFiller {
+    /// A filler for process `pid` whose address space is `vmas`.
+    pub fn new(pid: i32, vmas: &[Vma]) -> Self {
+        PageFiller {
+            pid,
+            private: vmas
+                .iter()
+                .filter(|v| crate::dump::memory::has_private_pages(v))
+                .cloned()
+                .collect(),
+            cursor: 0,
+            zeros: vec![0u8; 256 * PAGE_SIZE as usize],
+            pages: 0,
+        }
+    }
+
+    /// Index of the private area holding `[addr, addr+len)`.
+    fn area_of(&mut self, addr: u64, len: u64) -> Result<usize> {
+        if self
+            .private
+            .get(self.cursor)
+            .is_some_and(|v| v.contains(addr, len))
+        {
+            return Ok(self.cursor);
+        }
+        let i = self
+            .private
+            .partition_point(|v| v.end <= addr)
+            .min(self.private.len());
+        match self.private.get(i) {
+            Some(v) if v.contains(addr, len) => {
+                self.cursor = i;
+                Ok(i)
+            }
+            _ => Err(Error::Incompatible(format!(
+                "pages at {addr:#x} (+{len} bytes) lie outside the private memory areas"
+            ))),
+        }
+    }
+
+    /// Write one batch. Zero runs are written only into file-backed areas
+    /// (fresh anonymous memory is already zero).
+    pub fn write_batch(&mut self, batch: &PageBatch) -> Result<()> {
+        // Where each piece's bytes come from: our zero buffer, or the batch.
+        enum Src {
+            Zeros(usize),
+            Data(usize, usize),
+        }
+        let mut plan: Vec<(u64, Src)> = Vec::with_capacity(batch.runs.len());
         let mut off = 0usize;
         for run in &batch.runs {
             let len = run.pages as u64 * PAGE_SIZE;
-            // Runs come sorted by address; find the area holding this one.
-            if private.get(vi).is_none_or(|v| !v.contains(run.addr, len)) {
-                vi = private
-                    .iter()
-                    .position(|v| v.contains(run.addr, len))
-                    .ok_or_else(|| {
-                        Error::Incompatible(format!(
-                            "the image holds pages at {:#x} (+{len}) outside its private memory areas",
-                            run.addr
-                        ))
-                    })?;
-            }
+            let vi = self.area_of(run.addr, len)?;
             if run.zero {
-                if matches!(private[vi].kind, VmaKind::File(_)) {
-                    let mut a = run.addr;
+                if matches!(self.private[vi].kind, VmaKind::File(_)) {
                     let end = run.addr + len;
+                    let mut a = run.addr;
                     while a < end {
-                        let n = (end - a).min(zeros.len() as u64);
-                        pieces.push((a, &zeros[..n as usize]));
+                        let n = (end - a).min(self.zeros.len() as u64);
+                        plan.push((a, Src::Zeros(n as usize)));
                         a += n;
                     }
                 }
             } else {
-                let data = batch
-                    .data
-                    .get(off..off + len as usize)
-                    .ok_or_else(|| Error::parse("page batch", "data shorter than its runs"))?;
-                pieces.push((run.addr, data));
+                if off + len as usize > batch.data.len() {
+                    return Err(Error::parse("page batch", "data shorter than its runs"));
+                }
+                plan.push((run.addr, Src::Data(off, len as usize)));
                 off += len as usize;
             }
-            written += run.pages as u64;
+            self.pages += run.pages as u64;
         }
-        ferry_parasite::mem::write_many(pid, &pieces)?;
+        let pieces: Vec<(u64, &[u8])> = plan
+            .iter()
+            .map(|(a, src)| match *src {
+                Src::Zeros(n) => (*a, &self.zeros[..n]),
+                Src::Data(o, n) => (*a, &batch.data[o..o + n]),
+            })
+            .collect();
+        ferry_parasite::mem::write_many(self.pid, &pieces)?;
+        Ok(())
     }
-    Ok(written)
 }
 
 /// Give every area its final protection.

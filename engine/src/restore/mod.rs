@@ -21,7 +21,8 @@ pub mod threads;
 use crate::error::{Error, Result};
 use ferry_parasite::Tracee;
 use ferry_protocol::image::read_process_image;
-use ferry_protocol::model::{ProcessImage, VmaKind, PAGE_SIZE};
+use ferry_protocol::model::{HostInfo, ProcessImage, Vma, VmaKind};
+use ferry_protocol::pages::{PageBatch, PageReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -40,36 +41,54 @@ pub struct RestoreSummary {
 
 /// Recreate the process saved in `dir` with its PID and TIDs, and let it run.
 pub fn restore(dir: &Path) -> Result<RestoreSummary> {
-    let t0 = Instant::now();
     let img = read_process_image(dir)?;
-    preflight(&img)?;
-    let mut stub = stub::Stub::create(img.pid, &img.vmas)?;
-    let pages = build(&mut stub, &img, dir)?;
-    stub.disarm();
-    Ok(RestoreSummary {
-        pid: img.pid,
-        threads: img.threads.len(),
-        pages,
-        duration: t0.elapsed(),
-    })
+    check_executable(&img)?;
+    let tids: Vec<i32> = img.threads.iter().map(|t| t.tid).collect();
+    let mut r = Restorer::begin(img.pid, &tids, &img.host, &img.vmas)?;
+    let mut reader = PageReader::open(dir)?;
+    let mut batch = PageBatch::default();
+    while reader.read_batch_into(&mut batch)? {
+        r.write_batch(&batch)?;
+    }
+    r.complete(&img)
 }
 
-/// Refuse early, with the reason, what cannot work here.
+/// Refuse early, with the reason, what cannot work here: another kind of
+/// host, a PID or TID in use, a mapped file changed, the executable missing.
 pub fn preflight(img: &ProcessImage) -> Result<()> {
-    if let Some(why) = crate::host::incompatibility(&img.host, &crate::host::host_info()) {
-        return Err(Error::Incompatible(why));
+    check_host(&img.host)?;
+    let tids: Vec<i32> = img.threads.iter().map(|t| t.tid).collect();
+    check_ids_free(img.pid, &tids)?;
+    check_files(&img.vmas)?;
+    check_executable(img)
+}
+
+/// The image's host must be compatible with this one.
+pub fn check_host(host: &HostInfo) -> Result<()> {
+    match crate::host::incompatibility(host, &crate::host::host_info()) {
+        Some(why) => Err(Error::Incompatible(why)),
+        None => Ok(()),
     }
-    for t in &img.threads {
-        if crate::procfs::exists(t.tid) {
-            let what = if t.tid == img.pid { "PID" } else { "TID" };
+}
+
+/// The PID and every TID must be free here.
+pub fn check_ids_free(pid: i32, tids: &[i32]) -> Result<()> {
+    for &t in std::iter::once(&pid).chain(tids) {
+        if crate::procfs::exists(t) {
+            let what = if t == pid { "PID" } else { "TID" };
             return Err(Error::Incompatible(format!(
-                "{what} {} is already in use on this host",
-                t.tid
+                "{what} {t} is already in use on this host"
             )));
         }
     }
+    Ok(())
+}
+
+/// Every mapped file must exist, and privately mapped ones must be
+/// unchanged (size and modification time) since the checkpoint.
+pub fn check_files(vmas: &[Vma]) -> Result<()> {
     let mut checked = std::collections::HashSet::new();
-    for v in &img.vmas {
+    for v in vmas {
         let f = match &v.kind {
             VmaKind::File(f) | VmaKind::SharedFile(f) => f,
             _ => continue,
@@ -91,6 +110,10 @@ pub fn preflight(img: &ProcessImage) -> Result<()> {
             )));
         }
     }
+    Ok(())
+}
+
+fn check_executable(img: &ProcessImage) -> Result<()> {
     if !Path::new(&img.mm.exe_path).exists() {
         return Err(Error::Incompatible(format!(
             "executable {} is missing",
@@ -100,19 +123,81 @@ pub fn preflight(img: &ProcessImage) -> Result<()> {
     Ok(())
 }
 
-fn build(stub: &mut stub::Stub, img: &ProcessImage, dir: &Path) -> Result<u64> {
+/// A restore in progress: the stub runs with the image's PID, its address
+/// space is mapped (writable for now), and pages can be written into it as
+/// they arrive; [`Restorer::complete`] applies the rest of the state and
+/// lets the process run. Dropping it kills the stub.
+///
+/// ptrace binds the stub to the OS thread that created it: call every
+/// method on that thread.
+pub struct Restorer {
+    stub: stub::Stub,
+    vmas: Vec<Vma>,
+    filler: memory::PageFiller,
+    t0: Instant,
+}
+
+impl Restorer {
+    /// Check the host and that `pid` and `tids` are free, create the stub
+    /// with `pid`, move the vDSO areas to their addresses and map `vmas`.
+    pub fn begin(pid: i32, tids: &[i32], host: &HostInfo, vmas: &[Vma]) -> Result<Restorer> {
+        let t0 = Instant::now();
+        check_host(host)?;
+        check_ids_free(pid, tids)?;
+        check_files(vmas)?;
+        let mut stub = stub::Stub::create(pid, vmas)?;
+        let tramp = stub.tramp_range();
+        {
+            let stub_pid = stub.pid;
+            let mut inj = stub.injector()?;
+            memory::place_special(&mut inj, stub_pid, vmas, tramp)?;
+            memory::map_areas(&mut inj, vmas)?;
+        }
+        Ok(Restorer {
+            filler: memory::PageFiller::new(stub.pid, vmas),
+            stub,
+            vmas: vmas.to_vec(),
+            t0,
+        })
+    }
+
+    /// The PID of the process being built.
+    pub fn pid(&self) -> i32 {
+        self.stub.pid
+    }
+
+    /// Write one batch of pages; every page must lie in a private area.
+    pub fn write_batch(&mut self, batch: &PageBatch) -> Result<()> {
+        self.filler.write_batch(batch)
+    }
+
+    /// Apply everything else from `img` (whose memory layout must be the
+    /// one given to [`Restorer::begin`]) and let the process run.
+    pub fn complete(mut self, img: &ProcessImage) -> Result<RestoreSummary> {
+        if img.pid != self.stub.pid || img.vmas != self.vmas {
+            return Err(Error::Incompatible(
+                "the image's PID or memory layout differs from the one being built".into(),
+            ));
+        }
+        build(&mut self.stub, img)?;
+        self.stub.disarm();
+        Ok(RestoreSummary {
+            pid: img.pid,
+            threads: img.threads.len(),
+            pages: self.filler.pages,
+            duration: self.t0.elapsed(),
+        })
+    }
+}
+
+/// Everything after the pages: protections, mm, fds, signals, threads,
+/// credentials, registers; then detach.
+fn build(stub: &mut stub::Stub, img: &ProcessImage) -> Result<()> {
     let pid = stub.pid;
-    let tramp = (
-        stub.tramp,
-        stub.tramp + (1 + stub::SCRATCH_PAGES) * PAGE_SIZE,
-    );
+    let tramp = stub.tramp_range();
     let mut others: Vec<Tracee> = Vec::new();
-    let pages;
     {
         let mut inj = stub.injector()?;
-        memory::place_special(&mut inj, pid, &img.vmas, tramp)?;
-        memory::map_areas(&mut inj, &img.vmas)?;
-        pages = memory::fill(pid, &img.vmas, dir)?;
         memory::protect(&mut inj, &img.vmas)?;
         mm::apply(&mut inj, &img.mm)?;
         fds::install(&mut inj, &img.fds)?;
@@ -159,5 +244,5 @@ fn build(stub: &mut stub::Stub, img: &ProcessImage, dir: &Path) -> Result<u64> {
         t.detach()?;
     }
     main.detach()?;
-    Ok(pages)
+    Ok(())
 }

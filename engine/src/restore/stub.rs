@@ -131,6 +131,11 @@ impl Stub {
         Ok(stub)
     }
 
+    /// The address range of the trampoline (code page and scratch pages).
+    pub fn tramp_range(&self) -> (u64, u64) {
+        (self.tramp, self.tramp + (1 + SCRATCH_PAGES) * PAGE_SIZE)
+    }
+
     /// An injector on the main thread using the trampoline.
     pub fn injector(&mut self) -> Result<Injector<'_>> {
         let tramp = self.tramp;
