@@ -4,7 +4,6 @@
 use crate::error::{Error, Result};
 use crate::procfs::{self, MapsEntry};
 use ferry_protocol::model::{FileMapping, Vma, VmaKind, PAGE_SIZE};
-use ferry_protocol::pages::PageWriter;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
@@ -146,7 +145,7 @@ fn private_pages(pagemap: &File, vma: &Vma, out: &mut Vec<u64>) -> Result<()> {
 }
 
 /// Save the private pages of every area into `writer`.
-pub fn dump_pages(pid: i32, vmas: &[Vma], writer: &mut PageWriter) -> Result<()> {
+pub fn dump_pages(pid: i32, vmas: &[Vma], writer: &mut dyn super::PageSink) -> Result<()> {
     let pm_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pm_path).map_err(|e| Error::io(format!("open {pm_path}"), e))?;
     let mut pages = Vec::new();

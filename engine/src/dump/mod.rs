@@ -37,48 +37,97 @@ pub struct CheckpointSummary {
     pub total: Duration,
 }
 
-/// A process frozen with its image written to a directory, waiting for
-/// the caller's decision: [`Captured::kill`] once the image has taken over
-/// (written to disk, or running elsewhere), or [`Captured::thaw`] to let the
-/// process go on untouched. Dropping it thaws the process (ptrace detach).
+/// Where the pages of a checkpoint go: a page store file, or the network.
+pub trait PageSink {
+    /// Take `data` (whole pages) as the contents of memory at `addr`.
+    fn add(&mut self, addr: u64, data: &[u8]) -> Result<()>;
+}
+
+impl PageSink for PageWriter {
+    fn add(&mut self, addr: u64, data: &[u8]) -> Result<()> {
+        PageWriter::add(self, addr, data).map_err(Into::into)
+    }
+}
+
+/// A frozen process with its captured state, waiting for the caller's
+/// decision: [`Captured::kill`] once the image has taken over (written to
+/// disk, or running elsewhere), or [`Captured::thaw`] to let the process go
+/// on untouched. Dropping it thaws the process (ptrace detach).
 ///
 /// ptrace binds a tracee to the OS thread that seized it: create, kill and
 /// thaw a `Captured` on the same thread.
 pub struct Captured {
     frozen: Frozen,
-    /// The captured state (memory contents are in the directory's page store).
+    /// The captured state (memory contents go to a [`PageSink`]).
     pub image: ProcessImage,
-    /// What the page store holds.
+    /// What the page store holds (for [`Captured::capture`]).
     pub pages: PageStats,
-    /// Bytes of the process image file.
+    /// Bytes of the process image file (for [`Captured::capture`]).
     pub image_bytes: u64,
     frozen_at: Instant,
 }
 
 impl Captured {
-    /// Freeze `pid` and write its image into `dir`. On any error the
-    /// process is resumed untouched and the partial image files are removed.
-    pub fn capture(pid: i32, dir: &Path) -> Result<Captured> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    /// Freeze `pid` and capture everything but memory contents; read those
+    /// with [`Captured::dump_pages`] while it stays frozen. On error the
+    /// process is resumed untouched.
+    pub fn freeze(pid: i32) -> Result<Captured> {
         let mut frozen = Frozen::freeze(pid)?;
         let frozen_at = Instant::now();
-        match capture(&mut frozen, dir) {
-            Ok((image, pages, image_bytes)) => Ok(Captured {
+        match capture_state(&mut frozen) {
+            Ok(image) => Ok(Captured {
                 frozen,
                 image,
-                pages,
-                image_bytes,
+                pages: PageStats::default(),
+                image_bytes: 0,
                 frozen_at,
             }),
             Err(e) => {
-                remove_image_files(dir);
                 if let Err(te) = frozen.thaw() {
                     tracing::error!("resuming {pid} after a failed checkpoint: {te}");
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Send every saved page of the frozen process to `sink`.
+    pub fn dump_pages(&self, sink: &mut dyn PageSink) -> Result<()> {
+        memory::dump_pages(self.image.pid, &self.image.vmas, sink)
+    }
+
+    /// Freeze `pid` and write its image into `dir`. On any error the
+    /// process is resumed untouched and the partial image files are removed.
+    pub fn capture(pid: i32, dir: &Path) -> Result<Captured> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let mut c = Captured::freeze(pid)?;
+        let t = Instant::now();
+        match c.write_to(dir) {
+            Ok(()) => {
+                tracing::info!(
+                    "capture of {pid}: state {:.1} ms, pages and image {:.1} ms",
+                    ms(t - c.frozen_at),
+                    ms(t.elapsed())
+                );
+                Ok(c)
+            }
+            Err(e) => {
+                remove_image_files(dir);
+                if let Err(te) = c.frozen.thaw() {
+                    tracing::error!("resuming {pid} after a failed checkpoint: {te}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn write_to(&mut self, dir: &Path) -> Result<()> {
+        let mut writer = PageWriter::create(dir)?;
+        self.dump_pages(&mut writer)?;
+        self.pages = writer.finish()?;
+        self.image_bytes = write_process_image(dir, &self.image)?;
+        Ok(())
     }
 
     /// Kill the process; returns how long it was frozen.
@@ -125,9 +174,9 @@ fn remove_image_files(dir: &Path) {
     }
 }
 
-fn capture(frozen: &mut Frozen, dir: &Path) -> Result<(ProcessImage, PageStats, u64)> {
+/// Everything but memory contents, from a frozen process.
+fn capture_state(frozen: &mut Frozen) -> Result<ProcessImage> {
     let pid = frozen.pid();
-    let t_start = Instant::now();
     let host = crate::host::host_info();
     let fds = fds::collect(pid)?;
     let vmas = memory::collect_vmas(pid)?;
@@ -158,12 +207,6 @@ fn capture(frozen: &mut Frozen, dir: &Path) -> Result<(ProcessImage, PageStats, 
     inj.finish()?;
     let (mm, misc) = (mm?, misc?);
 
-    let mut writer = PageWriter::create(dir)?;
-    let t_state = t_start.elapsed();
-    memory::dump_pages(pid, &vmas, &mut writer)?;
-    let t_pages = t_start.elapsed();
-    let pages = writer.finish()?;
-    let t_sync = t_start.elapsed();
     let status = crate::procfs::read(pid, "status")?;
     let ppid = crate::procfs::status_field(&status, "PPid")
         .and_then(|v| v.parse().ok())
@@ -178,15 +221,7 @@ fn capture(frozen: &mut Frozen, dir: &Path) -> Result<(ProcessImage, PageStats, 
         fds,
         misc,
     };
-    let bytes = write_process_image(dir, &image)?;
-    tracing::info!(
-        "capture of {pid}: state {:.1} ms, pages {:.1} ms, page store sync {:.1} ms, image {:.1} ms",
-        ms(t_state),
-        ms(t_pages - t_state),
-        ms(t_sync - t_pages),
-        ms(t_start.elapsed() - t_sync)
-    );
-    Ok((image, pages, bytes))
+    Ok(image)
 }
 
 fn ms(d: Duration) -> f64 {
