@@ -19,6 +19,7 @@
 pub mod compress;
 pub mod image;
 pub mod model;
+pub mod packer;
 pub mod pages;
 pub mod validate;
 pub mod wire;

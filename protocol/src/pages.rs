@@ -48,10 +48,11 @@ use thiserror::Error;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use zstd::bulk::{Compressor, Decompressor};
 
-use crate::compress::EncoderPool;
 use crate::model::PAGE_SIZE;
+use crate::packer::{PackError, PagePacker};
 use crate::validate::is_page_aligned;
 
+#[cfg(test)]
 const PAGE: usize = PAGE_SIZE as usize;
 
 /// Name of the page store file inside an image directory.
@@ -672,17 +673,10 @@ pub struct PageWriter {
     path: PathBuf,
     tmp: PathBuf,
     file: File,
-    opts: PageWriterOptions,
-    pool: EncoderPool,
-    /// Emptied buffers handed back by the pool, for the next batches.
-    spare: Vec<(Vec<PageRun>, Vec<u8>, Vec<u8>)>,
-    runs: Vec<PageRun>,
-    data: Vec<u8>,
+    packer: PagePacker,
     out: Vec<u8>,
     stats: PageStats,
     content: Xxh3,
-    /// The next page starts a new run (set at each `add`/`add_zero`).
-    new_run: bool,
     done: bool,
     poisoned: bool,
 }
@@ -699,14 +693,9 @@ impl PageWriter {
         let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(".{PAGES_FILE}.tmp.{}.{seq}", std::process::id()));
         let file = File::create(&tmp).map_err(io_err(&tmp))?;
-        let opts = PageWriterOptions {
-            level: opts.level,
-            batch_bytes: opts.batch_bytes.clamp(PAGE, 16 << 20),
-            max_runs: opts.max_runs.clamp(1, 1 << 16),
-            threads: opts.threads.clamp(1, 64),
-        };
-        let mut out =
-            Vec::with_capacity(WRITE_BUF + opts.batch_bytes + (opts.batch_bytes >> 7) + 4096);
+        let packer = PagePacker::new(opts);
+        let batch_bytes = packer.options().batch_bytes;
+        let mut out = Vec::with_capacity(WRITE_BUF + batch_bytes + (batch_bytes >> 7) + 4096);
         out.extend_from_slice(&PAGES_MAGIC);
         out.extend_from_slice(&PAGES_VERSION.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
@@ -714,18 +703,13 @@ impl PageWriter {
             path,
             tmp,
             file,
-            pool: EncoderPool::new(opts.threads, opts.level),
-            spare: Vec::new(),
-            runs: Vec::with_capacity(opts.max_runs),
-            data: Vec::with_capacity(opts.batch_bytes + PAGE),
+            packer,
             out,
             stats: PageStats {
                 bytes_written: FILE_HEADER_LEN as u64,
                 ..PageStats::default()
             },
             content: Xxh3::new(),
-            new_run: true,
-            opts,
             done: false,
             poisoned: false,
         })
@@ -737,47 +721,17 @@ impl PageWriter {
     /// spans two calls, so a run lies inside whatever range the caller
     /// passed in one call (e.g. inside one VMA, even when VMAs touch).
     pub fn add(&mut self, addr: u64, data: &[u8]) -> Result<(), PageError> {
-        let len = data.len() as u64;
-        if !is_page_aligned(addr) || !is_page_aligned(len) || addr.checked_add(len).is_none() {
-            return Err(PageError::BadRange { addr, len });
-        }
         self.check_poisoned()?;
-        self.new_run = true;
-        let mut a = addr;
-        for page in data.chunks_exact(PAGE) {
-            let zero = is_zero(page);
-            self.push(a, 1, zero)?;
-            if !zero {
-                self.data.extend_from_slice(page);
-                if self.data.len() >= self.opts.batch_bytes {
-                    self.flush_batch()?;
-                }
-            }
-            a += PAGE_SIZE;
-        }
-        Ok(())
+        let r = self.packer.add(addr, data);
+        self.packed(r)
     }
 
     /// Records `pages` zero pages starting at `addr` without needing their
     /// contents (e.g. pages known to be unpopulated).
     pub fn add_zero(&mut self, addr: u64, pages: u64) -> Result<(), PageError> {
-        let len = pages.checked_mul(PAGE_SIZE);
-        if !is_page_aligned(addr) || len.and_then(|l| addr.checked_add(l)).is_none() {
-            return Err(PageError::BadRange {
-                addr,
-                len: len.unwrap_or(u64::MAX),
-            });
-        }
         self.check_poisoned()?;
-        self.new_run = true;
-        let (mut a, mut left) = (addr, pages);
-        while left > 0 {
-            let n = left.min(u64::from(u32::MAX)) as u32;
-            self.push(a, n, true)?;
-            a += u64::from(n) * PAGE_SIZE;
-            left -= u64::from(n);
-        }
-        Ok(())
+        let r = self.packer.add_zero(addr, pages);
+        self.packed(r)
     }
 
     fn check_poisoned(&self) -> Result<(), PageError> {
@@ -789,86 +743,29 @@ impl PageWriter {
         Ok(())
     }
 
-    /// Adds `n` pages at `a` to the current batch's runs (contents, if any,
-    /// are appended by the caller).
-    fn push(&mut self, a: u64, n: u32, zero: bool) -> Result<(), PageError> {
-        let merge = !std::mem::take(&mut self.new_run);
-        if let Some(r) = self.runs.last_mut().filter(|_| merge) {
-            if r.zero == zero && r.end() == Some(a) {
-                if let Some(p) = r.pages.checked_add(n) {
-                    r.pages = p;
-                    self.count(n, zero);
-                    return Ok(());
-                }
+    /// Turns a packer error into ours, then writes out the batches that are ready.
+    fn packed(&mut self, r: Result<(), PackError>) -> Result<(), PageError> {
+        match r {
+            Ok(()) => {}
+            Err(PackError::BadRange { addr, len }) => {
+                return Err(PageError::BadRange { addr, len })
             }
-        }
-        if self.runs.len() >= self.opts.max_runs {
-            self.flush_batch()?;
-        }
-        self.runs.push(PageRun {
-            addr: a,
-            pages: n,
-            zero,
-        });
-        self.count(n, zero);
-        Ok(())
-    }
-
-    fn count(&mut self, n: u32, zero: bool) {
-        let n = u64::from(n);
-        self.stats.pages += n;
-        if zero {
-            self.stats.zero_pages += n;
-        } else {
-            self.stats.data_pages += n;
-        }
-    }
-
-    /// Hands the current batch to the compression pool, and writes out the
-    /// batches that are done while more than two per thread are in flight.
-    fn flush_batch(&mut self) -> Result<(), PageError> {
-        if self.runs.is_empty() {
-            return Ok(());
-        }
-        let (runs, data, out) = self.spare.pop().unwrap_or_else(|| {
-            (
-                Vec::with_capacity(self.opts.max_runs),
-                Vec::with_capacity(self.opts.batch_bytes + PAGE),
-                Vec::new(),
-            )
-        });
-        let runs = std::mem::replace(&mut self.runs, runs);
-        let data = std::mem::replace(&mut self.data, data);
-        if let Err(e) = self.pool.submit(runs, data, out) {
-            self.poisoned = true;
-            return Err(io_err(&self.tmp)(std::io::Error::other(e)));
-        }
-        while self.pool.in_flight() > 2 * self.pool.threads() {
-            self.collect_batch()?;
-        }
-        Ok(())
-    }
-
-    /// Appends the oldest compressed batch to the output; false when none
-    /// is in flight.
-    fn collect_batch(&mut self) -> Result<bool, PageError> {
-        let e = match self.pool.collect() {
-            Ok(Some(e)) => e,
-            Ok(None) => return Ok(false),
-            Err(e) => {
+            Err(e @ PackError::Worker(_)) => {
                 self.poisoned = true;
                 return Err(io_err(&self.tmp)(std::io::Error::other(e)));
             }
-        };
-        self.out.extend_from_slice(&e.bytes);
-        self.content.update(&e.checksum.to_le_bytes());
-        self.stats.batches += 1;
-        self.stats.bytes_written += e.bytes.len() as u64;
-        self.spare.push((e.runs, e.data, e.bytes));
-        if self.out.len() >= WRITE_BUF {
-            self.write_out()?;
         }
-        Ok(true)
+        while let Some(e) = self.packer.pop() {
+            self.out.extend_from_slice(&e.bytes);
+            self.content.update(&e.checksum.to_le_bytes());
+            self.stats.batches += 1;
+            self.stats.bytes_written += e.bytes.len() as u64;
+            self.packer.recycle(e);
+            if self.out.len() >= WRITE_BUF {
+                self.write_out()?;
+            }
+        }
+        Ok(())
     }
 
     fn write_out(&mut self) -> Result<(), PageError> {
@@ -880,23 +777,29 @@ impl PageWriter {
         Ok(())
     }
 
-    /// Statistics so far (pages in the pending batch included).
+    /// Statistics so far (pages in batches not yet written included).
     pub fn stats(&self) -> PageStats {
-        let mut s = self.stats;
-        s.raw_bytes = s.pages * PAGE_SIZE;
-        s
+        let p = self.packer.stats();
+        PageStats {
+            pages: p.pages,
+            zero_pages: p.zero_pages,
+            data_pages: p.data_pages,
+            raw_bytes: p.pages * PAGE_SIZE,
+            ..self.stats
+        }
     }
 
     /// Flushes the last batch, writes the trailer, syncs and renames the
     /// file into place.
     pub fn finish(mut self) -> Result<PageStats, PageError> {
         self.check_poisoned()?;
-        self.flush_batch()?;
-        while self.collect_batch()? {}
+        let r = self.packer.finish();
+        self.packed(r)?;
+        let pages = self.packer.stats().pages;
         let mut t = [0u8; TRAILER_LEN];
         t[0..4].copy_from_slice(&TRAILER_MAGIC);
         t[8..16].copy_from_slice(&self.stats.batches.to_le_bytes());
-        t[16..24].copy_from_slice(&self.stats.pages.to_le_bytes());
+        t[16..24].copy_from_slice(&pages.to_le_bytes());
         t[24..32].copy_from_slice(&self.content.digest().to_le_bytes());
         let sum = xxh3_64(&t[..32]);
         t[32..40].copy_from_slice(&sum.to_le_bytes());
