@@ -2,6 +2,7 @@
 
 mod check;
 mod pagemap_scan;
+mod remote;
 mod uffd_raw;
 
 use anyhow::{Context, Result};
@@ -11,14 +12,30 @@ use ferry_engine::restore::restore;
 use std::path::PathBuf;
 
 /// ferry: move running Linux processes between hosts, or to disk and back.
+///
+/// `migrate --to HOST[:PORT] PID` moves a process to the host where a
+/// trusted `dest-agent` listens (default port 7420).
 #[derive(Parser)]
 #[command(name = "migrate", version, about, long_about = None)]
 struct Cli {
     /// Log more (repeat for more detail); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Configuration directory (identity and trusted peers); default
+    /// $FERRY_CONFIG_DIR or /etc/ferry.
+    #[arg(long, global = true, value_name = "DIR")]
+    config_dir: Option<PathBuf>,
+    /// Migrate PID to the dest-agent at HOST[:PORT].
+    #[arg(long, value_name = "HOST[:PORT]", requires = "pid")]
+    to: Option<String>,
+    /// With --to: print the report as one JSON object.
+    #[arg(long, requires = "to")]
+    json: bool,
+    /// With --to: the process to migrate.
+    #[arg(requires = "to")]
+    pid: Option<i32>,
     #[command(subcommand)]
-    cmd: Command,
+    cmd: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -57,12 +74,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print this side's fingerprint (creating its identity if needed).
+    Identity,
+    /// Trust a destination agent, given its fingerprint (`dest-agent identity`).
+    Trust {
+        /// `sha256:` followed by 64 hex digits.
+        fingerprint: String,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
     let level = match cli.verbose {
-        0 => "warn",
+        // A refused TLS peer is reported by the error message itself.
+        0 => "warn,ferry_transport::tls=error",
         1 => "info",
         _ => "debug",
     };
@@ -73,7 +98,20 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(cli.cmd) {
+    let config_dir = cli
+        .config_dir
+        .clone()
+        .unwrap_or_else(ferry_transport::default_config_dir);
+    let result = match (cli.cmd, cli.to, cli.pid) {
+        (Some(cmd), _, _) => run(cmd, &config_dir),
+        (None, Some(to), Some(pid)) => remote::run(&config_dir, &to, pid, cli.json).map(|()| 0),
+        _ => {
+            use clap::CommandFactory;
+            let _ = Cli::command().print_help();
+            std::process::exit(2);
+        }
+    };
+    match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -82,7 +120,7 @@ fn main() {
     }
 }
 
-fn run(cmd: Command) -> Result<i32> {
+fn run(cmd: Command, config_dir: &std::path::Path) -> Result<i32> {
     match cmd {
         Command::Checkpoint {
             pid,
@@ -119,5 +157,22 @@ fn run(cmd: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Check { json } => Ok(if check::run(json)? { 0 } else { 1 }),
+        Command::Identity => {
+            let id = ferry_transport::Identity::load_or_create(config_dir)?;
+            println!("{}", id.fingerprint());
+            Ok(0)
+        }
+        Command::Trust { fingerprint } => {
+            let fp: ferry_transport::Fingerprint = fingerprint.trim().parse()?;
+            std::fs::create_dir_all(config_dir)
+                .with_context(|| format!("creating {}", config_dir.display()))?;
+            let store = ferry_transport::TrustStore::load(config_dir)?;
+            if store.add(fp.as_str())? {
+                eprintln!("trusted {fp}");
+            } else {
+                eprintln!("{fp} was already trusted");
+            }
+            Ok(0)
+        }
     }
 }
