@@ -173,29 +173,68 @@ impl Restorer {
 
     /// Apply everything else from `img` (whose memory layout must be the
     /// one given to [`Restorer::begin`]) and let the process run.
-    pub fn complete(mut self, img: &ProcessImage) -> Result<RestoreSummary> {
+    pub fn complete(self, img: &ProcessImage) -> Result<RestoreSummary> {
+        let ready = self.finish(img)?;
+        ready.resume()
+    }
+
+    /// Apply everything else from `img` but keep every thread stopped: the
+    /// process is ready and runs only on [`Ready::resume`]. If `Ready` is
+    /// dropped instead, or this program dies first, the process is killed
+    /// (ptrace's exit-kill), so a migration that is not confirmed leaves
+    /// nothing running here.
+    pub fn finish(mut self, img: &ProcessImage) -> Result<Ready> {
         if img.pid != self.stub.pid || img.vmas != self.vmas {
             return Err(Error::Incompatible(
                 "the image's PID or memory layout differs from the one being built".into(),
             ));
         }
         build(&mut self.stub, img)?;
-        self.stub.disarm();
-        Ok(RestoreSummary {
-            pid: img.pid,
-            threads: img.threads.len(),
-            pages: self.filler.pages,
-            duration: self.t0.elapsed(),
+        Ok(Ready {
+            summary: RestoreSummary {
+                pid: img.pid,
+                threads: img.threads.len(),
+                pages: self.filler.pages,
+                duration: self.t0.elapsed(),
+            },
+            stub: self.stub,
         })
     }
 }
 
+/// A restored process with every thread still stopped under our control.
+pub struct Ready {
+    stub: stub::Stub,
+    /// What the restore did (duration up to now).
+    pub summary: RestoreSummary,
+}
+
+impl Ready {
+    /// Let the process run; it is no longer traced.
+    pub fn resume(self) -> Result<RestoreSummary> {
+        let summary = self.summary.clone();
+        self.stub.resume()?;
+        Ok(summary)
+    }
+}
+
 /// Everything after the pages: protections, mm, fds, signals, threads,
-/// credentials, registers; then detach.
+/// credentials, registers. Threads stay stopped.
 fn build(stub: &mut stub::Stub, img: &ProcessImage) -> Result<()> {
+    let mut others = Vec::new();
+    let r = apply_state(stub, img, &mut others);
+    // Tracked by the stub in every case: killed with it on failure.
+    stub.others.append(&mut others);
+    r
+}
+
+fn apply_state(
+    stub: &mut stub::Stub,
+    img: &ProcessImage,
+    others: &mut Vec<Tracee>,
+) -> Result<()> {
     let pid = stub.pid;
     let tramp = stub.tramp_range();
-    let mut others: Vec<Tracee> = Vec::new();
     {
         let mut inj = stub.injector()?;
         memory::protect(&mut inj, &img.vmas)?;
@@ -227,22 +266,11 @@ fn build(stub: &mut stub::Stub, img: &ProcessImage) -> Result<()> {
     }
     let main = stub
         .main
-        .take()
+        .as_ref()
         .ok_or_else(|| Error::Incompatible("stub lost its main thread".into()))?;
-    let loaded = (|| {
-        threads::load_registers(&main, &img.threads[0])?;
-        for (tr, t) in others.iter().zip(img.threads.iter().skip(1)) {
-            threads::load_registers(tr, t)?;
-        }
-        Ok::<(), Error>(())
-    })();
-    if let Err(e) = loaded {
-        stub.main = Some(main);
-        return Err(e);
+    threads::load_registers(main, &img.threads[0])?;
+    for (tr, t) in others.iter().zip(img.threads.iter().skip(1)) {
+        threads::load_registers(tr, t)?;
     }
-    for t in others {
-        t.detach()?;
-    }
-    main.detach()?;
     Ok(())
 }

@@ -17,6 +17,8 @@ pub struct Stub {
     pub pid: i32,
     /// Its main thread, traced by us.
     pub main: Option<Tracee>,
+    /// Its other threads once created, traced by us.
+    pub others: Vec<Tracee>,
     /// Address of the trampoline code page (`syscall; int3`).
     pub tramp: u64,
     /// Whether it must be killed when dropped (cleared on success).
@@ -61,6 +63,7 @@ impl Stub {
         let mut stub = Stub {
             pid: stub_pid,
             main: None,
+            others: Vec::new(),
             tramp: 0,
             armed: true,
         };
@@ -161,9 +164,22 @@ impl Stub {
         )
     }
 
-    /// The process runs on its own now: do not kill it on drop.
-    pub fn disarm(&mut self) {
+    /// Let every thread run (other threads first, the main thread last)
+    /// and stop tracing; the stub is the restored process now.
+    pub fn resume(mut self) -> Result<()> {
         self.armed = false;
+        let mut first: Option<Error> = None;
+        for t in self.others.drain(..) {
+            if let Err(e) = t.detach() {
+                first.get_or_insert(e.into());
+            }
+        }
+        if let Some(t) = self.main.take() {
+            if let Err(e) = t.detach() {
+                first.get_or_insert(e.into());
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 }
 
@@ -173,6 +189,9 @@ impl Drop for Stub {
             return;
         }
         if let Some(t) = self.main.take() {
+            t.forget();
+        }
+        for t in self.others.drain(..) {
             t.forget();
         }
         // SAFETY: kill and reap our own child, by PID.
