@@ -169,17 +169,25 @@ pub struct PageFiller {
 impl PageFiller {
     /// A filler for process `pid` whose address space is `vmas`.
     pub fn new(pid: i32, vmas: &[Vma]) -> Self {
-        PageFiller {
+        let mut f = PageFiller {
             pid,
-            private: vmas
-                .iter()
-                .filter(|v| crate::dump::memory::has_private_pages(v))
-                .cloned()
-                .collect(),
+            private: Vec::new(),
             cursor: 0,
             zeros: vec![0u8; 256 * PAGE_SIZE as usize],
             pages: 0,
-        }
+        };
+        f.set_layout(vmas);
+        f
+    }
+
+    /// The address space changed to `vmas`.
+    pub fn set_layout(&mut self, vmas: &[Vma]) {
+        self.private = vmas
+            .iter()
+            .filter(|v| crate::dump::memory::has_private_pages(v))
+            .cloned()
+            .collect();
+        self.cursor = 0;
     }
 
     /// Index of the private area holding `[addr, addr+len)`.
@@ -248,6 +256,30 @@ impl PageFiller {
         ferry_parasite::mem::write_many(self.pid, &pieces)?;
         Ok(())
     }
+}
+
+/// Move the address space from layout `old` to layout `new` (between
+/// pre-copy passes): areas that are not exactly the same in both are
+/// unmapped and mapped afresh (their pages are sent again in full); the
+/// others keep their pages. Special areas cannot change.
+pub fn relayout(inj: &mut Injector, old: &[Vma], new: &[Vma]) -> Result<()> {
+    let special = |v: &&Vma| matches!(v.kind, VmaKind::Special { .. });
+    let olds: Vec<&Vma> = old.iter().filter(special).collect();
+    let news: Vec<&Vma> = new.iter().filter(special).collect();
+    if olds != news {
+        return Err(Error::Incompatible(
+            "the vDSO areas moved between passes".into(),
+        ));
+    }
+    for v in old.iter().filter(|v| !special(v) && !new.contains(v)) {
+        inj.call("munmap(area)", libc::SYS_munmap, &[v.start, v.len()])?;
+    }
+    let added: Vec<Vma> = new
+        .iter()
+        .filter(|v| !special(v) && !old.contains(v))
+        .cloned()
+        .collect();
+    map_areas(inj, &added)
 }
 
 /// Give every area its final protection.

@@ -166,6 +166,19 @@ impl Restorer {
         self.stub.pid
     }
 
+    /// The address space changed between passes: remap what differs
+    /// (those areas' pages must be sent again in full).
+    pub fn relayout(&mut self, vmas: &[Vma]) -> Result<()> {
+        check_files(vmas)?;
+        {
+            let mut inj = self.stub.injector()?;
+            memory::relayout(&mut inj, &self.vmas, vmas)?;
+        }
+        self.vmas = vmas.to_vec();
+        self.filler.set_layout(vmas);
+        Ok(())
+    }
+
     /// Write one batch of pages; every page must lie in a private area.
     pub fn write_batch(&mut self, batch: &PageBatch) -> Result<()> {
         self.filler.write_batch(batch)
@@ -228,11 +241,7 @@ fn build(stub: &mut stub::Stub, img: &ProcessImage) -> Result<()> {
     r
 }
 
-fn apply_state(
-    stub: &mut stub::Stub,
-    img: &ProcessImage,
-    others: &mut Vec<Tracee>,
-) -> Result<()> {
+fn apply_state(stub: &mut stub::Stub, img: &ProcessImage, others: &mut Vec<Tracee>) -> Result<()> {
     let pid = stub.pid;
     let tramp = stub.tramp_range();
     {
@@ -273,4 +282,93 @@ fn apply_state(
         threads::load_registers(tr, t)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_protocol::model::PAGE_SIZE;
+    use ferry_protocol::pages::PageRun;
+
+    /// A stub with a captured process's PID and layout; the layout then
+    /// changes: one area goes, a new one comes, pages land in the new one.
+    #[test]
+    fn relayout_between_passes() {
+        // A paused copy of this test process gives a real layout; its PID
+        // is then freed for the stub.
+        let pid = ferry_parasite::stub::spawn_paused(None).expect("spawn");
+        let vmas = crate::dump::memory::collect_vmas(pid);
+        // SAFETY: kill and reap our own child, by PID.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL);
+        }
+        let vmas = vmas.expect("layout of the child");
+        let host = crate::host::host_info();
+        let tids = [pid];
+        let mut r = Restorer::begin(pid, &tids, &host, &vmas).expect("begin");
+        let maps = |pid: i32| crate::procfs::maps(pid).expect("maps");
+        // Drop the first anonymous area, add one in a hole above everything.
+        let gone = vmas
+            .iter()
+            .find(|v| matches!(v.kind, VmaKind::Anonymous))
+            .expect("an anonymous area")
+            .clone();
+        let top = vmas
+            .iter()
+            .filter(|v| !matches!(v.kind, VmaKind::Special { .. }))
+            .map(|v| v.end)
+            .max()
+            .expect("areas");
+        let fresh = Vma {
+            start: top + 64 * PAGE_SIZE,
+            end: top + 68 * PAGE_SIZE,
+            prot: (libc::PROT_READ | libc::PROT_WRITE) as u32,
+            flags: libc::MAP_PRIVATE as u32,
+            kind: VmaKind::Anonymous,
+            name: None,
+        };
+        let mut new: Vec<Vma> = vmas.iter().filter(|v| **v != gone).cloned().collect();
+        new.push(fresh.clone());
+        new.sort_by_key(|v| v.start);
+        r.relayout(&new).expect("relayout");
+        let m = maps(pid);
+        assert!(
+            m.iter()
+                .any(|e| e.start <= fresh.start && e.end >= fresh.end),
+            "new area mapped"
+        );
+        assert!(
+            !m.iter().any(|e| e.start < gone.end && e.end > gone.start),
+            "old area unmapped: {gone:?}"
+        );
+        let batch = PageBatch {
+            runs: vec![PageRun {
+                addr: fresh.start + PAGE_SIZE,
+                pages: 1,
+                zero: false,
+            }],
+            data: vec![0x5a; PAGE_SIZE as usize],
+        };
+        r.write_batch(&batch).expect("write into the new area");
+        let mut back = vec![0u8; PAGE_SIZE as usize];
+        ferry_parasite::mem::read(pid, fresh.start + PAGE_SIZE, &mut back).expect("read");
+        assert!(back.iter().all(|&b| b == 0x5a));
+        // Pages in the removed area are refused now.
+        let stale = PageBatch {
+            runs: vec![PageRun {
+                addr: gone.start,
+                pages: 1,
+                zero: false,
+            }],
+            data: vec![1; PAGE_SIZE as usize],
+        };
+        assert!(r.write_batch(&stale).is_err());
+        drop(r);
+        // Dropping the restorer killed the stub; reap it.
+        let mut st = 0;
+        // SAFETY: waitpid on our own child, by PID.
+        let w = unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
+        assert!(w == pid || w == -1);
+    }
 }
