@@ -16,5 +16,6 @@ pub mod host;
 pub mod procfs;
 pub mod regs;
 pub mod restore;
+pub mod track;
 
 pub use error::{Error, Result};
