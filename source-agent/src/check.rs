@@ -20,8 +20,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 use serde::Serialize;
 
-use crate::pagemap_scan::{self, ScanRequest};
-use crate::uffd_raw::{
+use ferry_engine::track::pagemap_scan::{self, ScanRequest};
+use ferry_engine::track::uffd_raw::{
     self, AnonMapping, Uffd, UFFDIO_REGISTER_MODE_WP, UFFD_FEATURE_MOVE, UFFD_FEATURE_WP_ASYNC,
     UFFD_FEATURE_WP_UNPOPULATED,
 };

@@ -1,9 +1,7 @@
 //! `migrate`: checkpoint, restore and (later) live-migrate Linux processes.
 
 mod check;
-mod pagemap_scan;
 mod remote;
-mod uffd_raw;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
