@@ -115,28 +115,38 @@ pub fn has_private_pages(v: &Vma) -> bool {
     matches!(v.kind, VmaKind::Anonymous | VmaKind::File(_))
 }
 
-/// Page numbers (addresses) in `vma` that hold private data, per pagemap.
-fn private_pages(pagemap: &File, vma: &Vma, out: &mut Vec<u64>) -> Result<()> {
+/// Pages (addresses) of `[start, end)` inside `vma` that hold private data,
+/// per pagemap, into `keep`; with `missing`, the anonymous pages that hold
+/// nothing (never touched, or dropped) go there.
+fn private_pages(
+    pagemap: &File,
+    vma: &Vma,
+    (start, end): (u64, u64),
+    keep: &mut Vec<u64>,
+    mut missing: Option<&mut Vec<u64>>,
+) -> Result<()> {
     let file_backed = matches!(vma.kind, VmaKind::File(_));
-    let pages = (vma.len() / PAGE_SIZE) as usize;
+    let pages = ((end - start) / PAGE_SIZE) as usize;
     let mut buf = vec![0u8; 8 * pages.min(65536)];
     let mut done = 0usize;
     while done < pages {
         let n = (pages - done).min(65536);
         let b = &mut buf[..n * 8];
-        let addr = vma.start + done as u64 * PAGE_SIZE;
+        let addr = start + done as u64 * PAGE_SIZE;
         pagemap
             .read_exact_at(b, addr / PAGE_SIZE * 8)
             .map_err(|e| Error::io(format!("read pagemap at {addr:#x}"), e))?;
         for (i, e) in b.chunks_exact(8).enumerate() {
             let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
-            let keep = if file_backed {
-                (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0
-            } else {
-                e & (PM_PRESENT | PM_SWAPPED) != 0
-            };
-            if keep {
-                out.push(addr + i as u64 * PAGE_SIZE);
+            let page = addr + i as u64 * PAGE_SIZE;
+            if file_backed {
+                if (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0 {
+                    keep.push(page);
+                }
+            } else if e & (PM_PRESENT | PM_SWAPPED) != 0 {
+                keep.push(page);
+            } else if let Some(m) = missing.as_deref_mut() {
+                m.push(page);
             }
         }
         done += n;
@@ -144,27 +154,45 @@ fn private_pages(pagemap: &File, vma: &Vma, out: &mut Vec<u64>) -> Result<()> {
     Ok(())
 }
 
-/// Save the private pages of every area into `writer`.
-pub fn dump_pages(pid: i32, vmas: &[Vma], writer: &mut dyn super::PageSink) -> Result<()> {
+/// Save the private pages of every area into `sink`.
+pub fn dump_pages(pid: i32, vmas: &[Vma], sink: &mut dyn super::PageSink) -> Result<()> {
+    dump_pages_in(pid, vmas, None, sink)
+}
+
+/// Save the private pages of every area, or only those inside `ranges`
+/// (sorted; e.g. the pages written since the last pre-copy pass), into
+/// `sink`. With `ranges`, anonymous pages that hold nothing any more are
+/// sent as zero pages, so that the copy drops what it had. Pages that
+/// vanish while the process runs are skipped.
+pub fn dump_pages_in(
+    pid: i32,
+    vmas: &[Vma],
+    ranges: Option<&[crate::track::PageRange]>,
+    sink: &mut dyn super::PageSink,
+) -> Result<()> {
     let pm_path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&pm_path).map_err(|e| Error::io(format!("open {pm_path}"), e))?;
     let mut pages = Vec::new();
+    let mut missing = Vec::new();
     let mut buf = vec![0u8; READ_CHUNK_PAGES * PAGE_SIZE as usize];
     for vma in vmas.iter().filter(|v| has_private_pages(v)) {
         pages.clear();
-        private_pages(&pagemap, vma, &mut pages)?;
-        let readable = vma.prot & libc::PROT_READ as u32 != 0;
-        // Contiguous runs, at most READ_CHUNK_PAGES each.
-        let mut i = 0;
-        while i < pages.len() {
-            let start = pages[i];
-            let mut n = 1;
-            while i + n < pages.len()
-                && n < READ_CHUNK_PAGES
-                && pages[i + n] == start + n as u64 * PAGE_SIZE
-            {
-                n += 1;
+        missing.clear();
+        match ranges {
+            None => private_pages(&pagemap, vma, (vma.start, vma.end), &mut pages, None)?,
+            Some(rs) => {
+                let first = rs.partition_point(|r| r.end <= vma.start);
+                for r in rs[first..].iter().take_while(|r| r.start < vma.end) {
+                    let span = (r.start.max(vma.start), r.end.min(vma.end));
+                    private_pages(&pagemap, vma, span, &mut pages, Some(&mut missing))?;
+                }
             }
+        }
+        for run in runs(&missing, usize::MAX) {
+            sink.add_zero(run.0, run.1 as u64)?;
+        }
+        let readable = vma.prot & libc::PROT_READ as u32 != 0;
+        for (start, n) in runs(&pages, READ_CHUNK_PAGES) {
             let b = &mut buf[..n * PAGE_SIZE as usize];
             let r = if readable {
                 ferry_parasite::mem::read(pid, start, b)
@@ -172,10 +200,105 @@ pub fn dump_pages(pid: i32, vmas: &[Vma], writer: &mut dyn super::PageSink) -> R
             } else {
                 ferry_parasite::mem::read_forced(pid, start, b)
             };
-            r?;
-            writer.add(start, b)?;
-            i += n;
+            match r {
+                Ok(()) => sink.add(start, b)?,
+                // Unmapped meanwhile (the process runs during pre-copy):
+                // the next pass's layout says what happened.
+                Err(_) if ranges.is_some() => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     Ok(())
+}
+
+/// Contiguous runs `(first page, count)` of sorted page addresses, at most
+/// `max` pages each.
+fn runs(pages: &[u64], max: usize) -> impl Iterator<Item = (u64, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let start = *pages.get(i)?;
+        let mut n = 1;
+        while i + n < pages.len() && n < max && pages[i + n] == start + n as u64 * PAGE_SIZE {
+            n += 1;
+        }
+        i += n;
+        Some((start, n))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::track::PageRange;
+
+    #[derive(Default)]
+    struct Collect {
+        data: Vec<(u64, u8)>,
+        zero: Vec<u64>,
+    }
+
+    impl super::super::PageSink for Collect {
+        fn add(&mut self, addr: u64, data: &[u8]) -> Result<()> {
+            for (i, p) in data.chunks(PAGE_SIZE as usize).enumerate() {
+                self.data.push((addr + i as u64 * PAGE_SIZE, p[0]));
+            }
+            Ok(())
+        }
+        fn add_zero(&mut self, addr: u64, pages: u64) -> Result<()> {
+            self.zero.extend((0..pages).map(|i| addr + i * PAGE_SIZE));
+            Ok(())
+        }
+    }
+
+    /// Only pages inside the ranges are sent; untouched anonymous pages
+    /// inside them go as zero pages.
+    #[test]
+    fn dump_pages_in_ranges() {
+        let len = 8 * PAGE_SIZE as usize;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let base = base as u64;
+        for i in [0u64, 2, 5] {
+            // SAFETY: inside the mapping made above.
+            unsafe { *((base + i * PAGE_SIZE) as *mut u8) = 0x10 + i as u8 };
+        }
+        let pid = ferry_parasite::stub::spawn_paused(None).expect("spawn");
+        let result = (|| {
+            let vmas = collect_vmas(pid)?;
+            let ranges = [
+                PageRange {
+                    start: base,
+                    end: base + 4 * PAGE_SIZE,
+                },
+                PageRange {
+                    start: base + 5 * PAGE_SIZE,
+                    end: base + 6 * PAGE_SIZE,
+                },
+            ];
+            let mut sink = Collect::default();
+            dump_pages_in(pid, &vmas, Some(&ranges), &mut sink)?;
+            Ok::<Collect, Error>(sink)
+        })();
+        // SAFETY: kill and reap our own child; unmap our own mapping.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL);
+            libc::munmap(base as *mut libc::c_void, len);
+        }
+        let sink = result.expect("dump");
+        let p = |i: u64| base + i * PAGE_SIZE;
+        assert_eq!(sink.data, vec![(p(0), 0x10), (p(2), 0x12), (p(5), 0x15)]);
+        assert_eq!(sink.zero, vec![p(1), p(3)]);
+    }
 }

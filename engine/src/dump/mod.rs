@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::freeze::Frozen;
 use ferry_parasite::remote::{find_syscall_insn, Injector};
 use ferry_protocol::image::write_process_image;
-use ferry_protocol::model::{ProcessImage, VmaKind};
+use ferry_protocol::model::{ProcessImage, VmaKind, PAGE_SIZE};
 use ferry_protocol::pages::{PageStats, PageWriter};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -41,11 +41,27 @@ pub struct CheckpointSummary {
 pub trait PageSink {
     /// Take `data` (whole pages) as the contents of memory at `addr`.
     fn add(&mut self, addr: u64, data: &[u8]) -> Result<()>;
+    /// Take `pages` pages at `addr` as zero (they hold nothing). The
+    /// default passes zero-filled pages to [`PageSink::add`].
+    fn add_zero(&mut self, addr: u64, pages: u64) -> Result<()> {
+        let zeros = vec![0u8; 64 * PAGE_SIZE as usize];
+        let end = addr + pages * PAGE_SIZE;
+        let mut a = addr;
+        while a < end {
+            let n = (end - a).min(zeros.len() as u64) as usize;
+            self.add(a, &zeros[..n])?;
+            a += n as u64;
+        }
+        Ok(())
+    }
 }
 
 impl PageSink for PageWriter {
     fn add(&mut self, addr: u64, data: &[u8]) -> Result<()> {
         PageWriter::add(self, addr, data).map_err(Into::into)
+    }
+    fn add_zero(&mut self, addr: u64, pages: u64) -> Result<()> {
+        PageWriter::add_zero(self, addr, pages).map_err(Into::into)
     }
 }
 
