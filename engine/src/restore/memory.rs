@@ -214,9 +214,15 @@ impl PageFiller {
         }
     }
 
-    /// Write one batch. Zero runs are written only into file-backed areas
-    /// (fresh anonymous memory is already zero).
-    pub fn write_batch(&mut self, batch: &PageBatch) -> Result<()> {
+    /// Write one batch. Zero runs are written into file-backed areas; in
+    /// anonymous areas they are only listed in `anon_zero` as
+    /// `(addr, len)` (fresh anonymous memory is already zero; memory filled
+    /// by an earlier pass must be dropped by the caller).
+    pub fn write_batch(
+        &mut self,
+        batch: &PageBatch,
+        anon_zero: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
         // Where each piece's bytes come from: our zero buffer, or the batch.
         enum Src {
             Zeros(usize),
@@ -228,7 +234,9 @@ impl PageFiller {
             let len = run.pages as u64 * PAGE_SIZE;
             let vi = self.area_of(run.addr, len)?;
             if run.zero {
-                if matches!(self.private[vi].kind, VmaKind::File(_)) {
+                if !matches!(self.private[vi].kind, VmaKind::File(_)) {
+                    anon_zero.push((run.addr, len));
+                } else {
                     let end = run.addr + len;
                     let mut a = run.addr;
                     while a < end {

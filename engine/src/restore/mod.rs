@@ -134,6 +134,8 @@ pub struct Restorer {
     stub: stub::Stub,
     vmas: Vec<Vma>,
     filler: memory::PageFiller,
+    /// A pass after the first: zero pages must drop earlier contents.
+    later_pass: bool,
     t0: Instant,
 }
 
@@ -157,6 +159,7 @@ impl Restorer {
             filler: memory::PageFiller::new(stub.pid, vmas),
             stub,
             vmas: vmas.to_vec(),
+            later_pass: false,
             t0,
         })
     }
@@ -176,12 +179,27 @@ impl Restorer {
         }
         self.vmas = vmas.to_vec();
         self.filler.set_layout(vmas);
+        self.later_pass = true;
         Ok(())
     }
 
     /// Write one batch of pages; every page must lie in a private area.
+    /// After [`Restorer::relayout`] (a later pass), zero pages also drop
+    /// what an earlier pass wrote there.
     pub fn write_batch(&mut self, batch: &PageBatch) -> Result<()> {
-        self.filler.write_batch(batch)
+        let mut anon_zero = Vec::new();
+        self.filler.write_batch(batch, &mut anon_zero)?;
+        if self.later_pass && !anon_zero.is_empty() {
+            let mut inj = self.stub.injector()?;
+            for (addr, len) in anon_zero {
+                inj.call(
+                    "madvise(MADV_DONTNEED)",
+                    libc::SYS_madvise,
+                    &[addr, len, libc::MADV_DONTNEED as u64],
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Apply everything else from `img` (whose memory layout must be the
@@ -354,6 +372,18 @@ mod tests {
         let mut back = vec![0u8; PAGE_SIZE as usize];
         ferry_parasite::mem::read(pid, fresh.start + PAGE_SIZE, &mut back).expect("read");
         assert!(back.iter().all(|&b| b == 0x5a));
+        // In a later pass a zero page drops what an earlier one wrote.
+        let zero = PageBatch {
+            runs: vec![PageRun {
+                addr: fresh.start + PAGE_SIZE,
+                pages: 1,
+                zero: true,
+            }],
+            data: Vec::new(),
+        };
+        r.write_batch(&zero).expect("zero page");
+        ferry_parasite::mem::read(pid, fresh.start + PAGE_SIZE, &mut back).expect("read");
+        assert!(back.iter().all(|&b| b == 0), "page dropped");
         // Pages in the removed area are refused now.
         let stale = PageBatch {
             runs: vec![PageRun {
