@@ -1,6 +1,7 @@
 //! `migrate`: checkpoint, restore and (later) live-migrate Linux processes.
 
 mod check;
+mod passes;
 mod precopy;
 mod remote;
 
