@@ -11,6 +11,7 @@
 
 pub mod dump;
 pub mod error;
+pub mod facts;
 pub mod freeze;
 pub mod host;
 pub mod procfs;

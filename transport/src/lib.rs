@@ -42,6 +42,7 @@
 
 pub mod endpoint;
 mod files;
+pub mod frames;
 pub mod identity;
 pub mod tls;
 pub mod trust;

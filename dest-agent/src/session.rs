@@ -1,0 +1,678 @@
+//! One migration on one connection, the destination side of the protocol
+//! in [`ferry_protocol::wire`]; [`DestState`] enforces the order of the
+//! messages.
+//!
+//! ```text
+//! Hello → checks (version, host) → HelloAck | Refuse
+//! Prepare → checks (PID/TIDs free, one migration per PID, files identical) → Ready | Refuse
+//! PassStart{0} → restorer thread: Restorer::begin
+//! page streams (accepted concurrently) → frames → decoded and written on the restorer thread
+//! PassEnd → (the pass completes when every declared batch arrived)
+//! Switchover → (all passes complete) → finish → Running → resume → Done
+//! ```
+//!
+//! Anything malformed or out of order ends the session with an error: the
+//! caller closes the connection with it, and dropping the restorer thread
+//! kills what was built.
+
+use crate::restorer::{Command, Event, RestorerThread};
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_protocol::model::{HostInfo, ProcessImage, Vma};
+use ferry_protocol::wire::{
+    ControlMsg, DestState, PageFrame, Phase, ProtocolVersion, RefuseCode, WireError, MAX_REASON_LEN,
+};
+use ferry_transport::frames::{recv_control, recv_page, send_control};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How long the source may take to open the control stream and say Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the conversation may stay silent (no message, no page, no
+/// answer of the restorer) before the session gives up.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait for `Done` after `Running`.
+pub const DONE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Page frames held because their pass has not started yet.
+const MAX_HELD_FRAMES: usize = 64;
+/// Page frames queued between the stream readers and the session.
+const FRAME_QUEUE: usize = 16;
+/// Page streams one connection may open.
+const MAX_PAGE_STREAMS: usize = 64;
+
+/// Where a testing aid may stop the agent ([`PAUSE_ENV`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PausePoint {
+    /// After Hello was received.
+    Hello,
+    /// After Prepare was received.
+    Prepare,
+    /// After the first page batch of pass 0 was written.
+    Pages,
+    /// After Switchover was received, before finishing the restore.
+    Switchover,
+    /// After the restore finished, before Running is sent.
+    Restored,
+}
+
+/// The environment variable that names a [`PausePoint`].
+pub const PAUSE_ENV: &str = "FERRY_DEST_PAUSE_AT";
+
+impl PausePoint {
+    /// Every point, with its name.
+    pub const ALL: [(PausePoint, &'static str); 5] = [
+        (PausePoint::Hello, "hello"),
+        (PausePoint::Prepare, "prepare"),
+        (PausePoint::Pages, "pages"),
+        (PausePoint::Switchover, "switchover"),
+        (PausePoint::Restored, "restored"),
+    ];
+
+    /// The point called `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(_, n)| *n == s).map(|(p, _)| *p)
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(p, _)| *p == self)
+            .map_or("?", |(_, n)| n)
+    }
+}
+
+/// What every session of the daemon shares.
+#[derive(Default)]
+pub struct Shared {
+    /// The testing aid: stop at this point.
+    pub pause_at: Option<PausePoint>,
+    /// PIDs with a migration in progress (one at a time per PID).
+    pub active: Mutex<HashSet<i32>>,
+    /// PIDs of restored processes (our children), to reap.
+    pub children: Mutex<Vec<i32>>,
+}
+
+impl Shared {
+    async fn pause(&self, at: PausePoint) {
+        if self.pause_at == Some(at) {
+            tracing::warn!("pausing at {}", at.name());
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Holds a PID as "migration in progress" until dropped.
+struct PidClaim<'a> {
+    shared: &'a Shared,
+    pid: i32,
+}
+
+impl Drop for PidClaim<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.active).remove(&self.pid);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn cut(mut s: String) -> String {
+    if s.len() > MAX_REASON_LEN {
+        let mut n = MAX_REASON_LEN;
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        s.truncate(n);
+    }
+    s
+}
+
+fn agent() -> String {
+    format!("ferry dest-agent {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The control stream's sending half, with the state machine.
+struct Control {
+    send: quinn::SendStream,
+    state: DestState,
+}
+
+impl Control {
+    async fn send(&mut self, msg: &ControlMsg) -> Result<()> {
+        self.state
+            .sent(msg)
+            .with_context(|| format!("about to send {}", msg.kind()))?;
+        send_control(&mut self.send, msg)
+            .await
+            .with_context(|| format!("sending {}", msg.kind()))
+    }
+
+    /// Send a refusal, let the source read it, and end.
+    async fn refuse(&mut self, conn: &quinn::Connection, code: RefuseCode, reason: String) {
+        tracing::warn!("refusing: {reason}");
+        let msg = ControlMsg::Refuse {
+            code,
+            reason: cut(reason),
+        };
+        if let Err(e) = self.send(&msg).await {
+            tracing::warn!("{e:#}");
+        }
+        let _ = self.send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    }
+}
+
+fn host_refusal(src: &HostInfo, here: &HostInfo) -> Option<(RefuseCode, String)> {
+    let why = ferry_engine::host::incompatibility(src, here)?;
+    let code = if src.arch != here.arch {
+        RefuseCode::Arch
+    } else if src.kernel != here.kernel && src.xstate_size == here.xstate_size {
+        RefuseCode::Kernel
+    } else {
+        RefuseCode::CpuFeatures
+    };
+    Some((code, format!("incompatible hosts: {why}")))
+}
+
+/// Why the process described by Prepare cannot come here.
+fn prepare_refusal(
+    tids: &[i32],
+    exe: &ferry_protocol::wire::FileFacts,
+    files: &[ferry_protocol::wire::FileFacts],
+) -> Option<(RefuseCode, String)> {
+    for &t in tids {
+        if ferry_engine::procfs::exists(t) {
+            let what = if t == tids[0] { "PID" } else { "TID" };
+            return Some((
+                RefuseCode::PidTaken,
+                format!("{what} {t} is already in use on the destination"),
+            ));
+        }
+    }
+    std::iter::once(exe)
+        .chain(files)
+        .find_map(ferry_engine::facts::file_mismatch)
+}
+
+/// Run one migration on `conn`. An error means the session broke off; the
+/// caller closes the connection with it.
+pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<()> {
+    let (send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| anyhow!("no control stream within {HELLO_TIMEOUT:?}"))?
+        .context("accepting the control stream")?;
+    let mut ctl = Control {
+        send,
+        state: DestState::new(),
+    };
+    let here = ferry_engine::host::host_info();
+
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, recv_control(&mut recv))
+        .await
+        .map_err(|_| anyhow!("no Hello within {HELLO_TIMEOUT:?}"))?
+        .context("reading Hello")?;
+    ctl.state.accept(&hello)?;
+    let ControlMsg::Hello {
+        host: src_host,
+        agent: src_agent,
+        ..
+    } = hello
+    else {
+        bail!("expected Hello");
+    };
+    tracing::info!(agent = %src_agent, "hello");
+    shared.pause(PausePoint::Hello).await;
+    if let Some((code, reason)) = host_refusal(&src_host, &here) {
+        ctl.refuse(conn, code, reason).await;
+        return Ok(());
+    }
+    ctl.send(&ControlMsg::HelloAck {
+        version: ProtocolVersion::CURRENT,
+        host: here,
+        agent: agent(),
+    })
+    .await?;
+
+    let prepare = tokio::time::timeout(IDLE_TIMEOUT, recv_control(&mut recv))
+        .await
+        .map_err(|_| anyhow!("no Prepare within {IDLE_TIMEOUT:?}"))?
+        .context("reading Prepare")?;
+    ctl.state.accept(&prepare)?;
+    let ControlMsg::Prepare {
+        pid,
+        tids,
+        exe,
+        files,
+    } = prepare
+    else {
+        bail!("expected Prepare");
+    };
+    tracing::info!(
+        pid,
+        threads = tids.len(),
+        files = files.len() + 1,
+        "prepare"
+    );
+    shared.pause(PausePoint::Prepare).await;
+    let claimed = lock(&shared.active).insert(pid);
+    if !claimed {
+        let reason = format!("a migration of PID {pid} is already in progress here");
+        ctl.refuse(conn, RefuseCode::Busy, reason).await;
+        return Ok(());
+    }
+    let _claim = PidClaim { shared, pid };
+    let refusal = {
+        let tids = tids.clone();
+        tokio::task::spawn_blocking(move || prepare_refusal(&tids, &exe, &files))
+            .await
+            .context("checking the process's needs")?
+    };
+    if let Some((code, reason)) = refusal {
+        ctl.refuse(conn, code, reason).await;
+        return Ok(());
+    }
+    ctl.send(&ControlMsg::Ready).await?;
+
+    let mut m = Migration {
+        shared,
+        conn,
+        ctl,
+        pid,
+        tids,
+        src_host,
+        restorer: None,
+        layouts: Vec::new(),
+        applied: 0,
+        held: Vec::new(),
+        image: None,
+        finishing: false,
+        switchover_at: None,
+        first_batch_seen: false,
+    };
+    m.run(recv).await
+}
+
+/// The migration after Ready.
+struct Migration<'a> {
+    shared: &'a Shared,
+    conn: &'a quinn::Connection,
+    ctl: Control,
+    pid: i32,
+    tids: Vec<i32>,
+    src_host: HostInfo,
+    restorer: Option<RestorerThread>,
+    /// The layout of each started pass.
+    layouts: Vec<Arc<Vec<Vma>>>,
+    /// Passes whose layout was handed to the restorer thread.
+    applied: usize,
+    /// Frames whose pass's layout is not applied yet.
+    held: Vec<PageFrame>,
+    /// The Switchover image, until the restore is finished with it.
+    image: Option<Box<ProcessImage>>,
+    finishing: bool,
+    switchover_at: Option<Instant>,
+    first_batch_seen: bool,
+}
+
+impl Migration<'_> {
+    async fn run(&mut self, recv: quinn::RecvStream) -> Result<()> {
+        // The control stream is read by its own task (reads are not
+        // cancellation-safe), page streams by one task each.
+        let (ctl_tx, mut ctl_rx) = mpsc::channel::<Result<ControlMsg, WireError>>(4);
+        let _ctl_reader = AbortOnDrop(tokio::spawn(async move {
+            let mut recv = recv;
+            loop {
+                let r = recv_control(&mut recv).await;
+                let stop = r.is_err();
+                if ctl_tx.send(r).await.is_err() || stop {
+                    break;
+                }
+            }
+        }));
+        let (frame_tx, mut frame_rx) = mpsc::channel::<Result<PageFrame>>(FRAME_QUEUE);
+        let conn = self.conn.clone();
+        let _accepter = AbortOnDrop(tokio::spawn(async move {
+            let mut readers = tokio::task::JoinSet::new();
+            let mut n = 0usize;
+            while let Ok(mut stream) = conn.accept_uni().await {
+                n += 1;
+                if n > MAX_PAGE_STREAMS {
+                    let _ = frame_tx
+                        .send(Err(anyhow!("more than {MAX_PAGE_STREAMS} page streams")))
+                        .await;
+                    break;
+                }
+                let tx = frame_tx.clone();
+                readers.spawn(async move {
+                    loop {
+                        match recv_page(&mut stream).await {
+                            Ok(Some(f)) => {
+                                if tx.send(Ok(f)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                let _ = tx
+                                    .send(Err(anyhow!(e).context(format!("page stream {n}"))))
+                                    .await;
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+            // Dropping the set aborts the readers.
+            drop(readers);
+        }));
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
+        let mut frames_open = true;
+
+        loop {
+            tokio::select! {
+                msg = ctl_rx.recv() => {
+                    let msg = match msg {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => return Err(anyhow!(e).context("control stream")),
+                        None => bail!("the control stream ended"),
+                    };
+                    if self.on_control(msg, &ev_tx).await? {
+                        return Ok(());
+                    }
+                }
+                f = frame_rx.recv(), if frames_open => {
+                    match f {
+                        Some(Ok(f)) => self.on_frame(f)?,
+                        Some(Err(e)) => return Err(e),
+                        // No more streams: the connection is going away;
+                        // the control stream will say so.
+                        None => frames_open = false,
+                    }
+                }
+                ev = ev_rx.recv() => {
+                    let Some(ev) = ev else { bail!("the restorer thread is gone") };
+                    if self.on_event(ev, &mut ctl_rx).await? {
+                        return Ok(());
+                    }
+                }
+                _ = tokio::time::sleep(IDLE_TIMEOUT) => {
+                    bail!("nothing happened for {IDLE_TIMEOUT:?} in state {}", self.ctl.state.phase());
+                }
+            }
+        }
+    }
+
+    fn restorer(&self) -> Result<&RestorerThread> {
+        self.restorer
+            .as_ref()
+            .ok_or_else(|| anyhow!("no restore in progress"))
+    }
+
+    fn command(&self, cmd: Command) -> Result<()> {
+        if !self.restorer()?.send(cmd) {
+            bail!("the restorer thread is gone");
+        }
+        Ok(())
+    }
+
+    /// A control message; true when the session is over.
+    async fn on_control(
+        &mut self,
+        msg: ControlMsg,
+        ev_tx: &mpsc::UnboundedSender<Event>,
+    ) -> Result<bool> {
+        self.ctl.state.accept(&msg)?;
+        match msg {
+            ControlMsg::PassStart { pass, vmas } => {
+                tracing::info!(pid = self.pid, pass, vmas = vmas.len(), "pass start");
+                self.layouts.push(Arc::new(vmas));
+                if pass == 0 {
+                    let r = RestorerThread::start(format!("restore-{}", self.pid), ev_tx.clone())
+                        .context("starting the restorer thread")?;
+                    self.restorer = Some(r);
+                }
+                self.advance()?;
+            }
+            ControlMsg::PassEnd {
+                pass,
+                batches,
+                pages,
+                bytes,
+            } => {
+                tracing::info!(pid = self.pid, pass, batches, pages, bytes, "pass end");
+                self.advance()?;
+            }
+            ControlMsg::Switchover { image } => {
+                self.switchover_at = Some(Instant::now());
+                tracing::info!(pid = self.pid, "switchover");
+                self.shared.pause(PausePoint::Switchover).await;
+                self.image = Some(image);
+                self.advance()?;
+            }
+            ControlMsg::Abort { reason } => {
+                tracing::warn!(pid = self.pid, "the source aborted: {reason}");
+                return Ok(true);
+            }
+            ControlMsg::Done => {
+                tracing::info!(pid = self.pid, "source confirmed");
+                return Ok(true);
+            }
+            m => bail!("unexpected {}", m.kind()),
+        }
+        Ok(false)
+    }
+
+    /// Hand the restorer thread what it can take now: the next layout once
+    /// the previous pass is complete, the frames held for it, and the
+    /// image once every pass is complete.
+    fn advance(&mut self) -> Result<()> {
+        while self.applied < self.layouts.len()
+            && (self.applied == 0 || self.ctl.state.pass_complete(self.applied as u32 - 1))
+        {
+            let vmas = self.layouts[self.applied].clone();
+            if self.applied == 0 {
+                self.command(Command::Begin {
+                    pid: self.pid,
+                    tids: self.tids.clone(),
+                    host: self.src_host.clone(),
+                    vmas,
+                })?;
+            } else {
+                self.command(Command::Relayout { vmas })?;
+            }
+            self.applied += 1;
+            let applied = self.applied as u32;
+            let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+                .into_iter()
+                .partition(|f| f.pass < applied);
+            self.held = later;
+            for f in now {
+                self.forward(f)?;
+            }
+        }
+        if !self.finishing && self.ctl.state.all_passes_complete() {
+            if let Some(image) = self.image.take() {
+                self.finishing = true;
+                self.command(Command::Finish { image })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn forward(&self, frame: PageFrame) -> Result<()> {
+        let vmas = self
+            .layouts
+            .get(frame.pass as usize)
+            .cloned()
+            .ok_or_else(|| anyhow!("page frame of pass {} that never started", frame.pass))?;
+        self.command(Command::Pages { frame, vmas })
+    }
+
+    fn on_frame(&mut self, f: PageFrame) -> Result<()> {
+        let started = self.layouts.len();
+        let open = matches!(self.ctl.state.phase(), Phase::PreCopy | Phase::InPass(_));
+        if (f.pass as usize) < self.applied {
+            return self.forward(f);
+        }
+        let may_wait = (f.pass as usize) < started || (open && f.pass as usize == started);
+        if !may_wait {
+            bail!(
+                "page frame of pass {} in state {} ({started} passes started)",
+                f.pass,
+                self.ctl.state.phase()
+            );
+        }
+        if self.held.len() >= MAX_HELD_FRAMES {
+            bail!("more than {MAX_HELD_FRAMES} page frames ahead of their pass");
+        }
+        self.held.push(f);
+        Ok(())
+    }
+
+    /// An answer of the restorer thread; true when the session is over.
+    async fn on_event(
+        &mut self,
+        ev: Event,
+        ctl_rx: &mut mpsc::Receiver<Result<ControlMsg, WireError>>,
+    ) -> Result<bool> {
+        match ev {
+            Event::Layout(r) => {
+                if let Err(reason) = r {
+                    return self.give_up(reason).await;
+                }
+            }
+            Event::Batch(r) => {
+                let (pass, pages, bytes) = r.map_err(|e| anyhow!(e))?;
+                self.ctl.state.page_batch(pass, pages, bytes)?;
+                if pass == 0 && !self.first_batch_seen {
+                    self.first_batch_seen = true;
+                    self.shared.pause(PausePoint::Pages).await;
+                }
+                self.advance()?;
+            }
+            Event::Finished(Ok(summary)) => {
+                self.shared.pause(PausePoint::Restored).await;
+                let restore_us = self
+                    .switchover_at
+                    .map_or(0, |t| t.elapsed().as_micros() as u64);
+                let running = ControlMsg::Running {
+                    pid: self.pid,
+                    restore_us,
+                };
+                // Running first: only once it is sent may the process run;
+                // if sending fails, the restorer thread is dropped with the
+                // session and the stopped process is killed.
+                if let Some(e) = ferry_transport::close_error(self.conn) {
+                    bail!("the source is gone before Running: {e}");
+                }
+                self.ctl.send(&running).await?;
+                self.command(Command::Resume)?;
+                tracing::info!(
+                    pid = self.pid,
+                    threads = summary.threads,
+                    pages = summary.pages,
+                    restore_ms = restore_us as f64 / 1e3,
+                    "running"
+                );
+            }
+            Event::Finished(Err(reason)) => {
+                tracing::warn!(pid = self.pid, "restore failed: {reason}");
+                self.ctl
+                    .send(&ControlMsg::Failed {
+                        reason: cut(reason),
+                    })
+                    .await?;
+                let _ = self.ctl.send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(5), self.conn.closed()).await;
+                return Ok(true);
+            }
+            Event::Resumed(r) => {
+                match r {
+                    Ok(_) => lock(&self.shared.children).push(self.pid),
+                    Err(e) => {
+                        // Running was sent: the source kills its copy.
+                        tracing::error!(
+                            pid = self.pid,
+                            "resuming the restored process failed: {e}"
+                        );
+                    }
+                }
+                self.restorer = None;
+                return self.wait_done(ctl_rx).await.map(|()| true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Before Running: tell the source why, and end with that error (the
+    /// connection is closed with it, the restorer thread dropped).
+    async fn give_up(&mut self, reason: String) -> Result<bool> {
+        let _ = self
+            .ctl
+            .send(&ControlMsg::Abort {
+                reason: cut(reason.clone()),
+            })
+            .await;
+        let _ = self.ctl.send.finish();
+        Err(anyhow!(reason))
+    }
+
+    async fn wait_done(
+        &mut self,
+        ctl_rx: &mut mpsc::Receiver<Result<ControlMsg, WireError>>,
+    ) -> Result<()> {
+        let pid = self.pid;
+        match tokio::time::timeout(DONE_TIMEOUT, ctl_rx.recv()).await {
+            Ok(Some(Ok(msg))) => match self.ctl.state.accept(&msg) {
+                Ok(()) if msg == ControlMsg::Done => tracing::info!(pid, "source confirmed"),
+                Ok(()) => tracing::warn!(pid, "expected Done, got {}", msg.kind()),
+                Err(e) => tracing::warn!(pid, "expected Done: {e}"),
+            },
+            Ok(Some(Err(e))) => tracing::warn!(
+                pid,
+                "no Done from the source (the process keeps running here): {e}"
+            ),
+            Ok(None) | Err(_) => tracing::warn!(
+                pid,
+                "no Done from the source (the process keeps running here)"
+            ),
+        }
+        let _ = self.ctl.send.finish();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_points_by_name() {
+        for (p, n) in PausePoint::ALL {
+            assert_eq!(PausePoint::parse(n), Some(p));
+            assert_eq!(p.name(), n);
+        }
+        assert_eq!(PausePoint::parse("Hello"), None);
+        assert_eq!(PausePoint::parse(""), None);
+    }
+
+    #[test]
+    fn reasons_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(MAX_REASON_LEN);
+        let c = cut(long);
+        assert!(c.len() <= MAX_REASON_LEN && c.chars().all(|ch| ch == 'é'));
+        assert_eq!(cut("short".into()), "short");
+    }
+}

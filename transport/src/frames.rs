@@ -1,0 +1,217 @@
+//! Async framing of the wire protocol ([`ferry_protocol::wire`]) over any
+//! async byte stream: quinn's `SendStream`/`RecvStream` in the agents, an
+//! in-memory duplex in tests.
+//!
+//! A receiver reads the fixed 16-byte header, checks it with
+//! [`FrameHeader::parse`] under the stream's bound (so a hostile length is
+//! refused before anything is allocated), reads the payload, verifies its
+//! checksum ([`Frame::from_parts`]) and decodes it. A sender validates what
+//! it sends with the same rules ([`encode_control`]).
+
+use ferry_protocol::wire::{
+    decode_control, encode_control, encode_page_frame, ControlMsg, Frame, FrameHeader, PageFrame,
+    WireError, HEADER_LEN, MAX_CONTROL_FRAME, MAX_PAGE_FRAME,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Validates `msg` and writes it as one frame.
+pub async fn send_control<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    msg: &ControlMsg,
+) -> Result<(), WireError> {
+    let frame = encode_control(msg)?;
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Writes one page frame of pass `pass` carrying `batch` (an encoded page
+/// batch, as [`ferry_protocol::packer::PagePacker`] produces); returns the
+/// bytes written.
+pub async fn send_page<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    pass: u32,
+    batch: &[u8],
+) -> Result<usize, WireError> {
+    let frame = encode_page_frame(pass, batch)?;
+    w.write_all(&frame).await?;
+    Ok(frame.len())
+}
+
+/// Reads one frame with payloads bounded by `max`; `None` if the stream
+/// ended cleanly before the first header byte.
+pub async fn recv_frame<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    max: u32,
+) -> Result<Option<Frame>, WireError> {
+    let mut h = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        let n = r.read(&mut h[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(None);
+            }
+            return Err(WireError::Truncated {
+                found: got as u64,
+                expected: HEADER_LEN as u64,
+            });
+        }
+        got += n;
+    }
+    // The length is bounded here, before any allocation.
+    let header = FrameHeader::parse(&h, max)?;
+    let len = header.len as usize;
+    let mut payload = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = r.read(&mut payload[got..]).await?;
+        if n == 0 {
+            return Err(WireError::Truncated {
+                found: (HEADER_LEN + got) as u64,
+                expected: (HEADER_LEN + len) as u64,
+            });
+        }
+        got += n;
+    }
+    Frame::from_parts(header, payload).map(Some)
+}
+
+/// Reads, checks, decodes and validates one control message. A stream that
+/// ends between frames is [`WireError::EndOfStream`].
+pub async fn recv_control<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+) -> Result<ControlMsg, WireError> {
+    match recv_frame(r, MAX_CONTROL_FRAME).await? {
+        Some(frame) => decode_control(&frame),
+        None => Err(WireError::EndOfStream),
+    }
+}
+
+/// Reads one page frame (its batch is checked later, against the pass's
+/// layout: [`PageFrame::decode_batch`]); `None` at the clean end of the
+/// stream.
+pub async fn recv_page<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+) -> Result<Option<PageFrame>, WireError> {
+    match recv_frame(r, MAX_PAGE_FRAME).await? {
+        Some(frame) => PageFrame::from_frame(frame).map(Some),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_protocol::wire::{MsgKind, RefuseCode, WIRE_MAGIC, WIRE_MAJOR};
+
+    #[tokio::test]
+    async fn control_and_pages_round_trip() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let msgs = vec![
+            ControlMsg::Ready,
+            ControlMsg::Refuse {
+                code: RefuseCode::PidTaken,
+                reason: "PID 10 is in use".into(),
+            },
+            ControlMsg::PassEnd {
+                pass: 0,
+                batches: 1,
+                pages: 3,
+                bytes: 100,
+            },
+            ControlMsg::Done,
+        ];
+        let sent = msgs.clone();
+        let writer = tokio::spawn(async move {
+            for m in &sent {
+                send_control(&mut a, m).await.unwrap();
+            }
+            send_page(&mut a, 2, b"not really a batch").await.unwrap();
+        });
+        for m in &msgs {
+            assert_eq!(&recv_control(&mut b).await.unwrap(), m);
+        }
+        // A page frame on what is read as a control stream is refused.
+        assert!(matches!(
+            recv_control(&mut b).await,
+            Err(WireError::WrongStream { .. })
+        ));
+        writer.await.unwrap();
+        assert!(matches!(
+            recv_control(&mut b).await,
+            Err(WireError::EndOfStream)
+        ));
+
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        send_page(&mut a, 1, b"batch bytes").await.unwrap();
+        drop(a);
+        let f = recv_page(&mut b).await.unwrap().unwrap();
+        assert_eq!((f.pass, &f.batch[..]), (1, &b"batch bytes"[..]));
+        assert!(recv_page(&mut b).await.unwrap().is_none());
+    }
+
+    fn header(kind: u8, len: u32) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(&WIRE_MAGIC.to_le_bytes());
+        h.push(WIRE_MAJOR);
+        h.push(kind);
+        h.extend_from_slice(&len.to_le_bytes());
+        h.extend_from_slice(&0u64.to_le_bytes());
+        h
+    }
+
+    #[tokio::test]
+    async fn hostile_input_is_refused() {
+        // A huge length is refused from the header alone.
+        let h = header(MsgKind::Hello as u8, u32::MAX);
+        assert!(matches!(
+            recv_control(&mut &h[..]).await,
+            Err(WireError::TooLarge { .. })
+        ));
+        let h = header(MsgKind::Pages as u8, MAX_PAGE_FRAME + 1);
+        assert!(matches!(
+            recv_page(&mut &h[..]).await,
+            Err(WireError::TooLarge { .. })
+        ));
+        // Bad magic, unknown kind.
+        let mut h = header(MsgKind::Done as u8, 0);
+        h[0] ^= 1;
+        assert!(matches!(
+            recv_control(&mut &h[..]).await,
+            Err(WireError::BadMagic(_))
+        ));
+        let h = header(200, 0);
+        assert!(matches!(
+            recv_control(&mut &h[..]).await,
+            Err(WireError::UnknownKind(200))
+        ));
+        // Truncated header and payload.
+        let h = header(MsgKind::Done as u8, 0);
+        assert!(matches!(
+            recv_control(&mut &h[..5]).await,
+            Err(WireError::Truncated { .. })
+        ));
+        let mut frame = Vec::new();
+        send_control(&mut frame, &ControlMsg::Failed { reason: "x".into() })
+            .await
+            .unwrap();
+        assert!(matches!(
+            recv_control(&mut &frame[..frame.len() - 1]).await,
+            Err(WireError::Truncated { .. })
+        ));
+        // Corrupted payload.
+        let last = frame.len() - 1;
+        frame[last] ^= 0xff;
+        assert!(matches!(
+            recv_control(&mut &frame[..]).await,
+            Err(WireError::Checksum { .. })
+        ));
+        // A message that would be refused is not sent.
+        let mut out = Vec::new();
+        let bad = ControlMsg::Failed {
+            reason: "x".repeat(1 << 20),
+        };
+        assert!(send_control(&mut out, &bad).await.is_err());
+        assert!(out.is_empty());
+    }
+}
