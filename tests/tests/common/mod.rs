@@ -7,6 +7,8 @@
 #[path = "../../workloads/shared.rs"]
 mod shared;
 
+pub mod hosts;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
