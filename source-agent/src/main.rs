@@ -14,7 +14,11 @@ use std::path::PathBuf;
 /// ferry: move running Linux processes between hosts, or to disk and back.
 ///
 /// `migrate --to HOST[:PORT] PID` moves a process to the host where a
-/// trusted `dest-agent` listens (default port 7420).
+/// trusted `dest-agent` listens (default port 7420). Memory is copied while
+/// the process runs (pre-copy: pass 0 sends everything, each next pass what
+/// was written meanwhile), then it is frozen for the last small part and
+/// resumes on the destination. Until the destination confirms that it runs,
+/// any failure leaves the process running here, untouched.
 #[derive(Parser)]
 #[command(name = "migrate", version, about, long_about = None)]
 struct Cli {
@@ -31,6 +35,14 @@ struct Cli {
     /// With --to: print the report as one JSON object.
     #[arg(long, requires = "to")]
     json: bool,
+    /// With --to: freeze once the rest of memory is expected to move within
+    /// this many milliseconds (pre-copy's downtime target).
+    #[arg(long, value_name = "MS", default_value_t = 10, requires = "to")]
+    max_downtime: u64,
+    /// With --to: passes while the process runs before it is frozen; 0 is
+    /// plain stop-and-copy (freeze first, then move everything).
+    #[arg(long, value_name = "N", default_value_t = 8, requires = "to")]
+    max_passes: u32,
     /// With --to: the process to migrate.
     #[arg(requires = "to")]
     pid: Option<i32>,
@@ -104,7 +116,13 @@ fn main() {
         .unwrap_or_else(ferry_transport::default_config_dir);
     let result = match (cli.cmd, cli.to, cli.pid) {
         (Some(cmd), _, _) => run(cmd, &config_dir),
-        (None, Some(to), Some(pid)) => remote::run(&config_dir, &to, pid, cli.json).map(|()| 0),
+        (None, Some(to), Some(pid)) => {
+            let policy = precopy::Policy {
+                max_downtime: std::time::Duration::from_millis(cli.max_downtime),
+                max_passes: cli.max_passes,
+            };
+            remote::run(&config_dir, &to, pid, policy, cli.json).map(|()| 0)
+        }
         _ => {
             use clap::CommandFactory;
             let _ = Cli::command().print_help();

@@ -14,9 +14,6 @@
 //!
 //! Everything that needs ptrace happens on this one thread (a ptrace rule).
 
-// Wired into `remote.rs` next; until then unused outside tests.
-#![allow(dead_code)]
-
 use crate::precopy::{DedupSink, PageHashes, PassStats, Policy, SwitchReason};
 use ferry_engine::dump::{memory, Captured, PageSink};
 use ferry_engine::freeze::Frozen;
@@ -24,8 +21,9 @@ use ferry_engine::track::{self, DirtyTracker, PageRange};
 use ferry_protocol::model::{ProcessImage, Vma};
 use ferry_protocol::packer::{PackError, PagePacker};
 use ferry_protocol::pages::PageWriterOptions;
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc::Sender;
 
 /// What the ptrace thread reports, in order.
 #[derive(Debug)]
@@ -38,6 +36,8 @@ pub enum Event {
     Batch { pass: u32, bytes: Vec<u8> },
     /// The pass is complete.
     PassEnd { stats: PassEnd },
+    /// The process was frozen just now (the final pass follows).
+    FreezeStarted,
     /// The process is frozen, all pages are sent; here is its state.
     Frozen {
         image: Box<ProcessImage>,
@@ -51,6 +51,8 @@ pub struct PassEnd {
     pub pass: u32,
     pub batches: u64,
     pub pages: u64,
+    /// Of `pages`, those sent as zero markers.
+    pub zero_pages: u64,
     pub bytes: u64,
     /// Pages found written (or populated) when the pass began.
     pub dirty_pages: u64,
@@ -70,19 +72,10 @@ pub enum Decision {
     Thaw,
 }
 
-/// How the ptrace thread ended.
-#[derive(Debug)]
-pub struct Outcome {
-    /// How long the process was frozen (freeze until kill or thaw).
-    pub frozen_for: Option<Duration>,
-    /// What happened to the process.
-    pub decision: Decision,
-}
-
 /// Sends packed batches of one pass as events.
 struct EventSink<'a> {
     packer: PagePacker,
-    tx: &'a SyncSender<Event>,
+    tx: &'a Sender<Event>,
     pass: u32,
     batches: u64,
     bytes: u64,
@@ -98,7 +91,7 @@ impl EventSink<'_> {
                 bytes: std::mem::take(&mut e.bytes),
             };
             self.packer.recycle(e);
-            self.tx.send(ev).map_err(|_| gone())?;
+            self.tx.blocking_send(ev).map_err(|_| gone())?;
         }
         Ok(())
     }
@@ -134,11 +127,11 @@ fn send_pass(
     vmas: &[Vma],
     dirty: Option<&[PageRange]>,
     hashes: &mut PageHashes,
-    tx: &SyncSender<Event>,
+    tx: &Sender<Event>,
     frozen: bool,
 ) -> ferry_engine::Result<PassEnd> {
     let t = Instant::now();
-    tx.send(Event::PassStart {
+    tx.blocking_send(Event::PassStart {
         pass,
         vmas: vmas.to_vec(),
     })
@@ -161,13 +154,15 @@ fn send_pass(
         pass,
         batches: sink.batches,
         pages: sink.packer.stats().pages,
+        zero_pages: sink.packer.stats().zero_pages,
         bytes: sink.bytes,
         dirty_pages: dirty.map_or(sent + unchanged, |d| d.iter().map(PageRange::pages).sum()),
         unchanged,
         duration: t.elapsed(),
         frozen,
     };
-    tx.send(Event::PassEnd { stats: end }).map_err(|_| gone())?;
+    tx.blocking_send(Event::PassEnd { stats: end })
+        .map_err(|_| gone())?;
     Ok(end)
 }
 
@@ -175,7 +170,7 @@ fn send_pass(
 struct Source {
     pid: i32,
     policy: Policy,
-    tx: SyncSender<Event>,
+    tx: Sender<Event>,
     hashes: PageHashes,
     history: Vec<PassStats>,
     tracker: Option<Box<dyn DirtyTracker>>,
@@ -194,7 +189,7 @@ impl Source {
         let started = track::start(self.pid, &mut f);
         f.thaw()?;
         let tracker = self.tracker.insert(started?);
-        let _ = self.tx.send(Event::Tracker(tracker.backend()));
+        let _ = self.tx.blocking_send(Event::Tracker(tracker.backend()));
         let mut dirty: Option<Vec<PageRange>> = None;
         loop {
             let vmas = memory::collect_vmas(self.pid)?;
@@ -253,13 +248,13 @@ impl Source {
 /// Run the whole source side of a migration of `pid` on this thread.
 /// Errors before [`Event::Frozen`] leave the process running untouched;
 /// after it, `decision` says whether to kill the process (it runs on the
-/// destination) or let it continue.
+/// destination) or let it continue. Returns how long it was frozen.
 pub fn run(
     pid: i32,
     policy: Policy,
-    tx: SyncSender<Event>,
+    tx: Sender<Event>,
     decision: Receiver<Decision>,
-) -> Result<Outcome, String> {
+) -> Result<Duration, String> {
     let mut src = Source {
         pid,
         policy,
@@ -278,7 +273,10 @@ pub fn run(
         }
     };
     let c = match Captured::freeze(pid) {
-        Ok(c) => c,
+        Ok(c) => {
+            let _ = src.tx.blocking_send(Event::FreezeStarted);
+            c
+        }
         Err(e) => {
             src.stop_tracker();
             return Err(format!("checkpoint of process {pid} failed: {e}"));
@@ -302,7 +300,11 @@ pub fn run(
         return Err(format!("final pass of process {pid} failed: {e}"));
     }
     let image = Box::new(c.image.clone());
-    if src.tx.send(Event::Frozen { image, reason }).is_err() {
+    if src
+        .tx
+        .blocking_send(Event::Frozen { image, reason })
+        .is_err()
+    {
         let _ = c.thaw();
         return Err("the network side is gone".into());
     }
@@ -311,11 +313,5 @@ pub fn run(
         Decision::Kill => c.kill(),
         Decision::Thaw => c.thaw(),
     };
-    match r {
-        Ok(frozen_for) => Ok(Outcome {
-            frozen_for: Some(frozen_for),
-            decision: d,
-        }),
-        Err(e) => Err(format!("{d:?} of process {pid} failed: {e}")),
-    }
+    r.map_err(|e| format!("{d:?} of process {pid} failed: {e}"))
 }

@@ -9,10 +9,6 @@
 //! since they were last sent (written with the same value, or written and
 //! written back).
 
-// Used by the pre-copy loop in `remote.rs` (being wired in); until then only
-// the tests use it.
-#![allow(dead_code)]
-
 use ferry_engine::dump::PageSink;
 use ferry_protocol::model::PAGE_SIZE;
 use std::collections::HashMap;
@@ -61,12 +57,6 @@ pub struct PassStats {
 }
 
 impl PassStats {
-    /// Pages written per second by the process during this pass, as seen
-    /// by the next pass's dirty set.
-    pub fn dirty_rate(&self, next_dirty: u64) -> f64 {
-        next_dirty as f64 / self.duration.as_secs_f64().max(1e-6)
-    }
-
     /// Memory moved per second (raw page bytes), the bandwidth achieved.
     pub fn raw_bandwidth(&self) -> f64 {
         (self.pages_sent * PAGE_SIZE) as f64 / self.duration.as_secs_f64().max(1e-6)

@@ -1,20 +1,18 @@
-//! `migrate --to HOST[:PORT] PID`: migration to a dest-agent over the wire
-//! protocol of [`ferry_protocol::wire`] (stop-and-copy: one pass, sent
-//! after the freeze).
+//! `migrate --to HOST[:PORT] PID`: live migration to a dest-agent over the
+//! wire protocol of [`ferry_protocol::wire`].
 //!
 //! connect (mutual TLS) → Hello → HelloAck → Prepare (facts from /proc,
-//! nothing frozen) → Ready → on the ptrace thread: freeze and capture →
-//! PassStart{0, vmas} → the ptrace thread dumps the pages into a
-//! [`PagePacker`], whose encoded batches go round-robin over
-//! [`PAGE_STREAMS`] unidirectional page streams → PassEnd → Switchover →
+//! nothing frozen) → Ready → the ptrace thread ([`passes`]) runs pre-copy
+//! passes while the process runs, then freezes it for the final pass; each
+//! pass is PassStart{n, vmas}, encoded batches round-robin over
+//! [`PAGE_STREAMS`] unidirectional page streams, PassEnd → Switchover →
 //! Running → kill the source copy → Done. Any failure before Running thaws
 //! the process, which continues untouched.
 
+use crate::passes::{self, Decision, Event, PassEnd};
+use crate::precopy::{Policy, SwitchReason};
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_engine::dump::{Captured, PageSink};
 use ferry_protocol::model::ProcessImage;
-use ferry_protocol::packer::{PackStats, PagePacker};
-use ferry_protocol::pages::PageWriterOptions;
 use ferry_protocol::wire::{ControlMsg, FileFacts, ProtocolVersion};
 use ferry_transport::frames::{recv_control, send_control, send_page};
 use ferry_transport::{Identity, TrustStore, DEFAULT_PORT};
@@ -23,7 +21,7 @@ use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// Unidirectional page streams used in parallel.
 const PAGE_STREAMS: usize = 4;
@@ -62,20 +60,23 @@ pub fn resolve(to: &str) -> Result<SocketAddr> {
 struct Report {
     pid: i32,
     to: SocketAddr,
+    /// Freeze until the destination said Running.
     downtime: Duration,
     total: Duration,
+    /// The destination's time from Switchover to running.
     restore_ms: f64,
     bytes_on_wire: u64,
-    pages: PackStats,
-    /// Sum of the encoded page batches sent.
-    batch_bytes: u64,
-    batches: u64,
     /// Bytes of the serialized process image (Switchover).
     image_bytes: u64,
+    passes: Vec<PassEnd>,
+    tracker: Option<&'static str>,
+    reason: SwitchReason,
+    /// Resident memory when the migration began.
+    resident_bytes: u64,
 }
 
 /// Run `migrate --to`; prints the report. Errors name the reason.
-pub fn run(config_dir: &Path, to: &str, pid: i32, json: bool) -> Result<()> {
+pub fn run(config_dir: &Path, to: &str, pid: i32, policy: Policy, json: bool) -> Result<()> {
     let t0 = Instant::now();
     let addr = resolve(to)?;
     if pid <= 0 || !ferry_engine::procfs::exists(pid) {
@@ -89,52 +90,134 @@ pub fn run(config_dir: &Path, to: &str, pid: i32, json: bool) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let r = rt.block_on(migrate(id, trust, addr, pid, t0, progress))?;
-    let raw_bytes = r.pages.pages * ferry_protocol::model::PAGE_SIZE;
-    let ratio = if r.batch_bytes > 0 {
-        raw_bytes as f64 / r.batch_bytes as f64
-    } else {
-        0.0
-    };
+    let r = rt.block_on(migrate(id, trust, addr, pid, policy, t0, progress))?;
     if json {
-        let v = serde_json::json!({
-            "pid": r.pid,
-            "to": r.to.to_string(),
-            "downtime_ms": r.downtime.as_secs_f64() * 1e3,
-            "total_ms": r.total.as_secs_f64() * 1e3,
-            "restore_ms": r.restore_ms,
-            "bytes_on_wire": r.bytes_on_wire,
-            "pages_sent": r.pages.pages,
-            "zero_pages": r.pages.zero_pages,
-            "raw_bytes": raw_bytes,
-            "batches": r.batches,
-            "batch_bytes": r.batch_bytes,
-            "image_bytes": r.image_bytes,
-            "compression_ratio": ratio,
-        });
-        println!("{v}");
+        println!("{}", report_json(&r));
     } else {
-        println!("migrated process {} to {}", r.pid, r.to);
-        println!(
-            "  downtime       {:9.1} ms  (frozen until running on the destination)",
-            r.downtime.as_secs_f64() * 1e3
-        );
-        println!(
-            "  restore        {:9.1} ms  (on the destination)",
-            r.restore_ms
-        );
-        println!("  total          {:9.1} ms", r.total.as_secs_f64() * 1e3);
-        println!("  bytes on wire  {:>12}", r.bytes_on_wire);
-        println!(
-            "  pages          {:>12}  ({} zero, {} MiB of memory, {} batches)",
-            r.pages.pages,
-            r.pages.zero_pages,
-            raw_bytes >> 20,
-            r.batches
-        );
-        println!("  compression    {ratio:>11.2}x");
+        print_report(&r);
     }
     Ok(())
+}
+
+/// Totals over all passes: (pages, zero pages, batches, batch bytes).
+fn totals(r: &Report) -> (u64, u64, u64, u64) {
+    r.passes.iter().fold((0, 0, 0, 0), |t, p| {
+        (
+            t.0 + p.pages,
+            t.1 + p.zero_pages,
+            t.2 + p.batches,
+            t.3 + p.bytes,
+        )
+    })
+}
+
+/// Pages per second written by the process during pass `i` (seen as the
+/// next pass's dirty set).
+fn dirty_rate(r: &Report, i: usize) -> Option<f64> {
+    let next = r.passes.get(i + 1)?;
+    Some(next.dirty_pages as f64 / r.passes[i].duration.as_secs_f64().max(1e-6))
+}
+
+fn report_json(r: &Report) -> serde_json::Value {
+    let (pages, zero, batches, batch_bytes) = totals(r);
+    let raw_bytes = pages * ferry_protocol::model::PAGE_SIZE;
+    let passes: Vec<serde_json::Value> = r
+        .passes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            serde_json::json!({
+                "pass": p.pass,
+                "dirty_pages": p.dirty_pages,
+                "pages": p.pages,
+                "unchanged_pages": p.unchanged,
+                "zero_pages": p.zero_pages,
+                "bytes": p.bytes,
+                "duration_ms": p.duration.as_secs_f64() * 1e3,
+                "dirty_rate_pages_per_s": dirty_rate(r, i),
+                "frozen": p.frozen,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "pid": r.pid,
+        "to": r.to.to_string(),
+        "downtime_ms": r.downtime.as_secs_f64() * 1e3,
+        "total_ms": r.total.as_secs_f64() * 1e3,
+        "restore_ms": r.restore_ms,
+        "bytes_on_wire": r.bytes_on_wire,
+        "resident_bytes": r.resident_bytes,
+        "pages_sent": pages,
+        "zero_pages": zero,
+        "raw_bytes": raw_bytes,
+        "batches": batches,
+        "batch_bytes": batch_bytes,
+        "image_bytes": r.image_bytes,
+        "compression_ratio": if batch_bytes > 0 { raw_bytes as f64 / batch_bytes as f64 } else { 0.0 },
+        "tracker": r.tracker,
+        "switch_reason": r.reason.as_str(),
+        "passes": passes,
+    })
+}
+
+fn print_report(r: &Report) {
+    let (pages, zero, batches, batch_bytes) = totals(r);
+    let raw_bytes = pages * ferry_protocol::model::PAGE_SIZE;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("migrated process {} to {}", r.pid, r.to);
+    println!(
+        "  downtime       {:9.1} ms  (frozen until running on the destination)",
+        ms(r.downtime)
+    );
+    println!(
+        "  restore        {:9.1} ms  (on the destination, after the freeze)",
+        r.restore_ms
+    );
+    println!("  total          {:9.1} ms", ms(r.total));
+    println!(
+        "  bytes on wire  {:>12}  (resident memory {} MiB)",
+        r.bytes_on_wire,
+        r.resident_bytes >> 20
+    );
+    println!(
+        "  pages          {:>12}  ({zero} zero, {} MiB of memory, {batches} batches)",
+        pages,
+        raw_bytes >> 20
+    );
+    if batch_bytes > 0 {
+        println!(
+            "  compression    {:>11.2}x",
+            raw_bytes as f64 / batch_bytes as f64
+        );
+    }
+    println!(
+        "  tracker        {:>12}",
+        r.tracker.unwrap_or("none (stop-and-copy)")
+    );
+    println!(
+        "  passes         {:>12}  (switched over: {})",
+        r.passes.len(),
+        r.reason.as_str()
+    );
+    for (i, p) in r.passes.iter().enumerate() {
+        let rate = dirty_rate(r, i)
+            .map(|v| format!(", dirtied {:.1} MB/s meanwhile", v * 4096.0 / 1e6))
+            .unwrap_or_default();
+        println!(
+            "    pass {:>2}{} {:>9} pages {:>8} KiB {:>8.1} ms{rate}",
+            p.pass,
+            if p.frozen { "*" } else { " " },
+            p.pages,
+            p.bytes >> 10,
+            ms(p.duration)
+        );
+    }
+    if r.reason == SwitchReason::NotConverging {
+        println!(
+            "  note: the process writes memory about as fast as the link carries it; \
+             pre-copy stopped at its best pass (try --lazy pages when available)"
+        );
+    }
 }
 
 /// Progress on a terminal: steps as lines, bytes sent as a bar.
@@ -236,135 +319,12 @@ fn undeleted(path: &str) -> &str {
     path.strip_suffix(" (deleted)").unwrap_or(path)
 }
 
-enum Decision {
-    Kill,
-    Thaw,
-}
-
-/// What the ptrace thread reports once every page was packed.
-struct Dumped {
-    pages: PackStats,
-}
-
-/// The ptrace thread: freeze, dump the pages, then wait for the decision,
-/// all on one OS thread (ptrace binds the tracee to it).
-struct PtraceThread {
-    decision: oneshot::Sender<Decision>,
-    done: oneshot::Receiver<Result<Duration, String>>,
-}
-
-impl PtraceThread {
-    async fn finish(self, d: Decision) -> Result<Duration> {
-        let _ = self.decision.send(d);
-        self.done
-            .await
-            .map_err(|_| anyhow!("the ptrace thread died"))?
-            .map_err(|e| anyhow!(e))
-    }
-}
-
-/// Packs the pages of the frozen process and hands each encoded batch to
-/// the network (blocking while the queue is full).
-struct NetSink {
-    packer: PagePacker,
-    tx: mpsc::Sender<Vec<u8>>,
-}
-
-impl NetSink {
-    fn drain(&mut self) -> ferry_engine::Result<()> {
-        while let Some(mut e) = self.packer.pop() {
-            let bytes = std::mem::take(&mut e.bytes);
-            self.packer.recycle(e);
-            self.tx.blocking_send(bytes).map_err(|_| {
-                ferry_engine::Error::io(
-                    "sending pages",
-                    std::io::Error::other("the page streams are gone"),
-                )
-            })?;
-        }
-        Ok(())
-    }
-
-    fn finish(mut self) -> ferry_engine::Result<PackStats> {
-        self.packer.finish().map_err(pack_err)?;
-        self.drain()?;
-        Ok(self.packer.stats())
-    }
-}
-
-fn pack_err(e: ferry_protocol::packer::PackError) -> ferry_engine::Error {
-    ferry_engine::Error::io("packing pages", std::io::Error::other(e.to_string()))
-}
-
-impl PageSink for NetSink {
-    fn add(&mut self, addr: u64, data: &[u8]) -> ferry_engine::Result<()> {
-        self.packer.add(addr, data).map_err(pack_err)?;
-        self.drain()
-    }
-}
-
-/// Start the ptrace thread: it freezes `pid` and reports the image, then
-/// dumps the pages into `batches` and reports their totals, then waits for
-/// the decision. If the decision sender is dropped, the process is thawed.
-#[allow(clippy::type_complexity)]
-fn start_ptrace(
-    pid: i32,
-    batches: mpsc::Sender<Vec<u8>>,
-) -> Result<(
-    PtraceThread,
-    oneshot::Receiver<Result<Box<ProcessImage>, String>>,
-    oneshot::Receiver<Result<Dumped, String>>,
-)> {
-    let (img_tx, img_rx) = oneshot::channel();
-    let (dump_tx, dump_rx) = oneshot::channel();
-    let (dec_tx, dec_rx) = oneshot::channel::<Decision>();
-    let (done_tx, done_rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("ptrace".into())
-        .spawn(move || {
-            let c = match Captured::freeze(pid) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = img_tx.send(Err(format!("{e}")));
-                    return;
-                }
-            };
-            if img_tx.send(Ok(Box::new(c.image.clone()))).is_err() {
-                let _ = c.thaw();
-                return;
-            }
-            let mut sink = NetSink {
-                packer: PagePacker::new(PageWriterOptions::default()),
-                tx: batches,
-            };
-            let r = c
-                .dump_pages(&mut sink)
-                .and_then(|()| sink.finish())
-                .map(|pages| Dumped { pages })
-                .map_err(|e| format!("{e}"));
-            let _ = dump_tx.send(r);
-            let r = match dec_rx.blocking_recv() {
-                Ok(Decision::Kill) => c.kill(),
-                Ok(Decision::Thaw) | Err(_) => c.thaw(),
-            };
-            let _ = done_tx.send(r.map_err(|e| format!("{e}")));
-        })
-        .context("starting the ptrace thread")?;
-    Ok((
-        PtraceThread {
-            decision: dec_tx,
-            done: done_rx,
-        },
-        img_rx,
-        dump_rx,
-    ))
-}
-
 async fn migrate(
     id: Identity,
     trust: TrustStore,
     addr: SocketAddr,
     pid: i32,
+    policy: Policy,
     t0: Instant,
     progress: bool,
 ) -> Result<Report> {
@@ -376,7 +336,7 @@ async fn migrate(
         .map_err(|_| anyhow!("connecting to {addr} timed out"))?
         // The transport error's text already carries its source.
         .map_err(|e| anyhow!("{e}"))?;
-    let result = migrate_on(&conn, pid, t0, &p).await;
+    let result = migrate_on(&conn, pid, policy, t0, &p).await;
     p.bar.finish_and_clear();
     match &result {
         Ok(_) => conn.close(0u32.into(), b"done"),
@@ -396,6 +356,7 @@ fn agent() -> String {
 async fn migrate_on(
     conn: &quinn::Connection,
     pid: i32,
+    policy: Policy,
     t0: Instant,
     p: &Progress,
 ) -> Result<Report> {
@@ -456,40 +417,59 @@ async fn migrate_on(
         m => bail!("protocol error: expected Ready, got {}", m.kind()),
     }
 
-    p.step(&format!("freezing process {pid}"));
-    let t_freeze = Instant::now();
-    let (batch_tx, batch_rx) = mpsc::channel::<Vec<u8>>(BATCH_QUEUE);
-    let (thread, img_rx, dump_rx) = start_ptrace(pid, batch_tx)?;
-    let image = match img_rx.await {
-        Ok(Ok(img)) => img,
-        Ok(Err(e)) => {
-            let e = anyhow!("checkpoint of process {pid} failed: {e}");
-            abort(&mut send, &e).await;
-            return Err(e);
+    let resident_bytes = resident_bytes(pid);
+    p.step(&format!(
+        "copying the memory of process {pid} while it runs (at most {} passes, then a freeze of about {} ms)",
+        policy.max_passes,
+        policy.max_downtime.as_millis()
+    ));
+    let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(BATCH_QUEUE);
+    let (dec_tx, dec_rx) = std::sync::mpsc::channel::<Decision>();
+    let thread = std::thread::Builder::new()
+        .name("ptrace".into())
+        .spawn(move || passes::run(pid, policy, ev_tx, dec_rx))
+        .context("starting the ptrace thread")?;
+    let streamed = stream(conn, &mut send, &mut recv, pid, &mut ev_rx, p).await;
+    let decision = if streamed.is_ok() {
+        Decision::Kill
+    } else {
+        Decision::Thaw
+    };
+    let _ = dec_tx.send(decision);
+    drop(ev_rx);
+    let outcome = tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .context("joining the ptrace thread")?
+        .map_err(|_| anyhow!("the ptrace thread panicked"))?;
+    let s = match (streamed, outcome) {
+        (Ok(s), Ok(frozen)) => {
+            tracing::info!("process {pid} was frozen for {frozen:?} here");
+            s
         }
-        Err(_) => {
-            let e = anyhow!("the ptrace thread died");
+        (Ok(s), Err(e)) => {
+            // The destination runs the process; only our kill failed.
+            tracing::error!("killing the source copy of {pid}: {e}");
+            s
+        }
+        (Err(e), thread_result) => {
+            // The ptrace thread's own failure is the real reason when it
+            // stopped first; otherwise it only saw the network side go.
+            let e = match thread_result {
+                Err(te) if e.is::<ThreadStopped>() => anyhow!(te),
+                Err(te) => {
+                    tracing::debug!("ptrace thread after the failure: {te}");
+                    e
+                }
+                Ok(_) => e,
+            };
+            let e = e.context(format!(
+                "migration aborted; process {pid} resumed on this host, untouched"
+            ));
             abort(&mut send, &e).await;
             return Err(e);
         }
     };
-    let transfer = transfer(conn, &mut send, &mut recv, pid, image, batch_rx, dump_rx, p);
-    let sent = match transfer.await {
-        Ok(s) => s,
-        Err(e) => {
-            let e = explain(conn, e);
-            abort(&mut send, &e).await;
-            let resumed = thread.finish(Decision::Thaw).await;
-            return Err(match resumed {
-                Ok(_) => e.context(format!("process {pid} resumed on this host")),
-                Err(te) => e.context(format!("and resuming process {pid} failed: {te:#}")),
-            });
-        }
-    };
-    let downtime = t_freeze.elapsed();
-    if let Err(e) = thread.finish(Decision::Kill).await {
-        tracing::error!("killing the source copy of {pid}: {e:#}");
-    }
+    let downtime = s.freeze_at.map_or(Duration::ZERO, |t| s.running_at - t);
     let bytes_on_wire = conn.stats().udp_tx.bytes;
     let _ = send_control(&mut send, &ControlMsg::Done).await;
     let _ = send.finish();
@@ -499,13 +479,27 @@ async fn migrate_on(
         to: conn.remote_address(),
         downtime,
         total: t0.elapsed(),
-        restore_ms: sent.restore_us as f64 / 1e3,
+        restore_ms: s.restore_us as f64 / 1e3,
         bytes_on_wire,
-        pages: sent.pages,
-        batch_bytes: sent.bytes,
-        batches: sent.batches,
-        image_bytes: sent.image_bytes,
+        image_bytes: s.image_bytes,
+        passes: s.passes,
+        tracker: s.tracker,
+        reason: s.reason,
+        resident_bytes,
     })
+}
+
+/// Resident memory of `pid` (VmRSS), 0 if unknown.
+fn resident_bytes(pid: i32) -> u64 {
+    ferry_engine::procfs::read(pid, "status")
+        .ok()
+        .and_then(|s| ferry_engine::procfs::status_field(&s, "VmRSS"))
+        .and_then(|v| {
+            v.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// Tell the destination we give up (best effort).
@@ -522,38 +516,45 @@ async fn abort(send: &mut quinn::SendStream, e: &anyhow::Error) {
     let _ = send.finish();
 }
 
-/// What the transfer sent and what the destination answered.
-struct Sent {
-    pages: PackStats,
-    batches: u64,
-    bytes: u64,
+/// The ptrace thread ended before the process was captured; its own
+/// result says why.
+#[derive(Debug)]
+struct ThreadStopped(i32);
+
+impl std::fmt::Display for ThreadStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the ptrace thread stopped before process {} was captured",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for ThreadStopped {}
+
+/// What the transfer did and what the destination answered.
+struct Streamed {
+    passes: Vec<PassEnd>,
+    tracker: Option<&'static str>,
+    reason: SwitchReason,
+    freeze_at: Option<Instant>,
+    running_at: Instant,
     image_bytes: u64,
     restore_us: u64,
 }
 
-/// Pass 0 over the page streams, Switchover, and the wait for Running.
-#[allow(clippy::too_many_arguments)]
-async fn transfer(
+/// Forward the ptrace thread's events: control messages on the control
+/// stream, page batches round-robin over the page streams; then
+/// Switchover and the wait for Running.
+async fn stream(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     pid: i32,
-    image: Box<ProcessImage>,
-    mut batch_rx: mpsc::Receiver<Vec<u8>>,
-    dump_rx: oneshot::Receiver<Result<Dumped, String>>,
+    events: &mut mpsc::Receiver<Event>,
     p: &Progress,
-) -> Result<Sent> {
-    send_msg(
-        conn,
-        send,
-        &ControlMsg::PassStart {
-            pass: 0,
-            vmas: image.vmas.clone(),
-        },
-    )
-    .await?;
-    p.step("sending memory");
-    p.bar.set_message("pass 0:");
+) -> Result<Streamed> {
     p.bar.enable_steady_tick(Duration::from_millis(120));
     // One writer task per page stream, fed round-robin.
     let mut feeds = Vec::with_capacity(PAGE_STREAMS);
@@ -563,14 +564,14 @@ async fn transfer(
             .open_uni()
             .await
             .map_err(|e| explain(conn, anyhow!(e).context("opening a page stream")))?;
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(2);
+        let (tx, mut rx) = mpsc::channel::<(u32, Vec<u8>)>(2);
         feeds.push(tx);
         let bar = p.bar.clone();
         writers.spawn(async move {
-            while let Some(batch) = rx.recv().await {
+            while let Some((pass, batch)) = rx.recv().await {
                 // A destination that stops reading (flow control) but keeps
                 // the connection alive must not hold the process frozen.
-                let n = tokio::time::timeout(STEP_TIMEOUT, send_page(&mut stream, 0, &batch))
+                let n = tokio::time::timeout(STEP_TIMEOUT, send_page(&mut stream, pass, &batch))
                     .await
                     .map_err(|_| {
                         anyhow!("the destination stopped taking pages for {STEP_TIMEOUT:?}")
@@ -584,44 +585,66 @@ async fn transfer(
             Ok::<(), anyhow::Error>(())
         });
     }
-    let (mut batches, mut bytes) = (0u64, 0u64);
+    let mut passes = Vec::new();
+    let mut tracker = None;
+    let mut freeze_at = None;
     let mut next = 0usize;
-    let fed: Result<()> = async {
-        while let Some(batch) = batch_rx.recv().await {
-            batches += 1;
-            bytes += batch.len() as u64;
-            if feeds[next].send(batch).await.is_err() {
-                // The writer failed: its error is reported below.
-                break;
+    let fed: Result<Option<(Box<ProcessImage>, SwitchReason)>> = async {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                Event::Tracker(name) => {
+                    tracker = Some(name);
+                    tracing::info!("dirty-page tracking: {name}");
+                }
+                Event::PassStart { pass, vmas } => {
+                    p.bar.set_message(format!("pass {pass}:"));
+                    send_msg(conn, send, &ControlMsg::PassStart { pass, vmas }).await?;
+                }
+                Event::Batch { pass, bytes } => {
+                    if feeds[next].send((pass, bytes)).await.is_err() {
+                        // The writer failed: its error is reported below.
+                        return Ok(None);
+                    }
+                    next = (next + 1) % feeds.len();
+                }
+                Event::PassEnd { stats } => {
+                    send_msg(
+                        conn,
+                        send,
+                        &ControlMsg::PassEnd {
+                            pass: stats.pass,
+                            batches: stats.batches,
+                            pages: stats.pages,
+                            bytes: stats.bytes,
+                        },
+                    )
+                    .await?;
+                    p.step(&format!(
+                        "pass {}: {} pages ({} unchanged skipped) in {:.0} ms{}",
+                        stats.pass,
+                        stats.pages,
+                        stats.unchanged,
+                        stats.duration.as_secs_f64() * 1e3,
+                        if stats.frozen { ", frozen" } else { "" }
+                    ));
+                    passes.push(stats);
+                }
+                Event::FreezeStarted => freeze_at = Some(Instant::now()),
+                Event::Frozen { image, reason } => return Ok(Some((image, reason))),
             }
-            next = (next + 1) % feeds.len();
         }
-        Ok(())
+        Ok(None)
     }
     .await;
     drop(feeds);
-    drop(batch_rx);
-    fed?;
     while let Some(r) = writers.join_next().await {
         r.context("a page stream writer died")?
             .map_err(|e| explain(conn, e))?;
     }
-    let dumped = dump_rx
-        .await
-        .map_err(|_| anyhow!("the ptrace thread died"))?
-        .map_err(|e| anyhow!("reading the memory of process {pid} failed: {e}"))?;
+    let Some((image, reason)) = fed? else {
+        return Err(anyhow!(ThreadStopped(pid)));
+    };
     p.bar.disable_steady_tick();
-    send_msg(
-        conn,
-        send,
-        &ControlMsg::PassEnd {
-            pass: 0,
-            batches,
-            pages: dumped.pages.pages,
-            bytes,
-        },
-    )
-    .await?;
     let image_bytes = postcard::to_stdvec(image.as_ref()).map_or(0, |v| v.len() as u64);
     send_msg(conn, send, &ControlMsg::Switchover { image }).await?;
     p.step("waiting for the process to run on the destination");
@@ -637,10 +660,12 @@ async fn transfer(
         ControlMsg::Abort { reason } => bail!("the destination gave up: {reason}"),
         m => bail!("protocol error: expected Running, got {}", m.kind()),
     };
-    Ok(Sent {
-        pages: dumped.pages,
-        batches,
-        bytes,
+    Ok(Streamed {
+        passes,
+        tracker,
+        reason,
+        freeze_at,
+        running_at: Instant::now(),
         image_bytes,
         restore_us,
     })

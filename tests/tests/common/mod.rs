@@ -258,14 +258,25 @@ impl Out {
     pub fn last_tick(&self) -> Option<u64> {
         self.lines()
             .iter()
-            .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+            .filter_map(|l| {
+                l.strip_prefix("tick ")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
             .max()
     }
 
     /// Wait until a `tick N` with N > `after` appears.
     pub fn wait_tick_above(&self, after: u64) -> u64 {
         self.wait_for(0, LINE_TIMEOUT, &format!("a tick above {after}"), |l| {
-            let n: u64 = l.strip_prefix("tick ")?.trim().parse().ok()?;
+            let n: u64 = l
+                .strip_prefix("tick ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
             (n > after).then_some(n)
         })
         .1
