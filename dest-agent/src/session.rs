@@ -25,7 +25,7 @@ use ferry_transport::frames::{recv_control, recv_page, send_control};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// How long the source may take to open the control stream and say Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -295,6 +295,7 @@ pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<()> {
         restorer: None,
         layouts: Vec::new(),
         applied: 0,
+        applied_watch: watch::channel(0).0,
         held: Vec::new(),
         image: None,
         finishing: false,
@@ -317,6 +318,11 @@ struct Migration<'a> {
     layouts: Vec<Arc<Vec<Vma>>>,
     /// Passes whose layout was handed to the restorer thread.
     applied: usize,
+    /// `applied`, for the page stream readers: a reader that meets a frame
+    /// of a pass not applied yet waits, holding back only its own stream
+    /// (QUIC flow control then slows the source). Streams carry passes in
+    /// order, so the frames that complete the current pass never wait.
+    applied_watch: watch::Sender<u32>,
     /// Frames whose pass's layout is not applied yet.
     held: Vec<PageFrame>,
     /// The Switchover image, until the restore is finished with it.
@@ -343,6 +349,7 @@ impl Migration<'_> {
         }));
         let (frame_tx, mut frame_rx) = mpsc::channel::<Result<PageFrame>>(FRAME_QUEUE);
         let conn = self.conn.clone();
+        let applied_rx = self.applied_watch.subscribe();
         let _accepter = AbortOnDrop(tokio::spawn(async move {
             let mut readers = tokio::task::JoinSet::new();
             let mut n = 0usize;
@@ -355,10 +362,16 @@ impl Migration<'_> {
                     break;
                 }
                 let tx = frame_tx.clone();
+                let mut applied = applied_rx.clone();
                 readers.spawn(async move {
                     loop {
                         match recv_page(&mut stream).await {
                             Ok(Some(f)) => {
+                                while f.pass >= *applied.borrow_and_update() {
+                                    if applied.changed().await.is_err() {
+                                        return;
+                                    }
+                                }
                                 if tx.send(Ok(f)).await.is_err() {
                                     break;
                                 }
@@ -494,6 +507,7 @@ impl Migration<'_> {
             }
             self.applied += 1;
             let applied = self.applied as u32;
+            self.applied_watch.send_replace(applied);
             let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
                 .into_iter()
                 .partition(|f| f.pass < applied);
