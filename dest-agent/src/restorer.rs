@@ -8,7 +8,6 @@
 use ferry_engine::restore::{Ready, RestoreSummary, Restorer};
 use ferry_protocol::model::{HostInfo, ProcessImage, Vma};
 use ferry_protocol::pages::PageBatch;
-use ferry_protocol::wire::{page_decoder, PageFrame};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -23,17 +22,29 @@ pub enum Command {
     },
     /// Apply the layout of a later pass.
     Relayout { vmas: Arc<Vec<Vma>> },
-    /// Decode a page frame (checked against `vmas`, the layout of its pass)
-    /// and write its pages.
-    Pages {
-        frame: PageFrame,
-        vmas: Arc<Vec<Vma>>,
-    },
+    /// Write the pages of a decoded (and validated) page frame.
+    Pages(Decoded),
     /// Apply the rest of the state; the threads stay stopped.
     Finish { image: Box<ProcessImage> },
     /// Let the restored process run.
     Resume,
 }
+
+/// A page frame decoded and checked against the layout of its pass (by
+/// the stream reader that received it, so frames decode in parallel).
+#[derive(Debug)]
+pub struct Decoded {
+    /// Its pass.
+    pub pass: u32,
+    /// Its pages.
+    pub batch: PageBatch,
+    /// Length of the encoded batch.
+    pub bytes: u64,
+}
+
+/// Commands queued before `send` waits: bounds what the destination holds
+/// decoded but not written, so the network slows to the restore's pace.
+const COMMAND_QUEUE: usize = 32;
 
 /// What the restorer thread answers.
 #[derive(Debug)]
@@ -51,20 +62,21 @@ pub enum Event {
 
 /// Handle on a restorer thread.
 pub struct RestorerThread {
-    tx: std::sync::mpsc::Sender<Command>,
+    tx: std::sync::mpsc::SyncSender<Command>,
 }
 
 impl RestorerThread {
     /// Start a restorer thread; its events go to `events`.
     pub fn start(name: String, events: mpsc::UnboundedSender<Event>) -> std::io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<Command>();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Command>(COMMAND_QUEUE);
         std::thread::Builder::new()
             .name(name)
             .spawn(move || run(rx, events))?;
         Ok(Self { tx })
     }
 
-    /// Queue a command; false if the thread is gone.
+    /// Queue a command, waiting while the queue is full; false if the
+    /// thread is gone.
     pub fn send(&self, cmd: Command) -> bool {
         self.tx.send(cmd).is_ok()
     }
@@ -79,8 +91,6 @@ enum State {
 
 fn run(rx: std::sync::mpsc::Receiver<Command>, events: mpsc::UnboundedSender<Event>) {
     let mut state = State::Empty;
-    let mut decoder = page_decoder();
-    let mut batch = PageBatch::default();
     // Ends when the handle is dropped: whatever was built is dropped here,
     // which kills it.
     while let Ok(cmd) = rx.recv() {
@@ -105,18 +115,11 @@ fn run(rx: std::sync::mpsc::Receiver<Command>, events: mpsc::UnboundedSender<Eve
                     .map_err(|e| format!("applying a new layout: {e}")),
                 _ => Err("no restore in progress".to_string()),
             }),
-            Command::Pages { frame, vmas } => Event::Batch(match &mut state {
-                State::Building(r) => frame
-                    .decode_batch(&mut decoder, &vmas, &mut batch)
-                    .map_err(|e| format!("page frame of pass {}: {e}", frame.pass))
-                    .and_then(|()| {
-                        r.write_batch(&batch)
-                            .map_err(|e| format!("writing pages: {e}"))
-                    })
-                    .map(|()| {
-                        let pages = batch.runs.iter().map(|r| u64::from(r.pages)).sum();
-                        (frame.pass, pages, frame.batch.len() as u64)
-                    }),
+            Command::Pages(d) => Event::Batch(match &mut state {
+                State::Building(r) => r
+                    .write_batch(&d.batch)
+                    .map_err(|e| format!("writing pages: {e}"))
+                    .map(|()| (d.pass, d.batch.total_pages(), d.bytes)),
                 _ => Err("pages with no restore in progress".to_string()),
             }),
             Command::Finish { image } => match std::mem::replace(&mut state, State::Gone) {

@@ -15,15 +15,17 @@
 //! caller closes the connection with it, and dropping the restorer thread
 //! kills what was built.
 
-use crate::restorer::{Command, Event, RestorerThread};
+use crate::restorer::{Command, Decoded, Event, RestorerThread};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_protocol::model::{HostInfo, ProcessImage, Vma};
+use ferry_protocol::pages::{BatchDecoder, PageBatch};
 use ferry_protocol::wire::{
-    ControlMsg, DestState, PageFrame, Phase, ProtocolVersion, RefuseCode, WireError, MAX_REASON_LEN,
+    page_decoder, ControlMsg, DestState, PageFrame, Phase, ProtocolVersion, RefuseCode, WireError,
+    MAX_REASON_LEN,
 };
 use ferry_transport::frames::{recv_control, recv_page, send_control};
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
@@ -297,12 +299,35 @@ pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<()> {
         applied: 0,
         applied_watch: watch::channel(0).0,
         held: Vec::new(),
+        shared_layouts: Arc::default(),
         image: None,
         finishing: false,
         switchover_at: None,
         first_batch_seen: false,
     };
     m.run(recv).await
+}
+
+/// Decode a page frame whose pass's layout is known, checking every run
+/// against it.
+fn decode(
+    decoder: &mut BatchDecoder,
+    layouts: &RwLock<Vec<Arc<Vec<Vma>>>>,
+    f: PageFrame,
+) -> Result<Decoded> {
+    let vmas = layouts
+        .read()
+        .ok()
+        .and_then(|l| l.get(f.pass as usize).cloned())
+        .ok_or_else(|| anyhow!("page frame of pass {} that never started", f.pass))?;
+    let mut batch = PageBatch::default();
+    f.decode_batch(decoder, &vmas, &mut batch)
+        .map_err(|e| anyhow!(e).context(format!("page frame of pass {}", f.pass)))?;
+    Ok(Decoded {
+        pass: f.pass,
+        batch,
+        bytes: f.batch.len() as u64,
+    })
 }
 
 /// The migration after Ready.
@@ -324,7 +349,9 @@ struct Migration<'a> {
     /// order, so the frames that complete the current pass never wait.
     applied_watch: watch::Sender<u32>,
     /// Frames whose pass's layout is not applied yet.
-    held: Vec<PageFrame>,
+    held: Vec<Decoded>,
+    /// `layouts`, for the stream readers that decode frames.
+    shared_layouts: Arc<RwLock<Vec<Arc<Vec<Vma>>>>>,
     /// The Switchover image, until the restore is finished with it.
     image: Option<Box<ProcessImage>>,
     finishing: bool,
@@ -347,9 +374,10 @@ impl Migration<'_> {
                 }
             }
         }));
-        let (frame_tx, mut frame_rx) = mpsc::channel::<Result<PageFrame>>(FRAME_QUEUE);
+        let (frame_tx, mut frame_rx) = mpsc::channel::<Result<Decoded>>(FRAME_QUEUE);
         let conn = self.conn.clone();
         let applied_rx = self.applied_watch.subscribe();
+        let layouts = self.shared_layouts.clone();
         let _accepter = AbortOnDrop(tokio::spawn(async move {
             let mut readers = tokio::task::JoinSet::new();
             let mut n = 0usize;
@@ -363,7 +391,9 @@ impl Migration<'_> {
                 }
                 let tx = frame_tx.clone();
                 let mut applied = applied_rx.clone();
+                let layouts = layouts.clone();
                 readers.spawn(async move {
+                    let mut decoder = page_decoder();
                     loop {
                         match recv_page(&mut stream).await {
                             Ok(Some(f)) => {
@@ -372,7 +402,8 @@ impl Migration<'_> {
                                         return;
                                     }
                                 }
-                                if tx.send(Ok(f)).await.is_err() {
+                                let d = decode(&mut decoder, &layouts, f);
+                                if tx.send(d).await.is_err() {
                                     break;
                                 }
                             }
@@ -450,7 +481,11 @@ impl Migration<'_> {
         match msg {
             ControlMsg::PassStart { pass, vmas } => {
                 tracing::info!(pid = self.pid, pass, vmas = vmas.len(), "pass start");
-                self.layouts.push(Arc::new(vmas));
+                let vmas = Arc::new(vmas);
+                self.layouts.push(vmas.clone());
+                if let Ok(mut l) = self.shared_layouts.write() {
+                    l.push(vmas);
+                }
                 if pass == 0 {
                     let r = RestorerThread::start(format!("restore-{}", self.pid), ev_tx.clone())
                         .context("starting the restorer thread")?;
@@ -525,16 +560,11 @@ impl Migration<'_> {
         Ok(())
     }
 
-    fn forward(&self, frame: PageFrame) -> Result<()> {
-        let vmas = self
-            .layouts
-            .get(frame.pass as usize)
-            .cloned()
-            .ok_or_else(|| anyhow!("page frame of pass {} that never started", frame.pass))?;
-        self.command(Command::Pages { frame, vmas })
+    fn forward(&self, d: Decoded) -> Result<()> {
+        self.command(Command::Pages(d))
     }
 
-    fn on_frame(&mut self, f: PageFrame) -> Result<()> {
+    fn on_frame(&mut self, f: Decoded) -> Result<()> {
         let started = self.layouts.len();
         let open = matches!(self.ctl.state.phase(), Phase::PreCopy | Phase::InPass(_));
         if (f.pass as usize) < self.applied {

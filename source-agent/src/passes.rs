@@ -223,15 +223,16 @@ impl Source {
     }
 
     /// With the process frozen: the pages written since the last pass
-    /// (everything for stop-and-copy); tracking ends here.
+    /// (everything for stop-and-copy). The tracker stays registered: taking
+    /// write protection off costs time in proportion to the memory, so it
+    /// happens after the decision, outside the downtime (and not at all
+    /// when the process is killed).
     fn final_dirty(&mut self, vmas: &[Vma]) -> ferry_engine::Result<Option<Vec<PageRange>>> {
-        let Some(mut t) = self.tracker.take() else {
+        let Some(t) = self.tracker.as_mut() else {
             return Ok(None);
         };
         let mut d = std::mem::take(&mut self.carried);
-        let r = t.collect(vmas, &mut d);
-        t.stop()?;
-        r?;
+        t.collect(vmas, &mut d)?;
         track::normalize(&mut d);
         Ok(Some(d))
     }
@@ -305,13 +306,25 @@ pub fn run(
         .blocking_send(Event::Frozen { image, reason })
         .is_err()
     {
+        src.stop_tracker();
         let _ = c.thaw();
         return Err("the network side is gone".into());
     }
     let d = decision.recv().unwrap_or(Decision::Thaw);
     let r = match d {
-        Decision::Kill => c.kill(),
-        Decision::Thaw => c.thaw(),
+        Decision::Kill => {
+            let r = c.kill();
+            // Its memory is gone with it: just close our userfaultfd.
+            if let Some(t) = src.tracker.take() {
+                let _ = t.stop();
+            }
+            r
+        }
+        Decision::Thaw => {
+            // No write protection may stay behind in a process that goes on.
+            src.stop_tracker();
+            c.thaw()
+        }
     };
     r.map_err(|e| format!("{d:?} of process {pid} failed: {e}"))
 }
