@@ -4,7 +4,7 @@
 //! hosts share the filesystem, so a workload's output file can be read from
 //! the test whichever host it runs on.
 
-use super::{field, Procs, Run, Workload};
+use super::{field, only_std_fds, Procs, Run, Workload};
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -30,22 +30,6 @@ pub fn dest_agent_bin() -> PathBuf {
         p.display()
     );
     p
-}
-
-/// Make every inherited fd above 2 close-on-exec in the child.
-fn only_std_fds(cmd: &mut Command) {
-    // SAFETY: close_range is a single async-signal-safe system call.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
-            Ok(())
-        });
-    }
 }
 
 /// Run `cmd` with output to files and a timeout (SIGKILL by PID).

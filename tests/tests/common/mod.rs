@@ -75,7 +75,7 @@ pub fn migrate_bin() -> PathBuf {
 /// Make every inherited fd above 2 close-on-exec in the child, so workloads
 /// start with exactly stdin, stdout and stderr (cargo may leave jobserver
 /// pipes open, and checkpoint refuses pipes to the outside).
-fn only_std_fds(cmd: &mut Command) {
+pub fn only_std_fds(cmd: &mut Command) {
     // SAFETY: close_range is a single async-signal-safe system call.
     unsafe {
         cmd.pre_exec(|| {
