@@ -6,7 +6,6 @@
 
 use super::{field, only_std_fds, Procs, Run, Workload};
 use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
