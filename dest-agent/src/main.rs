@@ -172,7 +172,15 @@ async fn serve(
     id: Identity,
     trust: TrustStore,
 ) -> Result<()> {
-    let ep = ferry_transport::server_endpoint(addr, &id, trust)?;
+    // Small receive windows: what the network holds unread is restore work
+    // still to do after the source freezes, so keep it to ~16 MiB (enough
+    // for full speed on a LAN; the source's passes overlap the rest).
+    let opts = ferry_transport::EndpointOptions {
+        stream_window: 4 << 20,
+        connection_window: 16 << 20,
+        ..Default::default()
+    };
+    let ep = ferry_transport::server_endpoint_with(addr, &id, trust, &opts)?;
     tracing::info!(
         "listening on {} as {}",
         ep.local_addr().map(|a| a.to_string()).unwrap_or_default(),

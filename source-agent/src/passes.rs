@@ -185,10 +185,13 @@ impl Source {
         if let Some(r) = self.policy.decide(&[], 0) {
             return Ok(r);
         }
+        // Only taking the userfaultfd needs the process stopped; protecting
+        // its memory happens while it runs, before pass 0 reads it.
         let mut f = Frozen::freeze(self.pid)?;
         let started = track::start(self.pid, &mut f);
         f.thaw()?;
         let tracker = self.tracker.insert(started?);
+        tracker.arm()?;
         let _ = self.tx.blocking_send(Event::Tracker(tracker.backend()));
         let mut dirty: Option<Vec<PageRange>> = None;
         loop {

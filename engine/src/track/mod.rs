@@ -73,14 +73,24 @@ pub trait DirtyTracker: Send {
     /// Areas without private pages (shared, special) are ignored.
     fn collect(&mut self, vmas: &[Vma], out: &mut Vec<PageRange>) -> Result<()>;
 
+    /// Begin tracking every private area. Called once after [`start`], with
+    /// the process running again: protecting the whole address space takes
+    /// time in proportion to its size, which the process need not spend
+    /// frozen. Writes from before this call are not reported, so the first
+    /// full copy must begin after it.
+    fn arm(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Stop tracking and leave the process as it was (no fd, no mapping,
     /// no write protection of ours).
     fn stop(self: Box<Self>) -> Result<()>;
 }
 
 /// Start tracking `pid`, which the caller holds frozen, with the best
-/// backend this kernel and this process allow. Thaw the process afterwards;
-/// the first [`DirtyTracker::collect`] reports the pages written since now.
+/// backend this kernel and this process allow. Thaw the process afterwards
+/// and call [`DirtyTracker::arm`]; the first [`DirtyTracker::collect`]
+/// reports the pages written since then.
 pub fn start(pid: i32, frozen: &mut Frozen) -> Result<Box<dyn DirtyTracker>> {
     let uffd_reason = match uffd_wp::kernel_support() {
         Ok(()) => match target_userfaultfd(pid)? {

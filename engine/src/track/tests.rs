@@ -257,7 +257,9 @@ fn start_tracking(pid: i32) -> Result<Box<dyn DirtyTracker>> {
     let mut frozen = Frozen::freeze(pid).expect("freeze");
     let t = start(pid, &mut frozen);
     frozen.thaw().expect("thaw");
-    t
+    let mut t = t?;
+    t.arm()?;
+    Ok(t)
 }
 
 fn collect(t: &mut dyn DirtyTracker, pid: i32) -> Vec<PageRange> {

@@ -100,8 +100,9 @@ pub struct UffdWpTracker {
 }
 
 impl UffdWpTracker {
-    /// Set up tracking of `pid`, frozen by the caller, and protect every
-    /// private area. On error nothing of ours is left in the target.
+    /// Set up tracking of `pid`, frozen by the caller: take a userfaultfd
+    /// of its mm. [`DirtyTracker::arm`] then protects every private area.
+    /// On error nothing of ours is left in the target.
     pub fn start(pid: i32, frozen: &mut Frozen) -> Result<UffdWpTracker> {
         kernel_support().map_err(|what| Error::Unsupported {
             pid,
@@ -119,26 +120,12 @@ impl UffdWpTracker {
         }
         let pm_path = format!("/proc/{pid}/pagemap");
         let pagemap = File::open(&pm_path).map_err(|e| Error::io(format!("open {pm_path}"), e))?;
-        let t = UffdWpTracker {
+        Ok(UffdWpTracker {
             pid,
             uffd: Some(uffd),
             pagemap,
             untrackable: HashSet::new(),
-        };
-        // On error, dropping `t` unregisters what was registered.
-        for a in super::private_areas(pid)? {
-            // The process is frozen: a failure is for good (MAP_DROPPABLE
-            // memory cannot be registered). Such an area is reported whole
-            // on every pass.
-            if let Err(e) = t.arm(a) {
-                tracing::info!(
-                    "{:#x}-{:#x} of {pid} cannot be write-protected ({e}): sent whole each pass",
-                    a.start,
-                    a.end
-                );
-            }
-        }
-        Ok(t)
+        })
     }
 
     fn uffd(&self) -> Result<&Uffd> {
@@ -149,7 +136,7 @@ impl UffdWpTracker {
     }
 
     /// Register `r` for write protection and protect all its pages.
-    fn arm(&self, r: PageRange) -> io::Result<()> {
+    fn protect_range(&self, r: PageRange) -> io::Result<()> {
         let uffd = self.uffd.as_ref().ok_or(io::ErrorKind::NotConnected)?;
         uffd.register(r.start, r.len(), UFFDIO_REGISTER_MODE_WP)?;
         uffd.writeprotect(r.start, r.len(), true)
@@ -302,7 +289,7 @@ impl DirtyTracker for UffdWpTracker {
                 // registered (changed under us while the process runs, or
                 // MAP_DROPPABLE memory) is reported whole on every pass.
                 found.push(u);
-                if let Err(e) = self.arm(u) {
+                if let Err(e) = self.protect_range(u) {
                     if !self.untrackable.contains(&u) {
                         tracing::debug!(
                             "{:#x}-{:#x} of {pid} cannot be tracked ({e}): sent whole each pass",
@@ -321,6 +308,25 @@ impl DirtyTracker for UffdWpTracker {
         self.untrackable = untrackable;
         super::normalize(&mut found);
         out.append(&mut found);
+        Ok(())
+    }
+
+    fn arm(&mut self) -> Result<()> {
+        let pid = self.pid;
+        // On a later error, dropping the tracker unregisters what was
+        // registered.
+        for a in super::private_areas(pid)? {
+            // A failure here (an area changing under us while the process
+            // runs, or MAP_DROPPABLE memory) leaves the area unprotected:
+            // `collect` then reports it whole and tries again.
+            if let Err(e) = self.protect_range(a) {
+                tracing::info!(
+                    "{:#x}-{:#x} of {pid} cannot be write-protected yet ({e}): sent whole",
+                    a.start,
+                    a.end
+                );
+            }
+        }
         Ok(())
     }
 
