@@ -169,65 +169,6 @@ fn probe_ptrace() -> Outcome {
 // clone3 with set_tid
 // ---------------------------------------------------------------------------
 
-/// `struct clone_args` (clone3), version 2 with `cgroup`: 88 bytes.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-const _: () = assert!(std::mem::size_of::<CloneArgs>() == 88);
-
-/// Raw `exit_group(0)` for the clone3 child.
-fn child_exit_now() -> ! {
-    // SAFETY: exit_group never returns and touches no user memory.
-    unsafe {
-        libc::syscall(libc::SYS_exit_group, 0 as libc::c_long);
-    }
-    // exit_group cannot fail; keep the type checker happy without panicking.
-    loop {
-        std::hint::spin_loop();
-    }
-}
-
-/// Fork-like `clone3` (no `CLONE_VM`, no new stack) with `set_tid = [tid]`.
-/// The child exits at once; the parent gets the child's PID.
-fn clone3_with_tid(tid: libc::pid_t) -> io::Result<libc::pid_t> {
-    let set_tid = [tid];
-    let mut args = CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: set_tid.as_ptr() as u64,
-        set_tid_size: 1,
-        ..CloneArgs::default()
-    };
-    // SAFETY: `args` and `set_tid` outlive the call; without CLONE_VM the
-    // child gets a private copy of our memory and, returning 0, only calls
-    // `child_exit_now` (a raw exit_group), so it never runs other Rust code.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut args as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if rc == 0 {
-        child_exit_now();
-    }
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    libc::pid_t::try_from(rc).map_err(|_| io::Error::from_raw_os_error(libc::ERANGE))
-}
-
 fn read_num(path: &str) -> Result<i64, String> {
     let s = step(path, fs::read_to_string(path))?;
     s.trim()
@@ -248,7 +189,8 @@ fn probe_clone3_set_tid() -> Outcome {
         let Ok(want) = libc::pid_t::try_from(cand) else {
             continue;
         };
-        match clone3_with_tid(want) {
+        // The same fork with set_tid that restore uses (the child pauses).
+        match ferry_parasite::stub::spawn_paused(Some(want)) {
             Ok(got) => {
                 kill_and_reap(Pid::from_raw(got));
                 return if got == want {
@@ -258,10 +200,8 @@ fn probe_clone3_set_tid() -> Outcome {
                 };
             }
             // Taken between our look and the clone: try another number.
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                last_err = format!("PID {want}: {}", errtxt(&e));
-            }
-            Err(e) => return Err(format!("clone3 set_tid={want}: {}", errtxt(&e))),
+            Err(ferry_parasite::Error::Unexpected { what, .. }) => last_err = what,
+            Err(e) => return Err(format!("clone3 set_tid={want}: {e}")),
         }
     }
     Err(last_err)
