@@ -17,6 +17,8 @@ pub mod host;
 pub mod procfs;
 pub mod regs;
 pub mod restore;
+#[cfg(test)]
+mod testutil;
 pub mod track;
 
 pub use error::{Error, Result};

@@ -501,16 +501,7 @@ pub(crate) mod testkit {
         }
     }
 
-    /// Kill our child `pid` and reap it.
-    pub fn kill_and_reap(pid: i32) {
-        // SAFETY: kill and waitpid of our own child, by PID, with a valid
-        // status pointer.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            let mut st = 0;
-            libc::waitpid(pid, &mut st, libc::__WALL);
-        }
-    }
+    pub use crate::testutil::kill_and_reap;
 
     /// The exit code of our child if it has exited.
     fn exited(pid: i32) -> Option<i32> {

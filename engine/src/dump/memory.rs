@@ -273,7 +273,8 @@ mod tests {
             // SAFETY: inside the mapping made above.
             unsafe { *((base + i * PAGE_SIZE) as *mut u8) = 0x10 + i as u8 };
         }
-        let pid = ferry_parasite::stub::spawn_paused(None).expect("spawn");
+        let child = crate::testutil::spawn_stub();
+        let pid = child.0;
         let result = (|| {
             let vmas = collect_vmas(pid)?;
             let ranges = [
@@ -290,12 +291,9 @@ mod tests {
             dump_pages_in(pid, &vmas, Some(&ranges), &mut sink)?;
             Ok::<Collect, Error>(sink)
         })();
-        // SAFETY: kill and reap our own child; unmap our own mapping.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL);
-            libc::munmap(base as *mut libc::c_void, len);
-        }
+        drop(child);
+        // SAFETY: unmap our own mapping, made above.
+        unsafe { libc::munmap(base as *mut libc::c_void, len) };
         let sink = result.expect("dump");
         let p = |i: u64| base + i * PAGE_SIZE;
         assert_eq!(sink.data, vec![(p(0), 0x10), (p(2), 0x12), (p(5), 0x15)]);

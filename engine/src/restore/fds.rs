@@ -380,49 +380,15 @@ fn remote(what: &str, err: ferry_parasite::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dump::fds::testkit::{kill_and_reap, pattern, scene, ScriptChild, TempDir};
-    use ferry_parasite::remote::local_gadget_addr;
+    use crate::dump::fds::testkit::{pattern, scene, ScriptChild, TempDir};
+    use crate::testutil::StubGuard;
     use ferry_parasite::Tracee;
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
 
-    /// A stub killed and reaped by PID on drop.
-    struct StubGuard(i32);
-    impl Drop for StubGuard {
-        fn drop(&mut self) {
-            kill_and_reap(self.0);
-        }
-    }
-
-    /// A stopped stub with a scratch page and no fds; call `f` with an
-    /// injector on it.
+    /// A stopped stub with a scratch page and no fds.
     fn with_stub<T>(f: impl FnOnce(i32, &mut Injector<'_>) -> T) -> (StubGuard, T) {
-        let pid = ferry_parasite::stub::spawn_paused(None).expect("spawn stub");
-        let guard = StubGuard(pid);
-        let mut t = Tracee::seize(pid).expect("seize");
-        t.interrupt().expect("interrupt");
-        let ip = local_gadget_addr();
-        let scratch = ferry_parasite::remote::mmap_anon(
-            &mut t,
-            ip,
-            0,
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-        )
-        .expect("mmap scratch");
-        let out = {
-            let mut inj = Injector::new(&mut t, ip, scratch, 4096);
-            inj.call(
-                "close_range",
-                libc::SYS_close_range,
-                &[0, u32::MAX as u64, 0],
-            )
-            .expect("close_range");
-            f(pid, &mut inj)
-        };
-        // Leave it stopped (tracee dropped => detached, stub back in pause).
-        drop(t);
-        (guard, out)
+        crate::testutil::with_stub(true, f)
     }
 
     fn fd_list(pid: i32) -> Vec<i32> {

@@ -406,21 +406,6 @@ mod tests {
     use crate::dump::misc::{
         decode_sigaction, parse_hex, parse_umask, read_status, KSIGACTION_SIZE,
     };
-    use ferry_parasite::remote::local_gadget_addr;
-    use ferry_parasite::Tracee;
-
-    /// Kills and reaps the stub by PID on drop.
-    struct StubGuard(i32);
-    impl Drop for StubGuard {
-        fn drop(&mut self) {
-            // SAFETY: kill and waitpid of our own child, by PID, with a local status.
-            unsafe {
-                libc::kill(self.0, libc::SIGKILL);
-                let mut st = 0;
-                libc::waitpid(self.0, &mut st, libc::__WALL);
-            }
-        }
-    }
 
     /// A temporary directory removed on drop.
     struct TempDir(std::path::PathBuf);
@@ -455,25 +440,10 @@ mod tests {
         1u64 << (sig - 1)
     }
 
-    /// A stopped stub with a scratch page of ours mapped in it.
+    /// A stopped stub with a scratch page of ours mapped in it; killed
+    /// once `f` returns.
     fn with_stub(f: impl FnOnce(i32, &mut Injector)) {
-        let pid = ferry_parasite::stub::spawn_paused(None).expect("spawn stub");
-        let _guard = StubGuard(pid);
-        let mut t = Tracee::seize(pid).expect("seize");
-        t.interrupt().expect("interrupt");
-        let ip = local_gadget_addr();
-        let scratch = ferry_parasite::remote::mmap_anon(
-            &mut t,
-            ip,
-            0,
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-        )
-        .expect("mmap scratch");
-        let mut inj = Injector::new(&mut t, ip, scratch, 4096);
-        f(pid, &mut inj);
-        drop(inj);
-        t.detach().expect("detach");
+        crate::testutil::with_stub(false, f);
     }
 
     fn siginfo(signo: i32, code: i32, pid: i32, value: u64) -> PendingSignal {
@@ -679,8 +649,8 @@ mod tests {
 
     #[test]
     fn misc_rlimit_above_our_hard_limit_is_capped() {
-        let pid = ferry_parasite::stub::spawn_paused(None).expect("spawn stub");
-        let _guard = StubGuard(pid);
+        let guard = crate::testutil::spawn_stub();
+        let pid = guard.0;
         let own = own_rlimit(libc::RLIMIT_NOFILE);
         let low = RawRlimit {
             cur: 50,

@@ -314,13 +314,10 @@ mod tests {
     fn relayout_between_passes() {
         // A paused copy of this test process gives a real layout; its PID
         // is then freed for the stub.
-        let pid = ferry_parasite::stub::spawn_paused(None).expect("spawn");
+        let child = crate::testutil::spawn_stub();
+        let pid = child.0;
         let vmas = crate::dump::memory::collect_vmas(pid);
-        // SAFETY: kill and reap our own child, by PID.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL);
-        }
+        drop(child);
         let vmas = vmas.expect("layout of the child");
         let host = crate::host::host_info();
         let tids = [pid];
@@ -394,11 +391,8 @@ mod tests {
             data: vec![1; PAGE_SIZE as usize],
         };
         assert!(r.write_batch(&stale).is_err());
+        // Dropping the restorer kills and reaps the stub.
         drop(r);
-        // Dropping the restorer killed the stub; reap it.
-        let mut st = 0;
-        // SAFETY: waitpid on our own child, by PID.
-        let w = unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
-        assert!(w == pid || w == -1);
+        assert!(!crate::procfs::exists(pid), "stub {pid} left behind");
     }
 }
