@@ -7,7 +7,7 @@
 use super::{field, only_std_fds, Procs, Run, Workload};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long one command may take (`scripts/hosts`, `migrate`, ...).
@@ -32,39 +32,8 @@ pub fn dest_agent_bin() -> PathBuf {
 }
 
 /// Run `cmd` with output to files and a timeout (SIGKILL by PID).
-pub fn run(mut cmd: Command, tmp: &Path, name: &str) -> Run {
-    let out_path = tmp.join(format!("{name}.out"));
-    let err_path = tmp.join(format!("{name}.err"));
-    let args: Vec<String> = cmd
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    cmd.stdin(Stdio::null())
-        .stdout(File::create(&out_path).expect("create stdout file"))
-        .stderr(File::create(&err_path).expect("create stderr file"));
-    only_std_fds(&mut cmd);
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let start = Instant::now();
-    let status: ExitStatus = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if start.elapsed() > CMD_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} did not finish within {CMD_TIMEOUT:?}; stderr: {}",
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Run {
-        args,
-        status,
-        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
-    }
+pub fn run(cmd: Command, tmp: &Path, name: &str) -> Run {
+    Background::spawn(cmd, tmp, name).wait(CMD_TIMEOUT)
 }
 
 /// A command running in the background with its output in files. Drop
