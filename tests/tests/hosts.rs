@@ -97,33 +97,13 @@ impl Hosts {
     fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
         let n = self.n.get();
         self.n.set(n + 1);
-        let out_path = self.state.path().join(format!("cmd{n}.out"));
-        let err_path = self.state.path().join(format!("cmd{n}.err"));
-        let mut cmd = self.command(args, env);
-        cmd.stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out_path).expect("create stdout file"))
-            .stderr(std::fs::File::create(&err_path).expect("create stderr file"));
-        let mut child = cmd.spawn().expect("spawn scripts/hosts");
-        let start = Instant::now();
-        let status = loop {
-            if let Some(st) = child.try_wait().expect("wait for scripts/hosts") {
-                break st;
-            }
-            if start.elapsed() > CMD_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "`scripts/hosts {}` did not finish within {CMD_TIMEOUT:?}; stderr: {}",
-                    args.join(" "),
-                    std::fs::read_to_string(&err_path).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let cmd = self.command(args, env);
+        let r = common::hosts::Background::spawn(cmd, self.state.path(), &format!("cmd{n}"))
+            .wait(CMD_TIMEOUT);
         Out {
-            status,
-            stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
-            stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+            status: r.status,
+            stdout: r.stdout,
+            stderr: r.stderr,
         }
     }
 
