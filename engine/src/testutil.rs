@@ -58,3 +58,34 @@ pub fn with_stub<T>(
     t.detach().expect("detach");
     (guard, out)
 }
+
+/// A fresh empty directory under the system temp dir, removed on drop. Its
+/// path is canonical (tests compare it with paths read back from /proc).
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    /// A new empty directory; `tag` goes into its name.
+    pub fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("ferry-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        let path = path.canonicalize().expect("canonicalize temp dir");
+        TempDir { path }
+    }
+
+    /// Path of `name` inside, as a string.
+    pub fn file(&self, name: &str) -> String {
+        self.path.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

@@ -627,35 +627,7 @@ pub(crate) mod testkit {
         }
     }
 
-    /// A temporary directory removed on drop.
-    pub struct TempDir {
-        pub path: std::path::PathBuf,
-    }
-
-    impl TempDir {
-        /// A new empty directory under the system temp dir.
-        pub fn new(tag: &str) -> TempDir {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let n = N.fetch_add(1, Ordering::Relaxed);
-            let path =
-                std::env::temp_dir().join(format!("ferry-fds-{tag}-{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).expect("create temp dir");
-            TempDir { path }
-        }
-
-        /// Path of `name` inside, as a string.
-        pub fn file(&self, name: &str) -> String {
-            self.path.join(name).to_string_lossy().into_owned()
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
+    pub use crate::testutil::TempDir;
 
     /// The standard scene used by the dump and round-trip tests.
     pub fn scene(dir: &TempDir) -> (Vec<Act>, Vec<u8>) {

@@ -321,24 +321,7 @@ mod tests {
         }
     }
 
-    /// A temporary directory removed on drop.
-    struct TempDir(std::path::PathBuf);
-    impl TempDir {
-        fn new(tag: &str) -> TempDir {
-            let p = std::env::temp_dir().join(format!(
-                "ferry-misc-{tag}-{}-{:?}",
-                std::process::id(),
-                std::time::SystemTime::now()
-            ));
-            std::fs::create_dir_all(&p).expect("mkdir");
-            TempDir(p.canonicalize().expect("canonicalize"))
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testutil::TempDir;
 
     extern "C" fn usr1_handler(_sig: libc::c_int) {}
 
@@ -462,10 +445,10 @@ mod tests {
     /// Fork a child per `drop_to_nobody`, freeze it and collect; checks
     /// the stack scratch is unchanged.
     fn run(drop_to_nobody: bool) -> Collected {
-        let dir = TempDir::new("dump");
+        let dir = TempDir::new("misc-dump");
         let (_, hard) = own_nofile();
         let plan = ChildPlan {
-            dir: CString::new(dir.0.to_str().expect("utf8")).expect("cstr"),
+            dir: CString::new(dir.path.to_str().expect("utf8")).expect("cstr"),
             nofile_soft: 77,
             nofile_hard: hard,
             drop_to_nobody,
@@ -519,7 +502,7 @@ mod tests {
             misc,
             private,
             pid,
-            dir: dir.0.to_str().expect("utf8").to_string(),
+            dir: dir.path.to_str().expect("utf8").to_string(),
             nofile: (77, hard),
         }
     }

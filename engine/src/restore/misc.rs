@@ -407,24 +407,7 @@ mod tests {
         decode_sigaction, parse_hex, parse_umask, read_status, KSIGACTION_SIZE,
     };
 
-    /// A temporary directory removed on drop.
-    struct TempDir(std::path::PathBuf);
-    impl TempDir {
-        fn new() -> TempDir {
-            let p = std::env::temp_dir().join(format!(
-                "ferry-misc-restore-{}-{:?}",
-                std::process::id(),
-                std::time::SystemTime::now()
-            ));
-            std::fs::create_dir_all(&p).expect("mkdir");
-            TempDir(p.canonicalize().expect("canonicalize"))
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testutil::TempDir;
 
     const CAP_CHOWN: u32 = 0;
     const CAP_KILL: u32 = 5;
@@ -485,7 +468,7 @@ mod tests {
 
     #[test]
     fn misc_apply_queue_and_creds_on_stub() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("misc-restore");
         let own_nofile = own_rlimit(libc::RLIMIT_NOFILE);
         let own_mq = own_rlimit(libc::RLIMIT_MSGQUEUE);
         let mut sigactions = vec![SigAction::default(); 64];
@@ -510,7 +493,7 @@ mod tests {
             creds: Credentials::default(),
             sigactions,
             shared_pending: vec![],
-            cwd: dir.0.to_str().expect("utf8").to_string(),
+            cwd: dir.path.to_str().expect("utf8").to_string(),
             root: "/".into(),
             umask: 0o027,
             rlimits: vec![
@@ -557,7 +540,7 @@ mod tests {
             assert_eq!(parse_umask(&status).expect("umask"), 0o027);
             assert_eq!(
                 std::fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd"),
-                dir.0
+                dir.path
             );
             assert_eq!(
                 std::fs::read_link(format!("/proc/{pid}/root")).expect("root"),
