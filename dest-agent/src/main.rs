@@ -45,6 +45,9 @@ struct Cli {
     /// the restored process, nothing is written there today.
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
+    /// The same as `listen --lazy-timeout`.
+    #[arg(long, value_name = "SECS")]
+    lazy_timeout: Option<u64>,
     #[command(subcommand)]
     cmd: Option<Command>,
 }
@@ -60,6 +63,14 @@ enum Command {
         /// the restored process, nothing is written there today.
         #[arg(long, value_name = "DIR")]
         work_dir: Option<PathBuf>,
+        /// Lazy migrations (`migrate --lazy`): how long a restored process
+        /// may wait for a page from its source before it is stopped, in
+        /// seconds (default 30). Part of its memory is only on the source
+        /// until the last page arrives; if the source or the link is gone
+        /// for longer than this, the process cannot continue and is killed
+        /// here, with an error in the log.
+        #[arg(long, value_name = "SECS")]
+        lazy_timeout: Option<u64>,
     },
     /// Print this agent's fingerprint (creating its identity if needed).
     Identity,
@@ -102,12 +113,17 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Trust { fingerprint }) => trust(&config_dir, &fingerprint),
-        Some(Command::Listen { listen, work_dir }) => listen_cmd(
+        Some(Command::Listen {
+            listen,
+            work_dir,
+            lazy_timeout,
+        }) => listen_cmd(
             &config_dir,
             listen.or(cli.listen),
             work_dir.or(cli.work_dir),
+            lazy_timeout.or(cli.lazy_timeout),
         ),
-        None => listen_cmd(&config_dir, cli.listen, cli.work_dir),
+        None => listen_cmd(&config_dir, cli.listen, cli.work_dir, cli.lazy_timeout),
     }
 }
 
@@ -135,7 +151,15 @@ fn parse_listen(s: &str) -> Result<SocketAddr> {
     bail!("invalid listen address {s:?}: expected ADDR[:PORT], e.g. 0.0.0.0:{DEFAULT_PORT}")
 }
 
-fn listen_cmd(config_dir: &Path, listen: Option<String>, work_dir: Option<PathBuf>) -> Result<()> {
+fn listen_cmd(
+    config_dir: &Path,
+    listen: Option<String>,
+    work_dir: Option<PathBuf>,
+    lazy_timeout: Option<u64>,
+) -> Result<()> {
+    if lazy_timeout == Some(0) {
+        bail!("--lazy-timeout must be at least 1 second");
+    }
     let addr = match listen {
         Some(s) => parse_listen(&s)?,
         None => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT),
@@ -157,6 +181,7 @@ fn listen_cmd(config_dir: &Path, listen: Option<String>, work_dir: Option<PathBu
     let trust = TrustStore::load(config_dir)?;
     let shared = Arc::new(Shared {
         pause_at,
+        lazy_timeout: lazy_timeout.map(Duration::from_secs),
         ..Shared::default()
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -24,8 +24,12 @@ pub enum Command {
     Relayout { vmas: Arc<Vec<Vma>> },
     /// Write the pages of a decoded (and validated) page frame.
     Pages(Decoded),
-    /// Apply the rest of the state; the threads stay stopped.
-    Finish { image: Box<ProcessImage> },
+    /// Apply the rest of the state; the threads stay stopped. With `owed`
+    /// (a lazy switchover) those pages are left to a userfaultfd.
+    Finish {
+        image: Box<ProcessImage>,
+        owed: Option<Arc<Vec<(u64, u64)>>>,
+    },
     /// Let the restored process run.
     Resume,
 }
@@ -54,10 +58,21 @@ pub enum Event {
     /// A page frame of `pass` was written: its pages and encoded bytes; or
     /// why it was refused.
     Batch(Result<(u32, u64, u64), String>),
-    /// `Finish` done: the process is ready, stopped.
-    Finished(Result<RestoreSummary, String>),
+    /// `Finish` done: the process is ready, stopped (and, for a lazy
+    /// switchover, its armed userfaultfd).
+    Finished(Result<(RestoreSummary, Option<LazyUffd>), String>),
     /// `Resume` done: the process runs.
     Resumed(Result<RestoreSummary, String>),
+}
+
+/// The userfaultfd of a lazily restored process, to be served from before
+/// it resumes.
+pub struct LazyUffd(pub userfaultfd::Uffd);
+
+impl std::fmt::Debug for LazyUffd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LazyUffd")
+    }
 }
 
 /// Handle on a restorer thread.
@@ -122,15 +137,22 @@ fn run(rx: std::sync::mpsc::Receiver<Command>, events: mpsc::UnboundedSender<Eve
                     .map(|()| (d.pass, d.batch.total_pages(), d.bytes)),
                 _ => Err("pages with no restore in progress".to_string()),
             }),
-            Command::Finish { image } => match std::mem::replace(&mut state, State::Gone) {
-                State::Building(r) => Event::Finished(match r.finish(&image) {
-                    Ok(ready) => {
-                        let s = ready.summary.clone();
-                        state = State::Ready(ready);
-                        Ok(s)
-                    }
-                    Err(e) => Err(format!("{e}")),
-                }),
+            Command::Finish { image, owed } => match std::mem::replace(&mut state, State::Gone) {
+                State::Building(r) => {
+                    let done = match &owed {
+                        Some(o) => r.finish_lazy(&image, o),
+                        None => r.finish(&image),
+                    };
+                    Event::Finished(match done {
+                        Ok(mut ready) => {
+                            let s = ready.summary.clone();
+                            let uffd = ready.take_uffd().map(LazyUffd);
+                            state = State::Ready(ready);
+                            Ok((s, uffd))
+                        }
+                        Err(e) => Err(format!("{e}")),
+                    })
+                }
                 _ => Event::Finished(Err("no restore in progress".to_string())),
             },
             Command::Resume => match std::mem::replace(&mut state, State::Gone) {

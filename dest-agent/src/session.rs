@@ -15,17 +15,20 @@
 //! caller closes the connection with it, and dropping the restorer thread
 //! kills what was built.
 
+use crate::lazy::{wire_stats, LazyEvent, LazyInbox, LazyThread};
 use crate::restorer::{Command, Decoded, Event, RestorerThread};
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_engine::lazy::pager::{Origin, Pager};
 use ferry_protocol::model::{HostInfo, ProcessImage, Vma};
 use ferry_protocol::pages::{BatchDecoder, PageBatch};
 use ferry_protocol::wire::{
-    page_decoder, ControlMsg, DestState, PageFrame, Phase, ProtocolVersion, RefuseCode, WireError,
+    check_spans_in_anonymous, page_decoder, ControlMsg, DestState, LazyFrame, LazyOrigin,
+    PageFrame, PageSpan, Phase, ProtocolVersion, RefuseCode, StreamFrame, WireError,
     MAX_REASON_LEN,
 };
-use ferry_transport::frames::{recv_control, recv_page, send_control};
+use ferry_transport::frames::{recv_control, recv_stream_frame, send_control};
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
@@ -42,6 +45,9 @@ const MAX_HELD_FRAMES: usize = 64;
 const FRAME_QUEUE: usize = 16;
 /// Page streams one connection may open.
 const MAX_PAGE_STREAMS: usize = 64;
+/// How long a lazily restored process may wait for a page from the source
+/// before it is stopped (`dest-agent --lazy-timeout`).
+pub const DEFAULT_LAZY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where a testing aid may stop the agent ([`PAUSE_ENV`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +100,9 @@ pub struct Shared {
     pub active: Mutex<HashSet<i32>>,
     /// PIDs of restored processes (our children), to reap.
     pub children: Mutex<Vec<i32>>,
+    /// The lazy phase's bound on waiting for the source (default
+    /// [`DEFAULT_LAZY_TIMEOUT`]).
+    pub lazy_timeout: Option<Duration>,
 }
 
 impl Shared {
@@ -304,6 +313,11 @@ pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<()> {
         finishing: false,
         switchover_at: None,
         first_batch_seen: false,
+        owed: None,
+        shared_owed: Arc::default(),
+        lazy: None,
+        lazy_inbox: Arc::default(),
+        lazy_events: mpsc::unbounded_channel(),
     };
     m.run(recv).await
 }
@@ -328,6 +342,44 @@ fn decode(
         batch,
         bytes: f.batch.len() as u64,
     })
+}
+
+/// Decode a lazy page frame, checking every run against the owed spans.
+fn decode_lazy(
+    decoder: &mut BatchDecoder,
+    owed: &RwLock<Option<Arc<Vec<PageSpan>>>>,
+    f: LazyFrame,
+) -> Result<(Origin, PageBatch)> {
+    let spans = owed
+        .read()
+        .ok()
+        .and_then(|o| o.clone())
+        .ok_or_else(|| anyhow!("lazy page frame in a migration without LazyPlan"))?;
+    let mut batch = PageBatch::default();
+    f.decode_batch(decoder, &spans, &mut batch)
+        .context("lazy page frame")?;
+    let origin = match f.origin {
+        LazyOrigin::Pushed => Origin::Pushed,
+        LazyOrigin::Requested => Origin::Requested,
+    };
+    Ok((origin, batch))
+}
+
+/// Hand a lazy page frame to the lazy thread (frames go there directly,
+/// not through the session: a requested page must not wait behind others).
+async fn deliver_lazy(
+    decoder: &mut BatchDecoder,
+    owed: &RwLock<Option<Arc<Vec<PageSpan>>>>,
+    inbox: &OnceLock<LazyInbox>,
+    f: LazyFrame,
+) -> Result<()> {
+    let (origin, batch) = decode_lazy(decoder, owed, f)?;
+    let inbox = inbox
+        .get()
+        .ok_or_else(|| anyhow!("lazy page frame before the process runs"))?;
+    // False after the lazy phase: a late duplicate, dropped.
+    inbox.deliver(origin, batch).await;
+    Ok(())
 }
 
 /// The migration after Ready.
@@ -357,6 +409,18 @@ struct Migration<'a> {
     finishing: bool,
     switchover_at: Option<Instant>,
     first_batch_seen: bool,
+    /// A lazy switchover: the spans the source still owes.
+    owed: Option<Arc<Vec<(u64, u64)>>>,
+    /// The same, for the stream readers that decode lazy frames.
+    shared_owed: Arc<RwLock<Option<Arc<Vec<PageSpan>>>>>,
+    /// The lazy phase's thread, while it runs.
+    lazy: Option<LazyThread>,
+    /// Its inbox, for the stream readers (set when the lazy phase starts).
+    lazy_inbox: Arc<OnceLock<LazyInbox>>,
+    lazy_events: (
+        mpsc::UnboundedSender<LazyEvent>,
+        mpsc::UnboundedReceiver<LazyEvent>,
+    ),
 }
 
 impl Migration<'_> {
@@ -378,6 +442,8 @@ impl Migration<'_> {
         let conn = self.conn.clone();
         let applied_rx = self.applied_watch.subscribe();
         let layouts = self.shared_layouts.clone();
+        let owed = self.shared_owed.clone();
+        let inbox = self.lazy_inbox.clone();
         let _accepter = AbortOnDrop(tokio::spawn(async move {
             let mut readers = tokio::task::JoinSet::new();
             let mut n = 0usize;
@@ -392,11 +458,13 @@ impl Migration<'_> {
                 let tx = frame_tx.clone();
                 let mut applied = applied_rx.clone();
                 let layouts = layouts.clone();
+                let owed = owed.clone();
+                let inbox = inbox.clone();
                 readers.spawn(async move {
                     let mut decoder = page_decoder();
                     loop {
-                        match recv_page(&mut stream).await {
-                            Ok(Some(f)) => {
+                        match recv_stream_frame(&mut stream).await {
+                            Ok(Some(StreamFrame::Pages(f))) => {
                                 while f.pass >= *applied.borrow_and_update() {
                                     if applied.changed().await.is_err() {
                                         return;
@@ -404,6 +472,12 @@ impl Migration<'_> {
                                 }
                                 let d = decode(&mut decoder, &layouts, f);
                                 if tx.send(d).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(Some(StreamFrame::Lazy(f))) => {
+                                if let Err(e) = deliver_lazy(&mut decoder, &owed, &inbox, f).await {
+                                    let _ = tx.send(Err(e)).await;
                                     break;
                                 }
                             }
@@ -448,6 +522,13 @@ impl Migration<'_> {
                 ev = ev_rx.recv() => {
                     let Some(ev) = ev else { bail!("the restorer thread is gone") };
                     if self.on_event(ev, &mut ctl_rx).await? {
+                        return Ok(());
+                    }
+                }
+                ev = self.lazy_events.1.recv() => {
+                    // The sender lives in `self`: never None.
+                    let Some(ev) = ev else { continue };
+                    if self.on_lazy_event(ev, &mut ctl_rx).await? {
                         return Ok(());
                     }
                 }
@@ -509,7 +590,24 @@ impl Migration<'_> {
                 self.image = Some(image);
                 self.advance()?;
             }
+            ControlMsg::LazyPlan { owed } => {
+                let layout = self
+                    .layouts
+                    .last()
+                    .ok_or_else(|| anyhow!("LazyPlan before any pass"))?;
+                check_spans_in_anonymous(&owed, layout)?;
+                let pages: u64 = owed.iter().map(|s| s.pages).sum();
+                tracing::info!(pid = self.pid, spans = owed.len(), pages, "lazy plan");
+                self.owed = Some(Arc::new(owed.iter().map(|s| (s.addr, s.pages)).collect()));
+                if let Ok(mut o) = self.shared_owed.write() {
+                    *o = Some(Arc::new(owed));
+                }
+            }
             ControlMsg::Abort { reason } => {
+                if self.lazy.is_some() {
+                    // Dropping the lazy thread's handle stops the process.
+                    bail!("the source gave up during the lazy phase: {reason}");
+                }
                 tracing::warn!(pid = self.pid, "the source aborted: {reason}");
                 return Ok(true);
             }
@@ -554,7 +652,8 @@ impl Migration<'_> {
         if !self.finishing && self.ctl.state.all_passes_complete() {
             if let Some(image) = self.image.take() {
                 self.finishing = true;
-                self.command(Command::Finish { image })?;
+                let owed = self.owed.clone();
+                self.command(Command::Finish { image, owed })?;
             }
         }
         Ok(())
@@ -606,7 +705,7 @@ impl Migration<'_> {
                 }
                 self.advance()?;
             }
-            Event::Finished(Ok(summary)) => {
+            Event::Finished(Ok((summary, uffd))) => {
                 self.shared.pause(PausePoint::Restored).await;
                 let restore_us = self
                     .switchover_at
@@ -620,6 +719,17 @@ impl Migration<'_> {
                 // session and the stopped process is killed.
                 if let Some(e) = ferry_transport::close_error(self.conn) {
                     bail!("the source is gone before Running: {e}");
+                }
+                if let (Some(uffd), Some(owed)) = (uffd, &self.owed) {
+                    // Faults are served from before the first instruction;
+                    // if Running cannot be sent, dropping the thread's
+                    // handle stops the process again.
+                    let pager = Pager::new(self.pid, uffd.0, owed);
+                    let timeout = self.shared.lazy_timeout.unwrap_or(DEFAULT_LAZY_TIMEOUT);
+                    let (t, inbox) = LazyThread::start(pager, timeout, self.lazy_events.0.clone())
+                        .context("starting the lazy page thread")?;
+                    self.lazy = Some(t);
+                    let _ = self.lazy_inbox.set(inbox);
                 }
                 self.ctl.send(&running).await?;
                 self.command(Command::Resume)?;
@@ -654,10 +764,65 @@ impl Migration<'_> {
                     }
                 }
                 self.restorer = None;
+                if self.lazy.is_some() {
+                    // The lazy phase goes on: pages, requests, completion.
+                    return Ok(false);
+                }
                 return self.wait_done(ctl_rx).await.map(|()| true);
             }
         }
         Ok(false)
+    }
+
+    /// What the lazy thread reports; true when the session is over.
+    async fn on_lazy_event(
+        &mut self,
+        ev: LazyEvent,
+        ctl_rx: &mut mpsc::Receiver<Result<ControlMsg, WireError>>,
+    ) -> Result<bool> {
+        match ev {
+            LazyEvent::Requests(reqs) => {
+                for (addr, pages) in reqs {
+                    self.ctl
+                        .send(&ControlMsg::PageRequest { addr, pages })
+                        .await?;
+                }
+                Ok(false)
+            }
+            LazyEvent::Complete(stats) => {
+                self.lazy = None;
+                tracing::info!(
+                    pid = self.pid,
+                    faults = stats.faults,
+                    pushed = stats.pages_pushed,
+                    requested = stats.pages_requested,
+                    forks = stats.forks,
+                    max_fault_wait_ms = stats.max_fault_wait.as_secs_f64() * 1e3,
+                    last_page_ms = stats.last_page.map_or(0.0, |d| d.as_secs_f64() * 1e3),
+                    "lazy phase complete"
+                );
+                self.ctl
+                    .send(&ControlMsg::LazyComplete {
+                        stats: wire_stats(&stats),
+                    })
+                    .await?;
+                self.wait_done(ctl_rx).await.map(|()| true)
+            }
+            LazyEvent::Failed(reason) => {
+                self.lazy = None;
+                let _ = self
+                    .ctl
+                    .send(&ControlMsg::Abort {
+                        reason: cut(format!("lazy phase failed: {reason}")),
+                    })
+                    .await;
+                let _ = self.ctl.send.finish();
+                Err(anyhow!(
+                    "lazy phase of process {} failed: {reason}",
+                    self.pid
+                ))
+            }
+        }
     }
 
     /// Before Running: tell the source why, and end with that error (the

@@ -14,6 +14,7 @@ pub mod error;
 pub mod facts;
 pub mod freeze;
 pub mod host;
+pub mod lazy;
 pub mod procfs;
 pub mod regs;
 pub mod restore;

@@ -7,7 +7,9 @@
 //! `std::io::{Read, Write}`. The agents carry the frames over QUIC: **one
 //! bidirectional control stream** (opened by the source) carries
 //! [`ControlMsg`]s in both directions, and **any number of unidirectional page
-//! streams** (opened by the source) carry [`PageFrame`]s. An async transport
+//! streams** (opened by the source) carry [`PageFrame`]s and, in a lazy
+//! migration after `Running`, [`LazyFrame`]s (a receiver that does not know
+//! which a stream carries reads [`StreamFrame`]s). An async transport
 //! reads the fixed [`HEADER_LEN`]-byte header, checks it with
 //! [`FrameHeader::parse`] (which bounds the length before anything is
 //! allocated), reads the payload and finishes with [`Frame::from_parts`].
@@ -38,8 +40,30 @@
 //!        │ kill the source copy                                          │
 //! ```
 //!
-//! Either side may send `Abort {reason}` at any time before `Running` and then
-//! close the connection; the source then resumes its process untouched.
+//! A lazy migration (negotiated minor ≥ [`LAZY_MINOR`]) leaves some pages
+//! behind and fetches them after the process runs on the destination:
+//!
+//! ```text
+//!  source (migrate)                                         destination (dest-agent)
+//!  ────────────────                                         ────────────────────────
+//!        │   … passes as above; after the last pass's PassEnd:            │
+//!        │── LazyPlan {owed: [PageSpan]} ────────────────────────────────▶│ check owed spans
+//!        │── Switchover {image: ProcessImage} ───────────────────────────▶│ restore without the
+//!        │                                                                │ owed pages, resume
+//!        │◀────────────────────────────────── Running {pid, restore_us} ──│ (Phase::Lazy)
+//!        │ serve pages; never resume                                      │ a thread faults on an
+//!        │◀────────────────────────────────── PageRequest {addr, pages} ──│ owed page: ask for it
+//!        │══ request stream: LazyPages {Requested, batch} ═══════════════▶│ place, wake the thread
+//!        │══ push streams: LazyPages {Pushed, batch} × m ════════════════▶│ place in the background
+//!        │                                                                │ every owed page is in
+//!        │◀──────────────────────────── LazyComplete {stats: LazyStats} ──│
+//!        │── Done ───────────────────────────────────────────────────────▶│ close
+//!        │ kill the source copy                                           │
+//! ```
+//!
+//! Either side may send `Abort {reason}` at any time before `Running` (and, in
+//! a lazy migration, before `LazyComplete`) and then close the connection;
+//! before `Running` the source then resumes its process untouched.
 //!
 //! * **Hello / HelloAck**: protocol versions and the hosts' [`HostInfo`]
 //!   (architecture, kernel, XSAVE size and features). Both sides can decide
@@ -67,7 +91,35 @@
 //! * **Running** means: the process runs on the destination, `restore_us`
 //!   after the `Switchover` arrived. **Failed** means the restore failed and
 //!   the destination removed what it built. **Done** tells the destination
-//!   that the source has seen `Running` and kills its copy.
+//!   that the source has seen `Running` (in a lazy migration:
+//!   `LazyComplete`) and kills its copy.
+//! * **LazyPlan** (minor ≥ [`LAZY_MINOR`]; at most once, after the last
+//!   pass's `PassEnd` and before `Switchover`; no `PassStart` may follow it)
+//!   makes the migration lazy: `owed` lists the pages whose content the
+//!   source still owes ([`PageSpan`]s: page aligned, not empty, sorted, not
+//!   overlapping; touching is allowed). Each span lies inside one anonymous
+//!   VMA of the last pass's layout ([`check_spans_in_anonymous`]; only
+//!   private anonymous memory is restored lazily). The destination restores
+//!   the process with the owed pages missing, whatever earlier passes sent
+//!   for them, and fetches them on demand (userfaultfd). An empty plan is
+//!   legal: the destination sends `LazyComplete` right after `Running`.
+//! * **PageRequest** (destination → source, only between `Running` and
+//!   `LazyComplete`): a thread faulted on an owed page; `pages` pages
+//!   (1..=[`MAX_REQUEST_PAGES`]) from `addr`, inside one owed span
+//!   ([`find_owed_span`]; the source refuses others), are sent before the
+//!   rest. A request may name pages already sent (a fault races the push):
+//!   the source sends them again.
+//! * **LazyPages** frames carry owed pages on page streams the source opens
+//!   after it received `Running`: answers to requests with origin
+//!   [`LazyOrigin::Requested`] on one stream of high priority, the
+//!   background push of everything else with origin [`LazyOrigin::Pushed`]
+//!   on the others. Every run lies inside one owed span
+//!   ([`check_runs_owed`]). The source's copy is frozen, so a page sent twice
+//!   has the same content both times; the destination keeps the first and
+//!   ignores the others, also after `LazyComplete`.
+//! * **LazyComplete** (destination → source) means every owed page arrived;
+//!   it carries the destination's [`LazyStats`]. The source then kills its
+//!   copy and sends `Done`.
 //!
 //! The commit point is the source receiving `Running`: before it, any failure
 //! (including a lost connection) makes the source resume its process and the
@@ -75,6 +127,17 @@
 //! A destination that sent `Running` keeps its process even if `Done` never
 //! arrives. (If the connection breaks exactly while `Running` is in flight,
 //! both copies run: the window is one network delay; the agents log it.)
+//!
+//! A lazy migration commits at the same point, but after `Running` the
+//! process runs on the destination while part of its memory exists only on
+//! the source. The source never resumes its copy after `Running` (the
+//! process has already run elsewhere); it keeps it frozen only to serve the
+//! owed pages and kills it after `LazyComplete`. If the source or the link is
+//! lost (or an `Abort` arrives) before every owed page is in, a faulting
+//! thread cannot continue: once the destination's bounded wait runs out, the
+//! destination must stop the process, and the migration has lost it.
+//! Pre-copy alone never has this risk: `Running` is sent only when every
+//! page is in.
 //!
 //! # The destination's state machine ([`DestState`])
 //!
@@ -84,11 +147,17 @@
 //!   AwaitPrepare ──recv Prepare──▶ Checking ──send Ready──▶ PreCopy
 //!                                  Checking ──send Refuse──▶ Closed
 //!   PreCopy ──recv PassStart{n = next}──▶ InPass(n) ──recv PassEnd{n}──▶ PreCopy
+//!   PreCopy (≥ 1 pass ended, minor ≥ 1) ──recv LazyPlan──▶ PreCopy, lazy
 //!   PreCopy (≥ 1 pass ended) ──recv Switchover──▶ Restoring
 //!   Restoring ──send Running (all batches in)──▶ Running ──recv Done──▶ Closed
+//!   Restoring ──send Running (all batches in, lazy)──▶ Lazy
+//!   Lazy ──send PageRequest──▶ Lazy ──send LazyComplete──▶ Running
 //!   Restoring ──send Failed──▶ Closed
-//!   any state before Running ──send or recv Abort──▶ Closed
+//!   any state before Running, and Lazy ──send or recv Abort──▶ Closed
 //! ```
+//!
+//! A lazy `PreCopy` (after `LazyPlan`, [`DestState::is_lazy`]) accepts no
+//! `PassStart`, and no second `LazyPlan`.
 //!
 //! Anything else is [`WireError::UnexpectedMessage`] and closes the
 //! connection. Page frames ([`DestState::page_batch`]) are legal in
@@ -99,7 +168,9 @@
 //! declared ones; more than declared, or a mismatch at the declared batch
 //! count, is an error. The destination applies the layout of pass `n` only
 //! when pass `n − 1` is complete ([`DestState::pass_complete`]), and sends
-//! `Running` only when all passes are complete.
+//! `Running` only when all passes are complete. Lazy page frames
+//! ([`DestState::lazy_frame`]) are legal in `Lazy`, and in `Running` of a
+//! lazy migration (late duplicates, ignored).
 //!
 //! # Framing
 //!
@@ -118,9 +189,11 @@
 //! A control payload is the postcard encoding of the message's fields in
 //! declaration order (exactly as a struct with those fields); the kind byte
 //! is the only discriminant, and unit messages (`Ready`, `Done`) have an
-//! empty payload. A page payload is the pass number (u32) followed by one
-//! batch in the page batch codec of [`crate::pages`] (runs, zero-page markers,
-//! zstd, its own checksum).
+//! empty payload. A page payload (`Pages`) is the pass number (u32) followed
+//! by one batch in the page batch codec of [`crate::pages`] (runs, zero-page
+//! markers, zstd, its own checksum). A lazy page payload (`LazyPages`) is the
+//! origin ([`LazyOrigin`] as a u32: 0 pushed, 1 requested) followed by one
+//! batch in the same codec.
 //!
 //! A receiver checks, in this order, and each failure is its own
 //! [`WireError`]: magic, version, kind, the length against the limit of the
@@ -128,7 +201,8 @@
 //! complete payload, the checksum, the decoding with no byte left over, and
 //! the message's semantic rules ([`ControlMsg::validate`], which includes
 //! [`ProcessImage::validate`] for the image; for pages the batch codec's own
-//! checks under [`PAGE_BATCH_LIMITS`] and [`check_runs_within`]). A sender
+//! checks under [`PAGE_BATCH_LIMITS`] and [`check_runs_within`], for lazy
+//! pages the same codec checks and [`check_runs_owed`]). A sender
 //! runs the same checks before sending: what would be refused is not sent.
 //! A stream that ends cleanly between frames is [`WireError::EndOfStream`];
 //! one that ends inside a frame is [`WireError::Truncated`].
@@ -148,23 +222,33 @@
 //! * An unknown kind byte is [`WireError::UnknownKind`] and closes the
 //!   connection with an error: there is no "skip what you don't know".
 //!
+//! Minor versions:
+//!
+//! * **0**: kinds 1–12 and 32 (pre-copy).
+//! * **1** ([`LAZY_MINOR`]): lazy pages, kinds 13 `LazyPlan`, 14
+//!   `PageRequest`, 15 `LazyComplete` and 33 `LazyPages`. A source that
+//!   negotiated minor 0 migrates by pre-copy only.
+//!
 //! # Limits
 //!
-//! | what                                  | limit                          |
-//! |---------------------------------------|--------------------------------|
-//! | control frame payload                 | [`MAX_CONTROL_FRAME`] (64 MiB) |
-//! | page frame payload                    | [`MAX_PAGE_FRAME`]             |
-//! | raw data / runs in one page batch     | [`PAGE_BATCH_LIMITS`]          |
-//! | reasons (`Refuse`, `Failed`, `Abort`) | [`MAX_REASON_LEN`] bytes       |
-//! | `agent` and host strings in `Hello`   | [`MAX_NAME_LEN`] bytes         |
-//! | paths                                 | [`MAX_PATH_LEN`] bytes         |
-//! | TIDs in `Prepare`                     | [`MAX_TIDS`]                   |
-//! | files in `Prepare`                    | [`MAX_FILES`]                  |
-//! | VMAs in `PassStart`                   | [`MAX_VMAS`]                   |
-//! | passes                                | [`MAX_PASSES`]                 |
+//! | what                                      | limit                                   |
+//! |-------------------------------------------|-----------------------------------------|
+//! | control frame payload                     | [`MAX_CONTROL_FRAME`] (64 MiB)          |
+//! | `PageRequest` / `LazyComplete` payload    | 32 / 64 bytes                           |
+//! | page frame payload (`Pages`, `LazyPages`) | [`MAX_PAGE_FRAME`]                      |
+//! | raw data / runs in one page batch         | [`PAGE_BATCH_LIMITS`]                   |
+//! | reasons (`Refuse`, `Failed`, `Abort`)     | [`MAX_REASON_LEN`] bytes                |
+//! | `agent` and host strings in `Hello`       | [`MAX_NAME_LEN`] bytes                  |
+//! | paths                                     | [`MAX_PATH_LEN`] bytes                  |
+//! | TIDs in `Prepare`                         | [`MAX_TIDS`]                            |
+//! | files in `Prepare`                        | [`MAX_FILES`]                           |
+//! | VMAs in `PassStart`                       | [`MAX_VMAS`](crate::validate::MAX_VMAS) |
+//! | passes                                    | [`MAX_PASSES`]                          |
+//! | owed spans in `LazyPlan`                  | [`MAX_LAZY_SPANS`]                      |
+//! | pages in one `PageRequest`                | [`MAX_REQUEST_PAGES`]                   |
 //!
-//! The image in `Switchover` is bounded by [`ProcessImage::validate`] and by
-//! the frame limit. Strings never contain NUL bytes.
+//! The image in `Switchover` and the spans of `LazyPlan` are bounded by their
+//! own rules and by the frame limit. Strings never contain NUL bytes.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -174,11 +258,13 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::model::{HostInfo, ProcessImage, Vma, VmaKind};
+use crate::model::{HostInfo, ProcessImage, Vma, VmaKind, PAGE_SIZE};
 use crate::pages::{BatchDecoder, BatchError, BatchLimits, PageBatch, BATCH_HEADER_LEN, RUN_LEN};
 /// Checks a declared memory layout (re-exported: the same rules as [`ProcessImage::validate`]).
 pub use crate::validate::validate_vmas;
-use crate::validate::{ValidationError, MAX_PATH_LEN, MAX_XSTATE_SIZE, PID_MAX_LIMIT};
+use crate::validate::{
+    is_page_aligned, ValidationError, MAX_PATH_LEN, MAX_XSTATE_SIZE, PID_MAX_LIMIT,
+};
 
 mod state;
 pub use state::{DestState, PageAdmit, Phase};
@@ -188,7 +274,11 @@ pub const WIRE_MAGIC: u16 = 0xFE77;
 /// Major protocol version: must be equal on both sides.
 pub const WIRE_MAJOR: u8 = 1;
 /// Minor protocol version of this build; the lower of both sides' is used.
-pub const WIRE_MINOR: u16 = 0;
+pub const WIRE_MINOR: u16 = 1;
+/// The minor version that introduced the lazy pages (post-copy) messages
+/// (`LazyPlan`, `PageRequest`, `LazyComplete`, `LazyPages`): a side sends
+/// them only when the negotiated minor is at least this.
+pub const LAZY_MINOR: u16 = 1;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload of a control frame (the final image can be large).
@@ -198,10 +288,12 @@ pub const PAGE_BATCH_LIMITS: BatchLimits = BatchLimits {
     max_raw: 16 << 20,
     max_runs: 1 << 16,
 };
-/// Size of the pass number in front of the batch in a page frame's payload.
+/// Size of the prefix in front of the batch in a page frame's payload: the
+/// pass number of a `Pages` frame, the [`LazyOrigin`] of a `LazyPages` frame.
 pub const PAGE_PREFIX_LEN: usize = 4;
-/// Largest payload of a page frame: pass number, batch header, a full run
-/// table and the zstd bound of [`PAGE_BATCH_LIMITS`]'s raw size.
+/// Largest payload of a page frame (`Pages` or `LazyPages`): prefix, batch
+/// header, a full run table and the zstd bound of [`PAGE_BATCH_LIMITS`]'s raw
+/// size.
 pub const MAX_PAGE_FRAME: u32 = (PAGE_PREFIX_LEN
     + BATCH_HEADER_LEN
     + PAGE_BATCH_LIMITS.max_runs as usize * RUN_LEN
@@ -216,6 +308,14 @@ pub const MAX_TIDS: usize = 1 << 16;
 pub const MAX_FILES: usize = 1 << 16;
 /// Most pre-copy passes in one migration (the last one included).
 pub const MAX_PASSES: u32 = 1 << 12;
+/// Most spans in a `LazyPlan`.
+pub const MAX_LAZY_SPANS: usize = 1 << 22;
+/// Most pages in one `PageRequest`.
+pub const MAX_REQUEST_PAGES: u32 = 512;
+/// Largest payload of a `PageRequest` (two varints: at most 15 bytes).
+const MAX_PAGE_REQUEST_FRAME: u32 = 32;
+/// Largest payload of a `LazyComplete` (five varints: at most 50 bytes).
+const MAX_LAZY_COMPLETE_FRAME: u32 = 64;
 
 /// `ZSTD_COMPRESSBOUND`, usable in constants.
 const fn zstd_compress_bound(src: usize) -> usize {
@@ -255,13 +355,25 @@ pub enum MsgKind {
     Done = 11,
     /// Either side: the migration is abandoned.
     Abort = 12,
+    /// Source → destination (minor ≥ [`LAZY_MINOR`]): the pages the source
+    /// still owes; the destination restores without them.
+    LazyPlan = 13,
+    /// Destination → source (minor ≥ [`LAZY_MINOR`]): a thread faulted on
+    /// owed pages; send these first.
+    PageRequest = 14,
+    /// Destination → source (minor ≥ [`LAZY_MINOR`]): every owed page
+    /// arrived.
+    LazyComplete = 15,
     /// Source → destination on a page stream: one page batch.
     Pages = 32,
+    /// Source → destination on a page stream opened after `Running`
+    /// (minor ≥ [`LAZY_MINOR`]): one batch of owed pages.
+    LazyPages = 33,
 }
 
 impl MsgKind {
     /// Every kind, in kind-byte order.
-    pub const ALL: [MsgKind; 13] = [
+    pub const ALL: [MsgKind; 17] = [
         MsgKind::Hello,
         MsgKind::HelloAck,
         MsgKind::Prepare,
@@ -274,7 +386,11 @@ impl MsgKind {
         MsgKind::Failed,
         MsgKind::Done,
         MsgKind::Abort,
+        MsgKind::LazyPlan,
+        MsgKind::PageRequest,
+        MsgKind::LazyComplete,
         MsgKind::Pages,
+        MsgKind::LazyPages,
     ];
 
     /// The kind for a byte, or `None` for 0 and unknown bytes.
@@ -286,14 +402,17 @@ impl MsgKind {
     pub fn max_payload(self) -> u32 {
         match self {
             MsgKind::Ready | MsgKind::Done => 0,
-            MsgKind::Pages => MAX_PAGE_FRAME,
+            MsgKind::PageRequest => MAX_PAGE_REQUEST_FRAME,
+            MsgKind::LazyComplete => MAX_LAZY_COMPLETE_FRAME,
+            MsgKind::Pages | MsgKind::LazyPages => MAX_PAGE_FRAME,
             _ => MAX_CONTROL_FRAME,
         }
     }
 
-    /// True for the kinds carried by the control stream.
+    /// True for the kinds carried by the control stream (all but the page
+    /// frames, `Pages` and `LazyPages`).
     pub fn is_control(self) -> bool {
-        self != MsgKind::Pages
+        !matches!(self, MsgKind::Pages | MsgKind::LazyPages)
     }
 }
 
@@ -481,6 +600,73 @@ pub enum RefuseCode {
     Other,
 }
 
+/// `pages` pages from `addr`: a span of memory whose content the source
+/// still owes in a lazy migration (`LazyPlan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PageSpan {
+    /// First byte (page aligned).
+    pub addr: u64,
+    /// Number of pages (at least 1).
+    pub pages: u64,
+}
+
+impl PageSpan {
+    /// One past the last byte, or `None` on overflow.
+    pub fn end(&self) -> Option<u64> {
+        self.pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|len| self.addr.checked_add(len))
+    }
+
+    /// True if `[addr, addr+len)` lies inside this span.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.addr
+            && addr
+                .checked_add(len)
+                .is_some_and(|e| self.end().is_some_and(|end| e <= end))
+    }
+}
+
+/// The destination's account of the lazy phase of a migration, sent in
+/// `LazyComplete`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LazyStats {
+    /// Page faults of the restored process that needed pages from the source.
+    pub faults: u64,
+    /// Pages fetched on request (`PageRequest`, origin
+    /// [`LazyOrigin::Requested`]).
+    pub pages_requested: u64,
+    /// Pages that arrived by the background push (origin
+    /// [`LazyOrigin::Pushed`]).
+    pub pages_pushed: u64,
+    /// The longest a faulting thread waited for its page, in microseconds.
+    pub max_fault_wait_us: u64,
+    /// Microseconds from sending `Running` to the arrival of the last owed
+    /// page.
+    pub last_page_us: u64,
+}
+
+/// Why the source sent a `LazyPages` frame (the `u32` in front of its batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u32)]
+pub enum LazyOrigin {
+    /// Sent by the background push, in address order.
+    Pushed = 0,
+    /// Sent in answer to a `PageRequest` (a thread waits for it).
+    Requested = 1,
+}
+
+impl LazyOrigin {
+    /// The origin for a prefix value, or `None` for unknown values.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(LazyOrigin::Pushed),
+            1 => Some(LazyOrigin::Requested),
+            _ => None,
+        }
+    }
+}
+
 /// A control-stream message. Each variant is one [`MsgKind`]; its payload is
 /// the postcard encoding of its fields in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -569,6 +755,29 @@ pub enum ControlMsg {
         /// Why.
         reason: String,
     },
+    /// Source → destination, after the last pass's `PassEnd` and before
+    /// `Switchover`: the migration is lazy; the destination restores the
+    /// process without these pages and fetches them on demand.
+    LazyPlan {
+        /// The pages whose content the source still owes: sorted,
+        /// non-overlapping, each inside one anonymous VMA of the last pass's
+        /// layout ([`check_spans_in_anonymous`]).
+        owed: Vec<PageSpan>,
+    },
+    /// Destination → source, in the lazy phase: a thread faulted; send these
+    /// pages first.
+    PageRequest {
+        /// First page (page aligned).
+        addr: u64,
+        /// Number of pages, `1..=`[`MAX_REQUEST_PAGES`].
+        pages: u32,
+    },
+    /// Destination → source, in the lazy phase: every owed page arrived; the
+    /// source may kill its copy (and then sends `Done`).
+    LazyComplete {
+        /// How the lazy phase went.
+        stats: LazyStats,
+    },
 }
 
 fn check_text(field: &str, s: &str, max: usize) -> Result<(), WireError> {
@@ -607,6 +816,47 @@ fn check_file(field: &str, f: &FileFacts) -> Result<(), WireError> {
     Ok(())
 }
 
+fn check_spans(owed: &[PageSpan]) -> Result<(), WireError> {
+    if owed.len() > MAX_LAZY_SPANS {
+        return Err(invalid(format!(
+            "LazyPlan: {} spans, at most {MAX_LAZY_SPANS}",
+            owed.len()
+        )));
+    }
+    let mut prev_end = None;
+    for (i, s) in owed.iter().enumerate() {
+        if !is_page_aligned(s.addr) {
+            return Err(invalid(format!(
+                "LazyPlan: span #{i} at {:#x} is not page aligned",
+                s.addr
+            )));
+        }
+        if s.pages == 0 {
+            return Err(invalid(format!(
+                "LazyPlan: span #{i} at {:#x} has no pages",
+                s.addr
+            )));
+        }
+        let Some(end) = s.end() else {
+            return Err(invalid(format!(
+                "LazyPlan: span #{i} at {:#x} ({} pages) runs past the end of the address space",
+                s.addr, s.pages
+            )));
+        };
+        if let Some(p) = prev_end {
+            if s.addr < p {
+                return Err(invalid(format!(
+                    "LazyPlan: span #{i} at {:#x} starts before the end {p:#x} of span #{}: spans must be sorted and must not overlap",
+                    s.addr,
+                    i - 1
+                )));
+            }
+        }
+        prev_end = Some(end);
+    }
+    Ok(())
+}
+
 fn check_id(field: &str, id: i32) -> Result<(), WireError> {
     if !(1..=PID_MAX_LIMIT).contains(&id) {
         return Err(invalid(format!(
@@ -632,6 +882,9 @@ impl ControlMsg {
             ControlMsg::Failed { .. } => MsgKind::Failed,
             ControlMsg::Done => MsgKind::Done,
             ControlMsg::Abort { .. } => MsgKind::Abort,
+            ControlMsg::LazyPlan { .. } => MsgKind::LazyPlan,
+            ControlMsg::PageRequest { .. } => MsgKind::PageRequest,
+            ControlMsg::LazyComplete { .. } => MsgKind::LazyComplete,
         }
     }
 
@@ -728,6 +981,26 @@ impl ControlMsg {
             }
             ControlMsg::Switchover { image } => image.validate().map_err(WireError::InvalidImage),
             ControlMsg::Running { pid, .. } => check_id("Running: pid", *pid),
+            ControlMsg::LazyPlan { owed } => check_spans(owed),
+            ControlMsg::PageRequest { addr, pages } => {
+                if !is_page_aligned(*addr) {
+                    return Err(invalid(format!(
+                        "PageRequest: address {addr:#x} is not page aligned"
+                    )));
+                }
+                if !(1..=MAX_REQUEST_PAGES).contains(pages) {
+                    return Err(invalid(format!(
+                        "PageRequest at {addr:#x}: {pages} pages, must be 1..={MAX_REQUEST_PAGES}"
+                    )));
+                }
+                if addr.checked_add(u64::from(*pages) * PAGE_SIZE).is_none() {
+                    return Err(invalid(format!(
+                        "PageRequest: {pages} pages at {addr:#x} run past the end of the address space"
+                    )));
+                }
+                Ok(())
+            }
+            ControlMsg::LazyComplete { .. } => Ok(()),
         }
     }
 
@@ -763,6 +1036,9 @@ impl ControlMsg {
             ControlMsg::Switchover { image } => enc(image),
             ControlMsg::Running { pid, restore_us } => enc(&(pid, restore_us)),
             ControlMsg::Failed { reason } | ControlMsg::Abort { reason } => enc(reason),
+            ControlMsg::LazyPlan { owed } => enc(owed),
+            ControlMsg::PageRequest { addr, pages } => enc(&(addr, pages)),
+            ControlMsg::LazyComplete { stats } => enc(stats),
         }
     }
 
@@ -847,7 +1123,17 @@ impl ControlMsg {
             MsgKind::Abort => ControlMsg::Abort {
                 reason: dec(kind, p)?,
             },
-            MsgKind::Pages => return Err(WireError::WrongStream { kind }),
+            MsgKind::LazyPlan => ControlMsg::LazyPlan {
+                owed: dec(kind, p)?,
+            },
+            MsgKind::PageRequest => {
+                let (addr, pages) = dec(kind, p)?;
+                ControlMsg::PageRequest { addr, pages }
+            }
+            MsgKind::LazyComplete => ControlMsg::LazyComplete {
+                stats: dec(kind, p)?,
+            },
+            MsgKind::Pages | MsgKind::LazyPages => return Err(WireError::WrongStream { kind }),
         })
     }
 }
@@ -1072,8 +1358,12 @@ pub struct PageFrame {
 
 /// Encodes a page frame for an already encoded batch (complete frame).
 pub fn encode_page_frame(pass: u32, batch: &[u8]) -> Result<Vec<u8>, WireError> {
+    encode_prefixed_frame(MsgKind::Pages, pass, batch)
+}
+
+/// A complete page frame of `kind`: `prefix`, then `batch`.
+fn encode_prefixed_frame(kind: MsgKind, prefix: u32, batch: &[u8]) -> Result<Vec<u8>, WireError> {
     let len = PAGE_PREFIX_LEN + batch.len();
-    let kind = MsgKind::Pages;
     if len > MAX_PAGE_FRAME as usize {
         return Err(WireError::TooLarge {
             kind,
@@ -1083,7 +1373,7 @@ pub fn encode_page_frame(pass: u32, batch: &[u8]) -> Result<Vec<u8>, WireError> 
     }
     let mut out = Vec::with_capacity(HEADER_LEN + len);
     out.extend_from_slice(&[0u8; HEADER_LEN]);
-    out.extend_from_slice(&pass.to_le_bytes());
+    out.extend_from_slice(&prefix.to_le_bytes());
     out.extend_from_slice(batch);
     let h = FrameHeader::for_payload(kind, &out[HEADER_LEN..])?;
     out[..HEADER_LEN].copy_from_slice(&h.to_bytes());
@@ -1147,6 +1437,162 @@ pub fn page_decoder() -> BatchDecoder {
 /// Reads one frame from a page stream and splits it ([`PageFrame::from_frame`]).
 pub fn read_page_frame(r: &mut impl Read) -> Result<PageFrame, WireError> {
     PageFrame::from_frame(read_frame(r, MAX_PAGE_FRAME)?)
+}
+
+/// A lazy page frame: one encoded batch of owed pages, sent after `Running`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LazyFrame {
+    /// Why the source sent it.
+    pub origin: LazyOrigin,
+    /// The batch, in the page batch codec ([`crate::pages::encode_batch`]).
+    pub batch: Vec<u8>,
+}
+
+/// Encodes a lazy page frame for an already encoded batch (complete frame).
+pub fn encode_lazy_frame(origin: LazyOrigin, batch: &[u8]) -> Result<Vec<u8>, WireError> {
+    encode_prefixed_frame(MsgKind::LazyPages, origin as u32, batch)
+}
+
+impl LazyFrame {
+    /// Encodes this lazy page frame (complete frame).
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        encode_lazy_frame(self.origin, &self.batch)
+    }
+
+    /// Splits a checked frame into origin and batch bytes. The batch itself
+    /// is checked by [`LazyFrame::decode_batch`].
+    pub fn from_frame(frame: Frame) -> Result<Self, WireError> {
+        if frame.kind != MsgKind::LazyPages {
+            return Err(WireError::WrongStream { kind: frame.kind });
+        }
+        let mut p = frame.payload;
+        if p.len() < PAGE_PREFIX_LEN {
+            return Err(invalid(format!(
+                "lazy page frame of {} bytes has no origin",
+                p.len()
+            )));
+        }
+        let raw = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+        let origin = LazyOrigin::from_u32(raw)
+            .ok_or_else(|| invalid(format!("lazy page frame with unknown origin {raw}")))?;
+        p.drain(..PAGE_PREFIX_LEN);
+        Ok(Self { origin, batch: p })
+    }
+
+    /// Decodes the batch with `decoder` (make it with [`page_decoder`]) into
+    /// `out` and checks that every run lies inside one span of `owed`, the
+    /// migration's `LazyPlan` ([`check_runs_owed`]).
+    pub fn decode_batch(
+        &self,
+        decoder: &mut BatchDecoder,
+        owed: &[PageSpan],
+        out: &mut PageBatch,
+    ) -> Result<(), WireError> {
+        decoder
+            .decode_into(&self.batch, out)
+            .map_err(WireError::Batch)?;
+        if let Err(e) = check_runs_owed(out, owed) {
+            out.clear();
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+/// A frame of a page stream: a pre-copy page frame or a lazy one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamFrame {
+    /// A `Pages` frame.
+    Pages(PageFrame),
+    /// A `LazyPages` frame.
+    Lazy(LazyFrame),
+}
+
+impl StreamFrame {
+    /// Splits a checked frame of a page stream by its kind
+    /// ([`PageFrame::from_frame`], [`LazyFrame::from_frame`]); a control
+    /// kind is [`WireError::WrongStream`].
+    pub fn from_frame(frame: Frame) -> Result<Self, WireError> {
+        match frame.kind {
+            MsgKind::Pages => PageFrame::from_frame(frame).map(StreamFrame::Pages),
+            MsgKind::LazyPages => LazyFrame::from_frame(frame).map(StreamFrame::Lazy),
+            kind => Err(WireError::WrongStream { kind }),
+        }
+    }
+}
+
+/// Reads one frame from a page stream and splits it, whichever of the two
+/// page kinds it is ([`StreamFrame::from_frame`]).
+pub fn read_stream_frame(r: &mut impl Read) -> Result<StreamFrame, WireError> {
+    StreamFrame::from_frame(read_frame(r, MAX_PAGE_FRAME)?)
+}
+
+/// The span of `owed` (sorted, non-overlapping, as `LazyPlan` requires) that
+/// contains all of `[addr, addr+len)`, if one does. The source uses it to
+/// check a `PageRequest`, the destination (through [`check_runs_owed`]) a
+/// lazy batch.
+pub fn find_owed_span(owed: &[PageSpan], addr: u64, len: u64) -> Option<&PageSpan> {
+    let idx = owed.partition_point(|s| s.addr <= addr);
+    idx.checked_sub(1)
+        .and_then(|j| owed.get(j))
+        .filter(|s| s.contains(addr, len))
+}
+
+/// Checks that every run of `batch` (data or zero) lies entirely inside one
+/// span of `owed` (sorted, as `LazyPlan` requires). A run that crosses from
+/// one span into the next, even a touching one, is refused: senders split
+/// runs at span boundaries.
+pub fn check_runs_owed(batch: &PageBatch, owed: &[PageSpan]) -> Result<(), WireError> {
+    for (i, r) in batch.runs.iter().enumerate() {
+        if find_owed_span(owed, r.addr, r.len_bytes()).is_none() {
+            return Err(invalid(format!(
+                "lazy page run #{i} at {:#x} ({} pages) is not inside an owed span",
+                r.addr, r.pages
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every span of a `LazyPlan` lies entirely inside one VMA of
+/// `vmas` (the last pass's layout: sorted, non-overlapping, as
+/// [`validate_vmas`] requires) whose kind is [`VmaKind::Anonymous`]: only
+/// private anonymous memory is restored lazily. A span that crosses from one
+/// VMA into the next is refused too: senders split spans at VMA boundaries.
+pub fn check_spans_in_anonymous(spans: &[PageSpan], vmas: &[Vma]) -> Result<(), WireError> {
+    for (i, s) in spans.iter().enumerate() {
+        let Some(len) = s.pages.checked_mul(PAGE_SIZE) else {
+            return Err(invalid(format!(
+                "lazy span #{i} at {:#x} ({} pages) runs past the end of the address space",
+                s.addr, s.pages
+            )));
+        };
+        let idx = vmas.partition_point(|v| v.start <= s.addr);
+        let vma = idx.checked_sub(1).and_then(|j| vmas.get(j));
+        let Some(v) = vma.filter(|v| s.addr < v.end) else {
+            return Err(invalid(format!(
+                "lazy span #{i} at {:#x} ({} pages) is not inside a declared VMA",
+                s.addr, s.pages
+            )));
+        };
+        if !v.contains(s.addr, len) {
+            return Err(invalid(format!(
+                "lazy span #{i} at {:#x} ({} pages) runs past the end of VMA {:#x}-{:#x}",
+                s.addr, s.pages, v.start, v.end
+            )));
+        }
+        let what = match &v.kind {
+            VmaKind::Anonymous => continue,
+            VmaKind::File(m) => format!("a private mapping of {}", m.path),
+            VmaKind::SharedFile(m) => format!("a shared mapping of {}", m.path),
+            VmaKind::Special { name } => format!("the special area {name}"),
+        };
+        return Err(invalid(format!(
+            "lazy span #{i} at {:#x} ({} pages) lies in VMA {:#x}-{:#x}, {what}: only anonymous memory is restored lazily",
+            s.addr, s.pages, v.start, v.end
+        )));
+    }
+    Ok(())
 }
 
 /// Checks that every run of `batch` lies entirely inside one VMA of `vmas`

@@ -612,6 +612,11 @@ pub fn collect() -> Report {
             probe_uffd_feature(UFFD_FEATURE_MOVE, "MOVE")
         }),
         probe("PAGEMAP_SCAN + uffd-wp dirty", false, probe_pagemap_scan),
+        probe(
+            "lazy pages (uffd missing + events)",
+            false,
+            ferry_engine::lazy::uffd::probe,
+        ),
         probe("soft-dirty (pagemap bit 55)", false, probe_soft_dirty),
         probe("TCP_REPAIR", false, probe_tcp_repair),
     ];

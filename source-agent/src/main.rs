@@ -1,6 +1,7 @@
 //! `migrate`: checkpoint, restore and (later) live-migrate Linux processes.
 
 mod check;
+mod lazy;
 mod passes;
 mod precopy;
 mod remote;
@@ -19,6 +20,15 @@ use std::path::PathBuf;
 /// was written meanwhile), then it is frozen for the last small part and
 /// resumes on the destination. Until the destination confirms that it runs,
 /// any failure leaves the process running here, untouched.
+///
+/// With --lazy the process resumes on the destination before all of its
+/// memory has arrived: missing pages are fetched when it touches them and
+/// the rest is pushed in the background; `migrate` returns once every page
+/// has arrived. This bounds the freeze for processes that write faster
+/// than the link, at a price: until the last page arrives the process
+/// depends on both hosts, and if this host or the link fails for longer
+/// than the destination waits (dest-agent --lazy-timeout), the process is
+/// lost. Pre-copy alone (without --lazy) never has this risk.
 #[derive(Parser)]
 #[command(name = "migrate", version, about, long_about = None)]
 struct Cli {
@@ -43,6 +53,16 @@ struct Cli {
     /// plain stop-and-copy (freeze first, then move everything).
     #[arg(long, value_name = "N", default_value_t = 8, requires = "to")]
     max_passes: u32,
+    /// With --to: switch over early and serve the rest of the memory on
+    /// demand (post-copy); after the pre-copy passes, if any
+    /// (`--max-passes 0 --lazy` switches over at once). See the risk above.
+    #[arg(long, requires = "to")]
+    lazy: bool,
+    /// With --lazy: cap the background push at this many MB/s of memory
+    /// (0: as fast as the link goes); pages asked for by faults are never
+    /// held back.
+    #[arg(long, value_name = "MBPS", default_value_t = 0.0, requires = "lazy")]
+    lazy_rate: f64,
     /// With --to: the process to migrate.
     #[arg(requires = "to")]
     pid: Option<i32>,
@@ -121,7 +141,10 @@ fn main() {
                 max_downtime: std::time::Duration::from_millis(cli.max_downtime),
                 max_passes: cli.max_passes,
             };
-            remote::run(&config_dir, &to, pid, policy, cli.json).map(|()| 0)
+            let lazy = cli.lazy.then(|| lazy::LazyOptions {
+                push_rate: (cli.lazy_rate > 0.0).then_some(cli.lazy_rate * 1e6),
+            });
+            remote::run(&config_dir, &to, pid, policy, lazy, cli.json).map(|()| 0)
         }
         _ => {
             use clap::CommandFactory;

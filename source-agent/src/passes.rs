@@ -9,7 +9,10 @@
 //!  … until Policy::decide says switch …
 //!  freeze ─ capture state ─ last written pages ─ tracker off
 //!  pass N: PassStart Batch.. PassEnd, Frozen(image)
-//!  wait for Decision: Kill (the destination runs it) or Thaw (abort)
+//!     (lazy: pass N sends only the eager pages, then LazyPlan(owed))
+//!  wait for Decision: Kill (the destination runs it) or Thaw (abort);
+//!     lazy: the network side serves the owed pages from the frozen
+//!     process meanwhile, then decides Kill
 //! ```
 //!
 //! Everything that needs ptrace happens on this one thread (a ptrace rule).
@@ -17,6 +20,7 @@
 use crate::precopy::{DedupSink, PageHashes, PassStats, Policy, SwitchReason};
 use ferry_engine::dump::{memory, Captured, PageSink};
 use ferry_engine::freeze::Frozen;
+use ferry_engine::lazy;
 use ferry_engine::track::{self, DirtyTracker, PageRange};
 use ferry_protocol::model::{ProcessImage, Vma};
 use ferry_protocol::packer::{PackError, PagePacker};
@@ -38,6 +42,9 @@ pub enum Event {
     PassEnd { stats: PassEnd },
     /// The process was frozen just now (the final pass follows).
     FreezeStarted,
+    /// Lazy switchover: after the final pass, the spans `(addr, pages)` the
+    /// source still owes (served from the frozen process).
+    LazyPlan { owed: Vec<(u64, u64)> },
     /// The process is frozen, all pages are sent; here is its state.
     Frozen {
         image: Box<ProcessImage>,
@@ -256,6 +263,7 @@ impl Source {
 pub fn run(
     pid: i32,
     policy: Policy,
+    lazy: bool,
     tx: Sender<Event>,
     decision: Receiver<Decision>,
 ) -> Result<Duration, String> {
@@ -287,12 +295,21 @@ pub fn run(
         }
     };
     let vmas = c.image.vmas.clone();
+    let mut owed = None;
     let last = src.final_dirty(&vmas).and_then(|dirty| {
+        // Lazy: only what must go now; the rest stays owed.
+        let eager = if lazy {
+            let plan = lazy::plan::plan(pid, &vmas, dirty.as_deref(), &c.image.threads)?;
+            owed = Some(plan.owed);
+            Some(plan.eager)
+        } else {
+            dirty
+        };
         send_pass(
             pid,
             src.pass,
             &vmas,
-            dirty.as_deref(),
+            eager.as_deref(),
             &mut src.hashes,
             &src.tx,
             true,
@@ -304,10 +321,15 @@ pub fn run(
         return Err(format!("final pass of process {pid} failed: {e}"));
     }
     let image = Box::new(c.image.clone());
-    if src
-        .tx
-        .blocking_send(Event::Frozen { image, reason })
-        .is_err()
+    let plan_sent = match owed {
+        Some(owed) => src.tx.blocking_send(Event::LazyPlan { owed }).is_ok(),
+        None => true,
+    };
+    if !plan_sent
+        || src
+            .tx
+            .blocking_send(Event::Frozen { image, reason })
+            .is_err()
     {
         src.stop_tracker();
         let _ = c.thaw();

@@ -9,11 +9,12 @@
 //! Running → kill the source copy → Done. Any failure before Running thaws
 //! the process, which continues untouched.
 
+use crate::lazy::{self, LazyOptions, LazyReport, OwedPages};
 use crate::passes::{self, Decision, Event, PassEnd};
 use crate::precopy::{Policy, SwitchReason};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_protocol::model::ProcessImage;
-use ferry_protocol::wire::{ControlMsg, FileFacts, ProtocolVersion};
+use ferry_protocol::wire::{ControlMsg, FileFacts, PageSpan, ProtocolVersion, LAZY_MINOR};
 use ferry_transport::frames::{recv_control, send_control, send_page};
 use ferry_transport::{Identity, TrustStore, DEFAULT_PORT};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -73,10 +74,19 @@ struct Report {
     reason: SwitchReason,
     /// Resident memory when the migration began.
     resident_bytes: u64,
+    /// The lazy phase, for `--lazy`.
+    lazy: Option<LazyReport>,
 }
 
 /// Run `migrate --to`; prints the report. Errors name the reason.
-pub fn run(config_dir: &Path, to: &str, pid: i32, policy: Policy, json: bool) -> Result<()> {
+pub fn run(
+    config_dir: &Path,
+    to: &str,
+    pid: i32,
+    policy: Policy,
+    lazy: Option<LazyOptions>,
+    json: bool,
+) -> Result<()> {
     let t0 = Instant::now();
     let addr = resolve(to)?;
     if pid <= 0 || !ferry_engine::procfs::exists(pid) {
@@ -90,7 +100,7 @@ pub fn run(config_dir: &Path, to: &str, pid: i32, policy: Policy, json: bool) ->
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let r = rt.block_on(migrate(id, trust, addr, pid, policy, t0, progress))?;
+    let r = rt.block_on(migrate(id, trust, addr, pid, policy, lazy, t0, progress))?;
     if json {
         println!("{}", report_json(&r));
     } else {
@@ -157,7 +167,33 @@ fn report_json(r: &Report) -> serde_json::Value {
         "tracker": r.tracker,
         "switch_reason": r.reason.as_str(),
         "passes": passes,
+        "lazy": r.lazy.as_ref().map(lazy_json),
     })
+}
+
+fn lazy_json(l: &LazyReport) -> serde_json::Value {
+    let last_ms = l.stats.last_page_us as f64 / 1e3;
+    serde_json::json!({
+        "owed_pages": l.owed_pages,
+        "pushed_pages": l.stats.pages_pushed,
+        "requested_pages": l.stats.pages_requested,
+        "faults": l.stats.faults,
+        "requests": l.requests,
+        "max_fault_wait_ms": l.stats.max_fault_wait_us as f64 / 1e3,
+        "last_page_ms": last_ms,
+        "pull_rate_mb_s": pull_rate(l),
+        "duration_ms": l.duration.as_secs_f64() * 1e3,
+    })
+}
+
+/// MB/s at which the owed memory reached the destination.
+fn pull_rate(l: &LazyReport) -> f64 {
+    let secs = l.stats.last_page_us as f64 / 1e6;
+    if secs > 0.0 {
+        (l.owed_pages * ferry_protocol::model::PAGE_SIZE) as f64 / 1e6 / secs
+    } else {
+        0.0
+    }
 }
 
 fn print_report(r: &Report) {
@@ -212,7 +248,29 @@ fn print_report(r: &Report) {
             ms(p.duration)
         );
     }
-    if r.reason == SwitchReason::NotConverging {
+    if let Some(l) = &r.lazy {
+        println!(
+            "  lazy           {:>12}  pages owed at the switchover ({} MiB)",
+            l.owed_pages,
+            (l.owed_pages * ferry_protocol::model::PAGE_SIZE) >> 20
+        );
+        println!(
+            "    last page    {:9.1} ms  after the process ran again ({:.0} MB/s)",
+            l.stats.last_page_us as f64 / 1e3,
+            pull_rate(l)
+        );
+        println!(
+            "    pushed       {:>12}  pages in the background",
+            l.stats.pages_pushed
+        );
+        println!(
+            "    on fault     {:>12}  pages ({} faults waited, longest {:.2} ms)",
+            l.stats.pages_requested,
+            l.stats.faults,
+            l.stats.max_fault_wait_us as f64 / 1e3
+        );
+    }
+    if r.reason == SwitchReason::NotConverging && r.lazy.is_none() {
         println!(
             "  note: the process writes memory about as fast as the link carries it; \
              pre-copy stopped at its best pass (try --lazy pages when available)"
@@ -319,12 +377,14 @@ fn undeleted(path: &str) -> &str {
     path.strip_suffix(" (deleted)").unwrap_or(path)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn migrate(
     id: Identity,
     trust: TrustStore,
     addr: SocketAddr,
     pid: i32,
     policy: Policy,
+    lazy: Option<LazyOptions>,
     t0: Instant,
     progress: bool,
 ) -> Result<Report> {
@@ -336,7 +396,7 @@ async fn migrate(
         .map_err(|_| anyhow!("connecting to {addr} timed out"))?
         // The transport error's text already carries its source.
         .map_err(|e| anyhow!("{e}"))?;
-    let result = migrate_on(&conn, pid, policy, t0, &p).await;
+    let result = migrate_on(&conn, pid, policy, lazy, t0, &p).await;
     p.bar.finish_and_clear();
     match &result {
         Ok(_) => conn.close(0u32.into(), b"done"),
@@ -357,6 +417,7 @@ async fn migrate_on(
     conn: &quinn::Connection,
     pid: i32,
     policy: Policy,
+    lazy: Option<LazyOptions>,
     t0: Instant,
     p: &Progress,
 ) -> Result<Report> {
@@ -377,13 +438,21 @@ async fn migrate_on(
     .await?;
     match recv_msg(conn, &mut recv, STEP_TIMEOUT).await? {
         ControlMsg::HelloAck { version, agent, .. } => {
-            if ProtocolVersion::CURRENT.negotiate(version).is_none() {
+            let Some(v) = ProtocolVersion::CURRENT.negotiate(version) else {
                 bail!(
                     "the destination speaks protocol {}.{}, this side {}.{}: upgrade the older side",
                     version.major,
                     version.minor,
                     ProtocolVersion::CURRENT.major,
                     ProtocolVersion::CURRENT.minor
+                );
+            };
+            if lazy.is_some() && v.minor < LAZY_MINOR {
+                bail!(
+                    "the destination ({agent}, protocol {}.{}) does not support lazy pages: \
+                     upgrade it, or migrate without --lazy",
+                    version.major,
+                    version.minor
                 );
             }
             tracing::info!("destination: {agent}");
@@ -427,9 +496,18 @@ async fn migrate_on(
     let (dec_tx, dec_rx) = std::sync::mpsc::channel::<Decision>();
     let thread = std::thread::Builder::new()
         .name("ptrace".into())
-        .spawn(move || passes::run(pid, policy, ev_tx, dec_rx))
+        .spawn(move || passes::run(pid, policy, lazy.is_some(), ev_tx, dec_rx))
         .context("starting the ptrace thread")?;
     let streamed = stream(conn, &mut send, &mut recv, pid, &mut ev_rx, p).await;
+    // After Running the destination runs the process; with lazy pages part
+    // of its memory is still here: serve it before the copy here goes.
+    let lazy_result = match (&streamed, lazy) {
+        (Ok(s), Some(opts)) => match &s.owed {
+            Some(owed) => Some(serve_lazy(conn, &mut recv, pid, owed.clone(), opts, p).await),
+            None => None,
+        },
+        _ => None,
+    };
     let decision = if streamed.is_ok() {
         Decision::Kill
     } else {
@@ -469,6 +547,18 @@ async fn migrate_on(
             return Err(e);
         }
     };
+    let lazy_report = match lazy_result {
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            abort(&mut send, &e).await;
+            return Err(e.context(format!(
+                "the lazy phase failed after process {pid} had resumed on the destination; \
+                 part of its memory was only here, so it is lost on both hosts \
+                 (a migration without --lazy never has this risk)"
+            )));
+        }
+        None => None,
+    };
     let downtime = s.freeze_at.map_or(Duration::ZERO, |t| s.running_at - t);
     let bytes_on_wire = conn.stats().udp_tx.bytes;
     let _ = send_control(&mut send, &ControlMsg::Done).await;
@@ -486,7 +576,40 @@ async fn migrate_on(
         tracker: s.tracker,
         reason: s.reason,
         resident_bytes,
+        lazy: lazy_report,
     })
+}
+
+/// The lazy phase with progress: pages still owed.
+async fn serve_lazy(
+    conn: &quinn::Connection,
+    recv: &mut quinn::RecvStream,
+    pid: i32,
+    owed: Vec<(u64, u64)>,
+    opts: LazyOptions,
+    p: &Progress,
+) -> Result<LazyReport> {
+    let owed = OwedPages::new(owed);
+    let unsent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(owed.unsent()));
+    p.step(&format!(
+        "process {pid} runs on the destination; serving its {} missing pages",
+        owed.total()
+    ));
+    p.bar.enable_steady_tick(Duration::from_millis(120));
+    let ticker = {
+        let (bar, unsent) = (p.bar.clone(), unsent.clone());
+        tokio::spawn(async move {
+            loop {
+                let n = unsent.load(std::sync::atomic::Ordering::Relaxed);
+                bar.set_message(format!("lazy: {n} pages still owed,"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let r = lazy::serve(conn, recv, pid, owed, opts, unsent).await;
+    ticker.abort();
+    p.bar.disable_steady_tick();
+    r
 }
 
 /// Resident memory of `pid` (VmRSS), 0 if unknown.
@@ -542,6 +665,8 @@ struct Streamed {
     running_at: Instant,
     image_bytes: u64,
     restore_us: u64,
+    /// Lazy switchover: the spans still owed.
+    owed: Option<Vec<(u64, u64)>>,
 }
 
 /// Forward the ptrace thread's events: control messages on the control
@@ -589,6 +714,7 @@ async fn stream(
     let mut tracker = None;
     let mut freeze_at = None;
     let mut next = 0usize;
+    let mut owed = None;
     let fed: Result<Option<(Box<ProcessImage>, SwitchReason)>> = async {
         while let Some(ev) = events.recv().await {
             match ev {
@@ -630,6 +756,16 @@ async fn stream(
                     passes.push(stats);
                 }
                 Event::FreezeStarted => freeze_at = Some(Instant::now()),
+                Event::LazyPlan { owed: spans } => {
+                    let msg = ControlMsg::LazyPlan {
+                        owed: spans
+                            .iter()
+                            .map(|&(addr, pages)| PageSpan { addr, pages })
+                            .collect(),
+                    };
+                    send_msg(conn, send, &msg).await?;
+                    owed = Some(spans);
+                }
                 Event::Frozen { image, reason } => return Ok(Some((image, reason))),
             }
         }
@@ -668,5 +804,6 @@ async fn stream(
         running_at: Instant::now(),
         image_bytes,
         restore_us,
+        owed,
     })
 }

@@ -9,8 +9,9 @@
 //! it sends with the same rules ([`encode_control`]).
 
 use ferry_protocol::wire::{
-    decode_control, encode_control, encode_page_frame, ControlMsg, Frame, FrameHeader, PageFrame,
-    WireError, HEADER_LEN, MAX_CONTROL_FRAME, MAX_PAGE_FRAME,
+    decode_control, encode_control, encode_lazy_frame, encode_page_frame, ControlMsg, Frame,
+    FrameHeader, LazyOrigin, PageFrame, StreamFrame, WireError, HEADER_LEN, MAX_CONTROL_FRAME,
+    MAX_PAGE_FRAME,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -33,6 +34,19 @@ pub async fn send_page<W: AsyncWrite + Unpin + ?Sized>(
     batch: &[u8],
 ) -> Result<usize, WireError> {
     let frame = encode_page_frame(pass, batch)?;
+    w.write_all(&frame).await?;
+    Ok(frame.len())
+}
+
+/// Writes one lazy page frame (`LazyPages`, after `Running` in a lazy
+/// migration) of origin `origin` carrying `batch` (an encoded page batch of
+/// owed pages); returns the bytes written.
+pub async fn send_lazy_page<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    origin: LazyOrigin,
+    batch: &[u8],
+) -> Result<usize, WireError> {
+    let frame = encode_lazy_frame(origin, batch)?;
     w.write_all(&frame).await?;
     Ok(frame.len())
 }
@@ -99,10 +113,24 @@ pub async fn recv_page<R: AsyncRead + Unpin + ?Sized>(
     }
 }
 
+/// Reads one frame of a page stream, pre-copy (`Pages`) or lazy
+/// (`LazyPages`) (its batch is checked later: [`PageFrame::decode_batch`]
+/// against the pass's layout, [`ferry_protocol::wire::LazyFrame::decode_batch`]
+/// against the owed spans); `None` at the clean end of the stream. A control
+/// frame is [`WireError::WrongStream`].
+pub async fn recv_stream_frame<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+) -> Result<Option<StreamFrame>, WireError> {
+    match recv_frame(r, MAX_PAGE_FRAME).await? {
+        Some(frame) => StreamFrame::from_frame(frame).map(Some),
+        None => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_protocol::wire::{MsgKind, RefuseCode, WIRE_MAGIC, WIRE_MAJOR};
+    use ferry_protocol::wire::{LazyFrame, MsgKind, RefuseCode, WIRE_MAGIC, WIRE_MAJOR};
 
     #[tokio::test]
     async fn control_and_pages_round_trip() {
@@ -148,6 +176,78 @@ mod tests {
         let f = recv_page(&mut b).await.unwrap().unwrap();
         assert_eq!((f.pass, &f.batch[..]), (1, &b"batch bytes"[..]));
         assert!(recv_page(&mut b).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn lazy_and_page_frames_share_a_stream() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let writer = tokio::spawn(async move {
+            let n = send_lazy_page(&mut a, LazyOrigin::Requested, b"requested")
+                .await
+                .unwrap();
+            assert_eq!(n, HEADER_LEN + 4 + 9);
+            send_lazy_page(&mut a, LazyOrigin::Pushed, b"pushed")
+                .await
+                .unwrap();
+            send_page(&mut a, 3, b"pre-copy").await.unwrap();
+            send_control(&mut a, &ControlMsg::Done).await.unwrap();
+        });
+        let f = recv_stream_frame(&mut b).await.unwrap().unwrap();
+        assert_eq!(
+            f,
+            StreamFrame::Lazy(LazyFrame {
+                origin: LazyOrigin::Requested,
+                batch: b"requested".to_vec(),
+            })
+        );
+        let f = recv_stream_frame(&mut b).await.unwrap().unwrap();
+        assert_eq!(
+            f,
+            StreamFrame::Lazy(LazyFrame {
+                origin: LazyOrigin::Pushed,
+                batch: b"pushed".to_vec(),
+            })
+        );
+        let f = recv_stream_frame(&mut b).await.unwrap().unwrap();
+        assert_eq!(
+            f,
+            StreamFrame::Pages(PageFrame {
+                pass: 3,
+                batch: b"pre-copy".to_vec(),
+            })
+        );
+        // A control frame on a page stream is refused.
+        assert!(matches!(
+            recv_stream_frame(&mut b).await,
+            Err(WireError::WrongStream {
+                kind: MsgKind::Done
+            })
+        ));
+        writer.await.unwrap();
+        assert!(recv_stream_frame(&mut b).await.unwrap().is_none());
+
+        // recv_page keeps refusing lazy frames; control refuses them too.
+        let mut f = Vec::new();
+        send_lazy_page(&mut f, LazyOrigin::Pushed, b"x")
+            .await
+            .unwrap();
+        assert!(matches!(
+            recv_page(&mut &f[..]).await,
+            Err(WireError::WrongStream {
+                kind: MsgKind::LazyPages
+            })
+        ));
+        assert!(matches!(
+            recv_control(&mut &f[..]).await,
+            Err(WireError::WrongStream {
+                kind: MsgKind::LazyPages
+            })
+        ));
+        let h = header(MsgKind::LazyPages as u8, MAX_PAGE_FRAME + 1);
+        assert!(matches!(
+            recv_stream_frame(&mut &h[..]).await,
+            Err(WireError::TooLarge { .. })
+        ));
     }
 
     fn header(kind: u8, len: u32) -> Vec<u8> {

@@ -154,6 +154,17 @@ fn private_pages(
     Ok(())
 }
 
+/// Pages (addresses) of `[start, end)` inside `vma` that hold private data
+/// (present or swapped; in private file areas only copied-on-write ones).
+pub fn populated_pages(
+    pagemap: &File,
+    vma: &Vma,
+    span: (u64, u64),
+    out: &mut Vec<u64>,
+) -> Result<()> {
+    private_pages(pagemap, vma, span, out, None)
+}
+
 /// Save the private pages of every area into `sink`.
 pub fn dump_pages(pid: i32, vmas: &[Vma], sink: &mut dyn super::PageSink) -> Result<()> {
     dump_pages_in(pid, vmas, None, sink)

@@ -214,13 +214,31 @@ impl Restorer {
     /// dropped instead, or this program dies first, the process is killed
     /// (ptrace's exit-kill), so a migration that is not confirmed leaves
     /// nothing running here.
-    pub fn finish(mut self, img: &ProcessImage) -> Result<Ready> {
+    pub fn finish(self, img: &ProcessImage) -> Result<Ready> {
+        self.finish_with(img, None)
+    }
+
+    /// [`Restorer::finish`] for a lazy switchover: the pages of `owed`
+    /// (spans `(addr, pages)` inside private anonymous areas) are dropped
+    /// and registered with a userfaultfd instead; [`Ready::take_uffd`] hands
+    /// it over, to be served before the process resumes.
+    pub fn finish_lazy(self, img: &ProcessImage, owed: &[(u64, u64)]) -> Result<Ready> {
+        self.finish_with(img, Some(owed))
+    }
+
+    fn finish_with(mut self, img: &ProcessImage, owed: Option<&[(u64, u64)]>) -> Result<Ready> {
         if img.pid != self.stub.pid || img.vmas != self.vmas {
             return Err(Error::Incompatible(
                 "the image's PID or memory layout differs from the one being built".into(),
             ));
         }
-        build(&mut self.stub, img)?;
+        if owed.is_some() {
+            crate::lazy::uffd::kernel_support().map_err(|what| Error::Unsupported {
+                pid: img.pid,
+                what: format!("lazy pages: {what}"),
+            })?;
+        }
+        let uffd = build(&mut self.stub, img, owed)?;
         Ok(Ready {
             summary: RestoreSummary {
                 pid: img.pid,
@@ -229,6 +247,7 @@ impl Restorer {
                 duration: self.t0.elapsed(),
             },
             stub: self.stub,
+            uffd,
         })
     }
 }
@@ -238,9 +257,22 @@ pub struct Ready {
     stub: stub::Stub,
     /// What the restore did (duration up to now).
     pub summary: RestoreSummary,
+    /// For a lazy restore: the armed userfaultfd of the process.
+    uffd: Option<userfaultfd::Uffd>,
 }
 
 impl Ready {
+    /// The PID of the process.
+    pub fn pid(&self) -> i32 {
+        self.stub.pid
+    }
+
+    /// The userfaultfd of a lazy restore (once): whoever holds it must
+    /// serve the process's faults from before [`Ready::resume`] on.
+    pub fn take_uffd(&mut self) -> Option<userfaultfd::Uffd> {
+        self.uffd.take()
+    }
+
     /// Let the process run; it is no longer traced.
     pub fn resume(self) -> Result<RestoreSummary> {
         let summary = self.summary.clone();
@@ -250,24 +282,60 @@ impl Ready {
 }
 
 /// Everything after the pages: protections, mm, fds, signals, threads,
-/// credentials, registers. Threads stay stopped.
-fn build(stub: &mut stub::Stub, img: &ProcessImage) -> Result<()> {
+/// credentials, registers. Threads stay stopped. With `owed` (lazy), those
+/// pages are dropped and a userfaultfd is armed over them.
+fn build(
+    stub: &mut stub::Stub,
+    img: &ProcessImage,
+    owed: Option<&[(u64, u64)]>,
+) -> Result<Option<userfaultfd::Uffd>> {
     let mut others = Vec::new();
-    let r = apply_state(stub, img, &mut others);
+    let r = apply_state(stub, img, owed, &mut others);
     // Tracked by the stub in every case: killed with it on failure.
     stub.others.append(&mut others);
-    r
+    let Some(fd) = r? else {
+        return Ok(None);
+    };
+    let owed = owed.unwrap_or_default();
+    let ranges: Vec<(u64, u64)> = merged_spans(owed);
+    let uffd = crate::lazy::uffd::arm(stub.pid, fd, &ranges)?;
+    // Nothing may have populated an owed page since it was dropped.
+    crate::lazy::uffd::check_missing(stub.pid, &ranges)?;
+    Ok(Some(uffd))
 }
 
-fn apply_state(stub: &mut stub::Stub, img: &ProcessImage, others: &mut Vec<Tracee>) -> Result<()> {
+/// Spans `(addr, pages)` as merged `(start, end)` ranges.
+fn merged_spans(spans: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(a, n) in spans {
+        let end = a + n * ferry_protocol::model::PAGE_SIZE;
+        match out.last_mut() {
+            Some(l) if l.1 == a => l.1 = end,
+            _ => out.push((a, end)),
+        }
+    }
+    out
+}
+
+fn apply_state(
+    stub: &mut stub::Stub,
+    img: &ProcessImage,
+    owed: Option<&[(u64, u64)]>,
+    others: &mut Vec<Tracee>,
+) -> Result<Option<std::os::fd::OwnedFd>> {
     let pid = stub.pid;
     let tramp = stub.tramp_range();
+    let mut uffd = None;
     {
         let mut inj = stub.injector()?;
         memory::protect(&mut inj, &img.vmas)?;
         mm::apply(&mut inj, &img.mm)?;
         fds::install(&mut inj, &img.fds)?;
         misc::apply(&mut inj, &img.misc)?;
+        if owed.is_some() {
+            // Before the credentials drop: see lazy::uffd.
+            uffd = Some(crate::lazy::uffd::create_in(&mut inj, pid)?);
+        }
         for t in img.threads.iter().skip(1) {
             others.push(threads::create(&mut inj, t)?);
         }
@@ -285,6 +353,19 @@ fn apply_state(stub: &mut stub::Stub, img: &ProcessImage, others: &mut Vec<Trace
         misc::queue_signals(&mut inj, pid, Some(main.tid), &main.pending)?;
         misc::queue_signals(&mut inj, pid, None, &img.misc.shared_pending)?;
         misc::apply_creds(&mut inj, &img.misc.creds)?;
+        // Owed pages must fault: drop what earlier passes wrote there. Last
+        // thing before the trampoline goes, after every other injection.
+        for &(addr, pages) in owed.unwrap_or_default() {
+            inj.call(
+                "madvise(MADV_DONTNEED)",
+                libc::SYS_madvise,
+                &[
+                    addr,
+                    pages * ferry_protocol::model::PAGE_SIZE,
+                    libc::MADV_DONTNEED as u64,
+                ],
+            )?;
+        }
         inj.call(
             "munmap(trampoline)",
             libc::SYS_munmap,
@@ -299,7 +380,7 @@ fn apply_state(stub: &mut stub::Stub, img: &ProcessImage, others: &mut Vec<Trace
     for (tr, t) in others.iter().zip(img.threads.iter().skip(1)) {
         threads::load_registers(tr, t)?;
     }
-    Ok(())
+    Ok(uffd)
 }
 
 #[cfg(test)]

@@ -267,6 +267,11 @@ impl Uffd {
         Self { fd }
     }
 
+    /// The fd itself, e.g. to hand it to another userfaultfd library.
+    pub fn into_owned(self) -> OwnedFd {
+        self.fd
+    }
+
     /// `UFFDIO_API` handshake requesting `features`. With `features == 0`
     /// the kernel reports every feature it offers. A userfaultfd accepts one
     /// handshake only; use [`available_features`] to query first.

@@ -378,7 +378,7 @@ fn take_userfaultfd(pid: i32, frozen: &mut Frozen) -> Result<OwnedFd> {
 }
 
 /// A copy of fd `fd` of process `pid` (`pidfd_open` + `pidfd_getfd`).
-fn pidfd_getfd(pid: i32, fd: i32) -> Result<OwnedFd> {
+pub(crate) fn pidfd_getfd(pid: i32, fd: i32) -> Result<OwnedFd> {
     // SAFETY: pidfd_open takes two integers and returns a new fd or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {

@@ -1,10 +1,10 @@
 //! The destination's view of the conversation (see the state diagram in
-//! [`crate::wire`]): which message is legal when, and whether all page
-//! batches of every pass have arrived.
+//! [`crate::wire`]): which message is legal when, whether all page batches
+//! of every pass have arrived, and whether the migration is lazy.
 
 use std::fmt;
 
-use super::{ControlMsg, MsgKind, ProtocolVersion, WireError, MAX_PASSES, WIRE_MAJOR};
+use super::{ControlMsg, MsgKind, ProtocolVersion, WireError, LAZY_MINOR, MAX_PASSES, WIRE_MAJOR};
 use crate::model::HostInfo;
 
 /// Where the destination is in a migration.
@@ -19,14 +19,19 @@ pub enum Phase {
     /// `Prepare` received; the destination checks and answers `Ready` or
     /// `Refuse`.
     Checking,
-    /// Between passes: `PassStart` of the next pass or `Switchover` may come.
+    /// Between passes: `PassStart` of the next pass, `LazyPlan` or
+    /// `Switchover` may come (after a `LazyPlan`, only `Switchover`).
     PreCopy,
     /// Inside a pass, waiting for its `PassEnd`.
     InPass(u32),
     /// `Switchover` received; the destination restores and answers `Running`
     /// or `Failed`.
     Restoring,
-    /// `Running` sent; waiting for `Done`.
+    /// `Running` sent for a lazy migration; pages are still being fetched
+    /// (`PageRequest` out, `LazyPages` in) until `LazyComplete` is sent.
+    Lazy,
+    /// `Running` (or, in a lazy migration, `LazyComplete`) sent; waiting for
+    /// `Done`.
     Running,
     /// The conversation is over (normally or not); nothing more is legal.
     Closed,
@@ -99,6 +104,7 @@ pub struct DestState {
     source_host: Option<HostInfo>,
     pid: Option<i32>,
     passes: Vec<PassTally>,
+    lazy: bool,
 }
 
 impl Default for DestState {
@@ -116,6 +122,7 @@ impl DestState {
             source_host: None,
             pid: None,
             passes: Vec::new(),
+            lazy: false,
         }
     }
 
@@ -145,6 +152,11 @@ impl DestState {
         self.passes
             .get(pass as usize)
             .is_some_and(PassTally::complete)
+    }
+
+    /// True once a `LazyPlan` was accepted: the migration is lazy.
+    pub fn is_lazy(&self) -> bool {
+        self.lazy
     }
 
     /// True if every started pass is complete (and at least one started).
@@ -180,7 +192,7 @@ impl DestState {
                 self.pid = Some(*pid);
                 Phase::Checking
             }
-            (Phase::PreCopy, ControlMsg::PassStart { pass, .. }) => {
+            (Phase::PreCopy, ControlMsg::PassStart { pass, .. }) if !self.lazy => {
                 let expected = self.passes.len() as u32;
                 if *pass != expected {
                     return Err(WireError::Invalid(format!(
@@ -217,6 +229,21 @@ impl DestState {
                     bytes: *bytes,
                 });
                 t.check(n as usize)?;
+                Phase::PreCopy
+            }
+            (Phase::PreCopy, ControlMsg::LazyPlan { .. }) if !self.lazy => {
+                let minor = self.version.map_or(0, |v| v.minor);
+                if minor < LAZY_MINOR {
+                    return Err(WireError::Invalid(format!(
+                        "LazyPlan needs protocol minor version {LAZY_MINOR}, but {WIRE_MAJOR}.{minor} was negotiated"
+                    )));
+                }
+                if self.passes.is_empty() {
+                    return Err(WireError::Invalid(
+                        "LazyPlan before any pass was sent".into(),
+                    ));
+                }
+                self.lazy = true;
                 Phase::PreCopy
             }
             (Phase::PreCopy, ControlMsg::Switchover { image }) => {
@@ -268,9 +295,15 @@ impl DestState {
                         self.pid
                     )));
                 }
-                Phase::Running
+                if self.lazy {
+                    Phase::Lazy
+                } else {
+                    Phase::Running
+                }
             }
             (Phase::Restoring, ControlMsg::Failed { .. }) => Phase::Closed,
+            (Phase::Lazy, ControlMsg::PageRequest { .. }) => Phase::Lazy,
+            (Phase::Lazy, ControlMsg::LazyComplete { .. }) => Phase::Running,
             (p, ControlMsg::Abort { .. }) if p != Phase::Running && p != Phase::Closed => {
                 Phase::Closed
             }
@@ -280,12 +313,25 @@ impl DestState {
         Ok(())
     }
 
+    /// Checks that a lazy page frame (`LazyPages`) is legal now: in
+    /// [`Phase::Lazy`], and in [`Phase::Running`] of a lazy migration (late
+    /// duplicates after `LazyComplete`, which the caller ignores). Whether its
+    /// runs are owed is [`super::LazyFrame::decode_batch`]'s job.
+    pub fn lazy_frame(&self) -> Result<(), WireError> {
+        match self.phase {
+            Phase::Lazy => Ok(()),
+            Phase::Running if self.lazy => Ok(()),
+            _ => Err(self.unexpected(MsgKind::LazyPages)),
+        }
+    }
+
     /// Takes a page frame of pass `pass` covering `pages` pages with
     /// `bytes` encoded batch bytes (call it after the batch decoded and its
     /// runs were checked, so the counts are the real ones).
     ///
     /// [`PageAdmit::Wait`] for a frame of the pass after the last one
-    /// started, while more passes may still start; an error for a pass that
+    /// started, while more passes may still start (not after `Switchover`
+    /// or `LazyPlan`); an error for a pass that
     /// can no longer receive batches, or if the pass now has more than its
     /// `PassEnd` declared.
     pub fn page_batch(
@@ -300,7 +346,7 @@ impl DestState {
         }
         let started = self.passes.len() as u32;
         if pass >= started {
-            if open && pass == started && pass < MAX_PASSES {
+            if open && !self.lazy && pass == started && pass < MAX_PASSES {
                 return Ok(PageAdmit::Wait);
             }
             return Err(WireError::Invalid(format!(

@@ -78,7 +78,46 @@ fn every_message() -> Vec<ControlMsg> {
         ControlMsg::Abort {
             reason: "user pressed ^C".into(),
         },
+        lazy_plan(),
+        page_request(),
+        lazy_complete(),
     ]
+}
+
+fn span(addr: u64, pages: u64) -> PageSpan {
+    PageSpan { addr, pages }
+}
+
+/// Owed spans inside the sample image's anonymous heap (0x600000-0x621000).
+fn owed() -> Vec<PageSpan> {
+    vec![
+        span(0x60_0000, 4),
+        span(0x60_4000, 2), // touches the previous one
+        span(0x61_0000, 0x11),
+    ]
+}
+
+fn lazy_plan() -> ControlMsg {
+    ControlMsg::LazyPlan { owed: owed() }
+}
+
+fn page_request() -> ControlMsg {
+    ControlMsg::PageRequest {
+        addr: 0x61_1000,
+        pages: 16,
+    }
+}
+
+fn lazy_complete() -> ControlMsg {
+    ControlMsg::LazyComplete {
+        stats: LazyStats {
+            faults: 3,
+            pages_requested: 48,
+            pages_pushed: 0x17 + 6 - 16,
+            max_fault_wait_us: 1800,
+            last_page_us: 250_000,
+        },
+    }
 }
 
 fn frame_of(bytes: &[u8]) -> Result<Frame, WireError> {
@@ -102,7 +141,11 @@ fn fix_checksum(bytes: &mut [u8]) {
 #[test]
 fn every_message_round_trips() {
     let kinds: HashSet<MsgKind> = every_message().iter().map(ControlMsg::kind).collect();
-    assert_eq!(kinds.len(), 12, "one sample per control kind");
+    assert_eq!(kinds.len(), 15, "one sample per control kind");
+    assert_eq!(
+        kinds.len(),
+        MsgKind::ALL.iter().filter(|k| k.is_control()).count()
+    );
     for msg in every_message() {
         let bytes = encode_control(&msg).unwrap();
         assert_eq!(bytes[3], msg.kind() as u8);
@@ -123,7 +166,18 @@ fn kind_bytes_are_stable_and_zero_is_invalid() {
     }
     assert_eq!(MsgKind::Hello as u8, 1);
     assert_eq!(MsgKind::Abort as u8, 12);
+    assert_eq!(MsgKind::LazyPlan as u8, 13);
+    assert_eq!(MsgKind::PageRequest as u8, 14);
+    assert_eq!(MsgKind::LazyComplete as u8, 15);
     assert_eq!(MsgKind::Pages as u8, 32);
+    assert_eq!(MsgKind::LazyPages as u8, 33);
+    assert!(MsgKind::ALL.windows(2).all(|w| (w[0] as u8) < (w[1] as u8)));
+    let pages: Vec<MsgKind> = MsgKind::ALL
+        .into_iter()
+        .filter(|k| !k.is_control())
+        .collect();
+    assert_eq!(pages, [MsgKind::Pages, MsgKind::LazyPages]);
+    assert_eq!(MsgKind::LazyPages.max_payload(), MAX_PAGE_FRAME);
 }
 
 #[test]
@@ -217,7 +271,7 @@ fn newer_minor_is_negotiated_down() {
 
 #[test]
 fn unknown_kind_is_refused() {
-    for k in [0u8, 13, 31, 33, 255] {
+    for k in [0u8, 16, 31, 34, 255] {
         let mut bytes = encode_control(&ControlMsg::Done).unwrap();
         bytes[3] = k;
         assert!(
@@ -922,6 +976,10 @@ fn random_mutations_never_panic() {
     let b = batch(&[(0x40_0000, 2, false), (0x60_0000, 3, true)]);
     samples.push(encode_page_frame(0, &encode_batch(&b, 1)).unwrap());
     samples.push(encode_page_frame(1, &encode_batch(&b, 0)).unwrap());
+    let lb = batch(&[(0x60_0000, 2, false), (0x61_0000, 3, true)]);
+    samples.push(encode_lazy_frame(LazyOrigin::Requested, &encode_batch(&lb, 1)).unwrap());
+    samples.push(encode_lazy_frame(LazyOrigin::Pushed, &encode_batch(&lb, 0)).unwrap());
+    let owed = owed();
     let vmas = sample_image().vmas;
     let mut dec = page_decoder();
     let mut out = PageBatch::default();
@@ -943,8 +1001,10 @@ fn random_mutations_never_panic() {
             fix_checksum(&mut bytes);
         }
         let ctl = read_control(&mut &bytes[..]);
-        let pages = read_page_frame(&mut &bytes[..])
-            .and_then(|pf| pf.decode_batch(&mut dec, &vmas, &mut out));
+        let pages = read_stream_frame(&mut &bytes[..]).and_then(|f| match f {
+            StreamFrame::Pages(pf) => pf.decode_batch(&mut dec, &vmas, &mut out),
+            StreamFrame::Lazy(lf) => lf.decode_batch(&mut dec, &owed, &mut out),
+        });
         if ctl.is_err() && pages.is_err() {
             refused += 1;
         }
@@ -956,4 +1016,546 @@ fn random_mutations_never_panic() {
         }
     }
     assert!(refused > 250, "most mutations are caught ({refused})");
+}
+
+// ---- lazy pages (minor 1) ----
+
+#[test]
+fn lazy_versions() {
+    assert_eq!(WIRE_MINOR, 1);
+    assert_eq!(LAZY_MINOR, 1);
+    const { assert!(WIRE_MINOR >= LAZY_MINOR) };
+    let old = ProtocolVersion {
+        major: WIRE_MAJOR,
+        minor: 0,
+    };
+    assert!(ProtocolVersion::CURRENT.negotiate(old).unwrap().minor < LAZY_MINOR);
+}
+
+#[test]
+fn page_span_helpers() {
+    let s = span(0x60_0000, 4);
+    assert_eq!(s.end(), Some(0x60_4000));
+    assert!(s.contains(0x60_0000, 4 * PAGE_SIZE));
+    assert!(s.contains(0x60_3000, PAGE_SIZE));
+    assert!(!s.contains(0x60_3000, 2 * PAGE_SIZE));
+    assert!(!s.contains(0x5f_f000, PAGE_SIZE));
+    assert!(!s.contains(0x60_4000, PAGE_SIZE));
+    assert!(!s.contains(u64::MAX, 2));
+    assert_eq!(span(!0xfff, 1).end(), None);
+    assert_eq!(span(0, u64::MAX).end(), None);
+    assert!(!span(0, u64::MAX).contains(0, 1));
+    assert_eq!(LazyOrigin::from_u32(0), Some(LazyOrigin::Pushed));
+    assert_eq!(LazyOrigin::from_u32(1), Some(LazyOrigin::Requested));
+    assert_eq!(LazyOrigin::from_u32(2), None);
+    assert_eq!(LazyOrigin::Requested as u32, 1);
+}
+
+#[test]
+fn lazy_messages_round_trip() {
+    for msg in [
+        lazy_plan(),
+        ControlMsg::LazyPlan { owed: vec![] },
+        page_request(),
+        ControlMsg::PageRequest {
+            addr: 0x7fff_ffff_f000,
+            pages: MAX_REQUEST_PAGES,
+        },
+        lazy_complete(),
+        ControlMsg::LazyComplete {
+            stats: LazyStats {
+                faults: u64::MAX,
+                pages_requested: u64::MAX,
+                pages_pushed: u64::MAX,
+                max_fault_wait_us: u64::MAX,
+                last_page_us: u64::MAX,
+            },
+        },
+    ] {
+        let bytes = encode_control(&msg).unwrap();
+        assert_eq!(bytes[3], msg.kind() as u8);
+        assert!(bytes.len() - HEADER_LEN <= msg.kind().max_payload() as usize);
+        assert_eq!(decode_bytes(&bytes).unwrap(), msg);
+        assert_eq!(read_control(&mut &bytes[..]).unwrap(), msg);
+    }
+    // The payload is the fields in declaration order, nothing else.
+    let ControlMsg::LazyPlan { owed: o } = lazy_plan() else {
+        unreachable!()
+    };
+    assert_eq!(
+        lazy_plan().payload().unwrap(),
+        postcard::to_stdvec(&o).unwrap()
+    );
+    assert_eq!(
+        page_request().payload().unwrap(),
+        postcard::to_stdvec(&(0x61_1000u64, 16u32)).unwrap()
+    );
+    // A PageRequest or LazyComplete too long for its kind is refused from
+    // the header.
+    for (kind, max) in [(MsgKind::PageRequest, 32), (MsgKind::LazyComplete, 64)] {
+        assert_eq!(kind.max_payload(), max);
+        let mut r = Endless {
+            header: header_with_len(kind, max + 1),
+            pos: 0,
+        };
+        assert!(matches!(
+            read_frame(&mut r, MAX_CONTROL_FRAME),
+            Err(WireError::TooLarge { .. })
+        ));
+        assert_eq!(r.pos, HEADER_LEN as u64);
+    }
+}
+
+fn refused(m: ControlMsg) -> String {
+    let e = encode_control(&m).expect_err("the sender refuses it too");
+    let bytes = encode_frame(m.kind(), &m.payload().unwrap()).unwrap();
+    let d = decode_bytes(&bytes).expect_err("receiver refuses");
+    assert_eq!(e.to_string(), d.to_string());
+    assert!(matches!(d, WireError::Invalid(_)), "{d}");
+    d.to_string()
+}
+
+#[test]
+fn lazy_plan_rules() {
+    let plan = |owed: Vec<PageSpan>| ControlMsg::LazyPlan { owed };
+    let e = refused(plan(vec![span(0x60_0000, 1), span(0x60_0800, 1)]));
+    assert!(e.contains("span #1") && e.contains("page aligned"), "{e}");
+    let e = refused(plan(vec![span(0x60_0000, 0)]));
+    assert!(e.contains("no pages"), "{e}");
+    let e = refused(plan(vec![span(0x60_4000, 1), span(0x60_0000, 1)]));
+    assert!(e.contains("sorted"), "unsorted: {e}");
+    let e = refused(plan(vec![span(0x60_0000, 4), span(0x60_3000, 1)]));
+    assert!(e.contains("overlap"), "overlapping: {e}");
+    let e = refused(plan(vec![span(0x60_0000, 1), span(0x60_0000, 1)]));
+    assert!(e.contains("span #1"), "duplicate: {e}");
+    let e = refused(plan(vec![span(0xffff_ffff_ffff_f000, 2)]));
+    assert!(e.contains("end of the address space"), "{e}");
+    refused(plan(vec![span(0x1000, u64::MAX / PAGE_SIZE)]));
+    // Touching spans are fine.
+    plan(vec![span(0x60_0000, 1), span(0x60_1000, 1)])
+        .validate()
+        .unwrap();
+    // Too many spans (checked on the count, before looking at them).
+    let many = plan(vec![span(0x60_0000, 1); MAX_LAZY_SPANS + 1]);
+    match many.validate() {
+        Err(WireError::Invalid(e)) => assert!(e.contains("spans, at most"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(encode_control(&many).is_err());
+}
+
+#[test]
+fn page_request_rules() {
+    let req = |addr, pages| ControlMsg::PageRequest { addr, pages };
+    let e = refused(req(0x60_0000, 0));
+    assert!(e.contains("0 pages"), "{e}");
+    let e = refused(req(0x60_0000, MAX_REQUEST_PAGES + 1));
+    assert!(e.contains("513 pages"), "{e}");
+    let e = refused(req(0x60_0010, 1));
+    assert!(e.contains("page aligned"), "{e}");
+    let e = refused(req(0xffff_ffff_ffff_f000, 2));
+    assert!(e.contains("end of the address space"), "{e}");
+    req(0x60_0000, 1).validate().unwrap();
+    req(0xffff_ffff_fffe_0000, MAX_REQUEST_PAGES)
+        .validate()
+        .unwrap_err();
+    req(0xffff_ffff_fffe_0000, 0x1f).validate().unwrap();
+}
+
+#[test]
+fn spans_must_lie_in_anonymous_vmas() {
+    let vmas = sample_image().vmas; // file 0x400000-0x405000, anon heap 0x600000-0x621000, vdso
+    check_spans_in_anonymous(&owed(), &vmas).unwrap();
+    check_spans_in_anonymous(&[span(0x60_0000, 0x21)], &vmas).unwrap();
+    check_spans_in_anonymous(&[], &vmas).unwrap();
+    let cases = [
+        (span(0x40_0000, 1), "private mapping of"), // file mapping
+        (span(0x5f_f000, 2), "not inside a declared VMA"), // starts before the heap
+        (
+            span(0x62_0000, 2),
+            "runs past the end of VMA 0x600000-0x621000",
+        ),
+        (span(0x62_1000, 1), "not inside a declared VMA"), // just past the heap
+        (span(0x10_0000, 1), "not inside a declared VMA"),
+        (span(0x7fff_f7fc_0000, 1), "special area"),
+        (span(0x60_0000, u64::MAX), "end of the address space"),
+    ];
+    for (s, what) in cases {
+        match check_spans_in_anonymous(&[span(0x60_0000, 1), s], &vmas) {
+            Err(WireError::Invalid(e)) => {
+                assert!(e.contains("span #1") && e.contains(what), "{s:x?}: {e}")
+            }
+            other => panic!("{s:x?}: {other:?}"),
+        }
+    }
+    // Adjacent anonymous VMAs: a span must not cross the boundary.
+    let mut two = vmas[1..2].to_vec();
+    let mut next = two[0].clone();
+    next.start = two[0].end;
+    next.end = next.start + 0x1000;
+    two.push(next);
+    check_spans_in_anonymous(&[span(0x62_0000, 1), span(0x62_1000, 1)], &two).unwrap();
+    assert!(check_spans_in_anonymous(&[span(0x62_0000, 2)], &two).is_err());
+    // A shared file mapping is refused too.
+    let mut shared = vmas.clone();
+    let VmaKind::File(m) = shared[0].kind.clone() else {
+        unreachable!()
+    };
+    shared[0].kind = VmaKind::SharedFile(m);
+    let e = check_spans_in_anonymous(&[span(0x40_0000, 1)], &shared).unwrap_err();
+    assert!(e.to_string().contains("shared mapping"), "{e}");
+    assert!(check_spans_in_anonymous(&[span(0x60_0000, 1)], &[]).is_err());
+}
+
+#[test]
+fn lazy_frames_round_trip_and_stay_inside_the_owed_spans() {
+    let owed = owed(); // 0x600000+4, 0x604000+2, 0x610000+0x11
+    let b = batch(&[
+        (0x60_0000, 4, false),
+        (0x60_4000, 2, true),
+        (0x61_0000, 0x11, false),
+    ]);
+    let enc = encode_batch(&b, 1);
+    for origin in [LazyOrigin::Pushed, LazyOrigin::Requested] {
+        let frame = encode_lazy_frame(origin, &enc).unwrap();
+        assert_eq!(frame[3], MsgKind::LazyPages as u8);
+        assert_eq!(
+            &frame[HEADER_LEN..HEADER_LEN + 4],
+            &(origin as u32).to_le_bytes()
+        );
+        let sf = read_stream_frame(&mut &frame[..]).unwrap();
+        let StreamFrame::Lazy(lf) = sf else {
+            panic!("{sf:?}")
+        };
+        assert_eq!(lf.origin, origin);
+        assert_eq!(lf.batch, enc);
+        assert_eq!(lf.encode().unwrap(), frame);
+        let mut out = PageBatch::default();
+        lf.decode_batch(&mut page_decoder(), &owed, &mut out)
+            .unwrap();
+        assert_eq!(out, b);
+    }
+    check_runs_owed(&b, &owed).unwrap();
+    assert_eq!(
+        find_owed_span(&owed, 0x61_1000, 16 * PAGE_SIZE),
+        Some(&owed[2])
+    );
+    assert_eq!(find_owed_span(&owed, 0x60_3000, 2 * PAGE_SIZE), None);
+    assert_eq!(find_owed_span(&[], 0x60_0000, PAGE_SIZE), None);
+
+    let outside = [
+        (0x60_3000, 2, false), // crosses from one touching span into the next
+        (0x60_6000, 1, true),  // the gap after the second span
+        (0x5f_f000, 1, false), // before the first span
+        (0x62_0000, 2, true),  // off the last span's end
+        (0x62_1000, 1, false), // after everything
+        (0x40_0000, 1, false), // a VMA that owes nothing
+    ];
+    let mut dec = page_decoder();
+    let mut out = PageBatch::default();
+    for run in outside {
+        let bad = batch(&[(0x60_0000, 1, false), run]);
+        match check_runs_owed(&bad, &owed) {
+            Err(WireError::Invalid(e)) => assert!(e.contains("run #1"), "{e}"),
+            other => panic!("{run:x?}: {other:?}"),
+        }
+        let lf = LazyFrame {
+            origin: LazyOrigin::Pushed,
+            batch: encode_batch(&bad, 1),
+        };
+        assert!(matches!(
+            lf.decode_batch(&mut dec, &owed, &mut out),
+            Err(WireError::Invalid(_))
+        ));
+        assert!(out.runs.is_empty(), "nothing handed out on error");
+    }
+    // No plan: nothing fits.
+    assert!(check_runs_owed(&b, &[]).is_err());
+}
+
+#[test]
+fn lazy_frame_rejections() {
+    let enc = encode_batch(&batch(&[(0x60_0000, 1, false)]), 1);
+    // A corrupt batch goes to the batch codec.
+    let mut bad = enc.clone();
+    bad[0] = b'X';
+    let lf = LazyFrame::from_frame(
+        read_frame(
+            &mut &encode_lazy_frame(LazyOrigin::Pushed, &bad).unwrap()[..],
+            MAX_PAGE_FRAME,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(matches!(
+        lf.decode_batch(&mut page_decoder(), &owed(), &mut PageBatch::default()),
+        Err(WireError::Batch(_))
+    ));
+    // Unknown origin, no origin.
+    let mut payload = 2u32.to_le_bytes().to_vec();
+    payload.extend_from_slice(&enc);
+    let f = encode_frame(MsgKind::LazyPages, &payload).unwrap();
+    match read_stream_frame(&mut &f[..]) {
+        Err(WireError::Invalid(e)) => assert!(e.contains("unknown origin 2"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    let f = encode_frame(MsgKind::LazyPages, &[1, 0]).unwrap();
+    assert!(matches!(
+        read_stream_frame(&mut &f[..]),
+        Err(WireError::Invalid(_))
+    ));
+    // Wrong streams: a lazy frame is neither a control frame nor a Pages
+    // frame, and control frames are not stream frames.
+    let f = encode_lazy_frame(LazyOrigin::Requested, &enc).unwrap();
+    assert!(matches!(
+        read_control(&mut &f[..]),
+        Err(WireError::WrongStream {
+            kind: MsgKind::LazyPages
+        })
+    ));
+    assert!(matches!(
+        read_page_frame(&mut &f[..]),
+        Err(WireError::WrongStream {
+            kind: MsgKind::LazyPages
+        })
+    ));
+    let (frame, _) = decode_frame(&f, MAX_PAGE_FRAME).unwrap();
+    assert!(matches!(
+        PageFrame::from_frame(frame),
+        Err(WireError::WrongStream { .. })
+    ));
+    let pf = encode_page_frame(0, &enc).unwrap();
+    let (frame, _) = decode_frame(&pf, MAX_PAGE_FRAME).unwrap();
+    assert!(matches!(
+        LazyFrame::from_frame(frame.clone()),
+        Err(WireError::WrongStream {
+            kind: MsgKind::Pages
+        })
+    ));
+    assert!(matches!(
+        StreamFrame::from_frame(frame),
+        Ok(StreamFrame::Pages(PageFrame { pass: 0, .. }))
+    ));
+    for m in [lazy_plan(), ControlMsg::Done] {
+        let f = encode_control(&m).unwrap();
+        assert!(matches!(
+            read_stream_frame(&mut &f[..]),
+            Err(WireError::WrongStream { kind }) if kind == m.kind()
+        ));
+    }
+    // Larger than a page frame may be.
+    let big = vec![0u8; MAX_PAGE_FRAME as usize];
+    assert!(matches!(
+        encode_lazy_frame(LazyOrigin::Pushed, &big),
+        Err(WireError::TooLarge {
+            kind: MsgKind::LazyPages,
+            ..
+        })
+    ));
+}
+
+fn hello_minor(minor: u16) -> ControlMsg {
+    ControlMsg::Hello {
+        version: ProtocolVersion {
+            major: WIRE_MAJOR,
+            minor,
+        },
+        host: host(),
+        agent: "ferry test".into(),
+    }
+}
+
+/// A destination state after the handshake with a source of `minor`.
+fn ready_state_minor(minor: u16) -> DestState {
+    let mut st = DestState::new();
+    st.accept(&hello_minor(minor)).unwrap();
+    st.sent(&ack()).unwrap();
+    st.accept(&prepare()).unwrap();
+    st.sent(&ControlMsg::Ready).unwrap();
+    st
+}
+
+/// A lazy destination after the plan: one complete pass, LazyPlan accepted.
+fn lazy_precopy() -> DestState {
+    let mut st = ready_state_minor(1);
+    st.accept(&pass_start(0)).unwrap();
+    st.accept(&pass_end(0, 0, 0, 0)).unwrap();
+    st.accept(&lazy_plan()).unwrap();
+    st
+}
+
+#[test]
+fn a_whole_lazy_migration_is_legal() {
+    let mut st = ready_state_minor(1);
+    assert_eq!(st.version().unwrap().minor, 1);
+    assert!(!st.is_lazy());
+    st.accept(&pass_start(0)).unwrap();
+    assert_eq!(st.page_batch(0, 2, 100).unwrap(), PageAdmit::Accept);
+    st.accept(&pass_end(0, 2, 4, 300)).unwrap();
+    assert!(unexpected(st.lazy_frame()), "no lazy frames before Running");
+    st.accept(&lazy_plan()).unwrap();
+    assert!(st.is_lazy());
+    assert_eq!(st.phase(), Phase::PreCopy);
+    // Pre-copy batches of the last pass may still arrive.
+    assert_eq!(st.page_batch(0, 2, 200).unwrap(), PageAdmit::Accept);
+    st.accept(&switchover()).unwrap();
+    assert_eq!(st.phase(), Phase::Restoring);
+    assert!(unexpected(st.lazy_frame()));
+    assert!(
+        unexpected(st.clone().sent(&page_request())),
+        "PageRequest before Running"
+    );
+    st.sent(&running()).unwrap();
+    assert_eq!(st.phase(), Phase::Lazy);
+    st.lazy_frame().unwrap();
+    st.sent(&page_request()).unwrap();
+    assert_eq!(st.phase(), Phase::Lazy);
+    st.sent(&page_request()).unwrap();
+    st.lazy_frame().unwrap();
+    assert!(
+        unexpected(st.clone().accept(&ControlMsg::Done)),
+        "Done before LazyComplete"
+    );
+    assert!(unexpected(st.clone().page_batch(0, 1, 1).map(|_| ())));
+    st.sent(&lazy_complete()).unwrap();
+    assert_eq!(st.phase(), Phase::Running);
+    st.lazy_frame().unwrap(); // late duplicates
+    assert!(unexpected(st.clone().sent(&page_request())));
+    assert!(unexpected(st.clone().sent(&lazy_complete())));
+    st.accept(&ControlMsg::Done).unwrap();
+    assert_eq!(st.phase(), Phase::Closed);
+    assert!(unexpected(st.lazy_frame()));
+}
+
+#[test]
+fn lazy_plan_is_legal_only_once_between_passes_with_minor_1() {
+    // Minor 0 negotiated: refused, naming the version.
+    let mut st = ready_state_minor(0);
+    st.accept(&pass_start(0)).unwrap();
+    st.accept(&pass_end(0, 0, 0, 0)).unwrap();
+    match st.clone().accept(&lazy_plan()) {
+        Err(WireError::Invalid(e)) => assert!(e.contains("minor version 1"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // A newer source negotiates down to this build's minor, which has it.
+    let mut st = ready_state_minor(WIRE_MINOR + 3);
+    st.accept(&pass_start(0)).unwrap();
+    st.accept(&pass_end(0, 0, 0, 0)).unwrap();
+    st.accept(&lazy_plan()).unwrap();
+
+    // Before any pass.
+    let st = ready_state_minor(1);
+    assert!(matches!(
+        st.clone().accept(&lazy_plan()),
+        Err(WireError::Invalid(_))
+    ));
+    // Inside a pass.
+    let mut st = ready_state_minor(1);
+    st.accept(&pass_start(0)).unwrap();
+    assert!(unexpected(st.clone().accept(&lazy_plan())));
+    // Before the handshake is done.
+    let mut st = DestState::new();
+    st.accept(&hello_minor(1)).unwrap();
+    assert!(unexpected(st.clone().accept(&lazy_plan())));
+    // Twice.
+    let st = lazy_precopy();
+    assert!(
+        unexpected(st.clone().accept(&lazy_plan())),
+        "LazyPlan twice"
+    );
+    // No pass after it, and no frame of a pass that can no longer start.
+    assert!(unexpected(st.clone().accept(&pass_start(1))));
+    assert!(matches!(
+        st.clone().page_batch(1, 1, 1),
+        Err(WireError::Invalid(_))
+    ));
+    // After Switchover.
+    let mut st = ready_state_minor(1);
+    st.accept(&pass_start(0)).unwrap();
+    st.accept(&pass_end(0, 0, 0, 0)).unwrap();
+    st.accept(&switchover()).unwrap();
+    assert!(unexpected(st.clone().accept(&lazy_plan())));
+    // Only the source sends it; only the destination sends the others.
+    assert!(unexpected(lazy_precopy().sent(&lazy_plan())));
+    let mut st = lazy_precopy();
+    st.accept(&switchover()).unwrap();
+    st.sent(&running()).unwrap();
+    assert!(unexpected(st.clone().accept(&page_request())));
+    assert!(unexpected(st.clone().accept(&lazy_complete())));
+}
+
+#[test]
+fn lazy_requests_and_frames_only_in_the_lazy_phase() {
+    // A pre-copy migration never sends PageRequest or LazyComplete, and
+    // takes no lazy frames.
+    let mut st = ready_state();
+    assert!(unexpected(st.clone().sent(&page_request())));
+    assert!(unexpected(st.lazy_frame()));
+    st.accept(&pass_start(0)).unwrap();
+    assert!(unexpected(st.clone().sent(&page_request())));
+    st.accept(&pass_end(0, 0, 0, 0)).unwrap();
+    assert!(unexpected(st.clone().sent(&lazy_complete())));
+    st.accept(&switchover()).unwrap();
+    assert!(unexpected(st.clone().sent(&page_request())));
+    st.sent(&running()).unwrap();
+    assert_eq!(st.phase(), Phase::Running, "not lazy");
+    assert!(!st.is_lazy());
+    assert!(unexpected(st.clone().sent(&page_request())));
+    assert!(unexpected(st.clone().sent(&lazy_complete())));
+    assert!(
+        matches!(
+            st.lazy_frame(),
+            Err(WireError::UnexpectedMessage {
+                state: Phase::Running,
+                got: MsgKind::LazyPages
+            })
+        ),
+        "no lazy frames in a pre-copy migration"
+    );
+    // A lazy destination in PreCopy or Restoring sends no PageRequest.
+    let mut st = lazy_precopy();
+    assert!(unexpected(st.clone().sent(&page_request())));
+    assert!(unexpected(st.clone().sent(&lazy_complete())));
+    assert!(unexpected(st.lazy_frame()));
+    st.accept(&switchover()).unwrap();
+    assert!(unexpected(st.clone().sent(&page_request())));
+    // Running still waits for every pre-copy batch.
+    let mut st = ready_state_minor(1);
+    st.accept(&pass_start(0)).unwrap();
+    st.accept(&pass_end(0, 1, 1, 100)).unwrap();
+    st.accept(&lazy_plan()).unwrap();
+    st.accept(&switchover()).unwrap();
+    assert!(matches!(
+        st.clone().sent(&running()),
+        Err(WireError::Invalid(_))
+    ));
+    st.page_batch(0, 1, 100).unwrap();
+    st.sent(&running()).unwrap();
+    assert_eq!(st.phase(), Phase::Lazy);
+}
+
+#[test]
+fn either_side_may_abort_the_lazy_phase() {
+    let mut st = lazy_precopy();
+    st.accept(&switchover()).unwrap();
+    st.sent(&running()).unwrap();
+    assert_eq!(st.phase(), Phase::Lazy);
+    let abort = ControlMsg::Abort {
+        reason: "source lost".into(),
+    };
+    let mut recv = st.clone();
+    recv.accept(&abort).unwrap();
+    assert_eq!(recv.phase(), Phase::Closed);
+    assert!(unexpected(recv.lazy_frame()));
+    let mut send = st.clone();
+    send.sent(&abort).unwrap();
+    assert_eq!(send.phase(), Phase::Closed);
+    // Failed is for the restore, not the lazy phase.
+    assert!(unexpected(
+        st.clone().sent(&ControlMsg::Failed { reason: "x".into() })
+    ));
+    // After LazyComplete, Running rules apply: no more Abort.
+    st.sent(&lazy_complete()).unwrap();
+    assert!(unexpected(st.clone().accept(&abort)));
+    assert!(unexpected(st.sent(&abort)));
 }

@@ -448,3 +448,68 @@ pub fn verify(h: &Hosts, w: &Workload, ready: &str, on_b: bool) {
         assert_eq!(field(&line, key), field(ready, key), "{key}: {line}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Lazy pages (tests/tests/lazy.rs): a dest-agent started with extra
+// `listen` arguments, such as `--lazy-timeout SECS`. Same as
+// `Hosts::start_agent` otherwise (which could become a call of this one
+// with no extra arguments).
+
+impl Hosts {
+    /// Start `dest-agent --config-dir SIDE listen --listen 198.18.0.2:PORT
+    /// ARGS...` on B with extra environment `env`, output in NAME.out/.err
+    /// of the scratch directory; waits until it listens.
+    pub fn start_agent_args(
+        &self,
+        procs: &mut Procs,
+        side: &str,
+        port: u16,
+        env: &[(&str, &str)],
+        args: &[&str],
+        name: &str,
+    ) -> DestAgent {
+        let bin = dest_agent_bin();
+        let listen = format!("{ADDR_B}:{port}");
+        let config = self.config(side);
+        let mut all = vec![
+            "exec-b",
+            bin.to_str().unwrap(),
+            "--config-dir",
+            config.to_str().unwrap(),
+            "listen",
+            "--listen",
+            &listen,
+        ];
+        all.extend_from_slice(args);
+        let mut cmd = self.command(&all);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let w = procs.spawn(cmd, self.tmp(), name);
+        let start = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&w.out.err_path).unwrap_or_default();
+            if log.contains("listening on") {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "dest-agent {args:?} does not listen after 10 s; log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // nsenter (w.pid) forked setpriv, which exec'd dest-agent.
+        let agent = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", w.pid))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<i32>().ok())
+            .unwrap_or_else(|| panic!("nsenter {} has no child", w.pid));
+        let exe = std::fs::read_link(format!("/proc/{agent}/exe")).unwrap_or_default();
+        assert!(
+            exe.ends_with("dest-agent"),
+            "the child of nsenter {} is {} (pid {agent}), not dest-agent",
+            w.pid,
+            exe.display()
+        );
+        DestAgent { w, agent }
+    }
+}

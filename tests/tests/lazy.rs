@@ -1,0 +1,394 @@
+//! Lazy pages (post-copy) between the two hosts of `scripts/hosts`:
+//! `migrate --to B PID --lazy` switches over early, the process resumes on
+//! B with most of its private memory still on A, B's userfaultfd fetches
+//! the pages it touches from A while the rest is pushed in the background,
+//! and `migrate` returns once every page has arrived. Afterwards every page
+//! holds what it held at the freeze, also for pages touched by many threads
+//! at once, by forked children, and in regions moved, unmapped or dropped
+//! during the lazy phase. If the source is lost during the lazy phase, the
+//! destination gives up after `--lazy-timeout`, stops the process and goes
+//! on serving.
+mod common;
+
+use common::hosts::{alive, pair, verify, Background, DestAgent, Hosts, ADDR_B};
+use common::{field, num, Procs, Run, Workload, MIGRATE_TIMEOUT};
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+
+/// `exec-a migrate --config-dir A ARGS`, waited for up to MIGRATE_TIMEOUT
+/// (the lazy phase of a large process may take longer than CMD_TIMEOUT).
+fn migrate_slow(h: &Hosts, args: &[&str], name: &str) -> Run {
+    h.migrate_bg("a", args, name).wait(MIGRATE_TIMEOUT)
+}
+
+/// `migrate` succeeded and printed exactly one JSON object (nothing else on
+/// stdout, also not during the lazy phase) with a complete `lazy` section;
+/// returns it.
+fn lazy_report(r: &Run, pid: i32) -> serde_json::Value {
+    r.assert_ok();
+    let v: serde_json::Value = serde_json::from_str(r.stdout.trim())
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {}", r.stdout));
+    assert_eq!(v["pid"].as_i64(), Some(i64::from(pid)), "{v}");
+    assert!(v["lazy"].is_object(), "no lazy section: {v}");
+    let lazy = &v["lazy"];
+    for key in ["owed_pages", "pushed_pages", "requested_pages", "faults"] {
+        assert!(lazy[key].is_u64(), "lazy.{key} is not a count: {v}");
+    }
+    for key in ["max_fault_wait_ms", "last_page_ms", "pull_rate_mb_s"] {
+        assert!(lazy[key].is_number(), "lazy.{key} is not a number: {v}");
+    }
+    v
+}
+
+/// Every page owed at the switchover arrived, pushed or requested. Only
+/// for a process that does not change its memory layout during the lazy
+/// phase: pages owed in a region it unmaps, moves or drops meanwhile may
+/// legitimately never be sent (what matters there is its own verify).
+fn assert_all_owed_arrived(v: &serde_json::Value) {
+    let owed = lazy_u64(v, "owed_pages");
+    let pushed = lazy_u64(v, "pushed_pages");
+    let requested = lazy_u64(v, "requested_pages");
+    assert!(
+        pushed + requested >= owed,
+        "every owed page arrived, pushed or requested: {v}"
+    );
+}
+
+fn lazy_u64(v: &serde_json::Value, key: &str) -> u64 {
+    v["lazy"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("lazy.{key}: {v}"))
+}
+
+/// The source copy was killed by `migrate` (after the last page arrived,
+/// or with `migrate` itself); reap it.
+fn reap_source(procs: &mut Procs, pid: i32) {
+    let status = procs.reap(pid).expect("reap the source copy");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "source copy: {status}"
+    );
+}
+
+/// /proc/PID/comm on B (None if there is no such process).
+fn comm_on_b(h: &Hosts, pid: i32) -> Option<String> {
+    let r = h.exec_b(&[
+        "sh",
+        "-c",
+        &format!("cat /proc/{pid}/comm 2>/dev/null || true"),
+    ]);
+    r.assert_ok();
+    let c = r.stdout.trim();
+    (!c.is_empty()).then(|| c.to_string())
+}
+
+/// Start `wl-lazy MIB THREADS` on A; returns it and its ready line once it
+/// ticks.
+fn start_lazy(
+    h: &Hosts,
+    procs: &mut Procs,
+    mib: &str,
+    threads: &str,
+    name: &str,
+) -> (Workload, String) {
+    let cmd = h.command(&["exec-a", env!("CARGO_BIN_EXE_wl-lazy"), mib, threads]);
+    let w = procs.spawn(cmd, h.tmp(), name);
+    let (_, ready) = w.out.wait_line(0, "ready ");
+    assert_eq!(field(&ready, "pid"), Some(w.pid.to_string().as_str()));
+    assert_eq!(field(&ready, "threads"), Some(threads), "{ready}");
+    assert!(field(&ready, "checksum").is_some(), "{ready}");
+    w.out.wait_tick_above(2);
+    (w, ready)
+}
+
+/// SIGUSR1 wl-lazy (on A or B) and require `verify ok` with no mismatch,
+/// no failed child and the checksum of the ready line; returns the line.
+fn verify_lazy(h: &Hosts, w: &Workload, ready: &str, on_b: bool) -> String {
+    let from = w.out.lines().len();
+    if on_b {
+        h.exec_b(&["kill", "-USR1", &w.pid.to_string()]).assert_ok();
+    } else {
+        common::signal(w.pid, libc::SIGUSR1);
+    }
+    let (_, line) = w.out.wait_line(from, "verify ");
+    assert!(line.starts_with("verify ok"), "workload says: {line}");
+    assert_eq!(num(&line, "bad"), 0, "{line}");
+    assert_eq!(num(&line, "fork_bad"), 0, "{line}");
+    assert_eq!(
+        field(&line, "checksum"),
+        field(ready, "checksum"),
+        "checksum at the end against the one at start: {line} / {ready}"
+    );
+    line
+}
+
+/// Wait until `pid` is wl-lazy on B while A's copy is frozen, then until
+/// it ticks (A's copy being frozen, a new tick comes from B). Fails early
+/// if `migrate` exits.
+fn wait_running_on_b(h: &Hosts, w: &Workload, mig: &mut Background, agent: &DestAgent) {
+    let start = Instant::now();
+    loop {
+        assert!(
+            mig.running(),
+            "`migrate` exited before the process ran on B; stderr:\n{}\ndest-agent log:\n{}",
+            mig.stderr(),
+            agent.log()
+        );
+        let frozen_on_a = matches!(common::state(w.pid), 't' | 'T');
+        if frozen_on_a && comm_on_b(h, w.pid).as_deref() == Some("wl-lazy") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "process {} does not run on B after 60 s; migrate stderr:\n{}\ndest-agent log:\n{}",
+            w.pid,
+            mig.stderr(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tick = w.out.last_tick().expect("ticks");
+    let start = Instant::now();
+    while w.out.last_tick().expect("ticks") <= tick {
+        assert!(
+            mig.running(),
+            "`migrate` exited before the process ticked on B; stderr:\n{}\ndest-agent log:\n{}",
+            mig.stderr(),
+            agent.log()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "process {} does not tick on B (last tick {tick}) after 30 s; \
+             migrate stderr:\n{}\ndest-agent log:\n{}",
+            w.pid,
+            mig.stderr(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn lazy_moves_a_gib_at_once() {
+    let _serial = common::setup();
+    let h = Hosts::up_as("fml", "a");
+    let mut procs = Procs::new();
+    pair(&h);
+    h.start_dest(&mut procs, "b");
+    let (w, ready) = h.start_workload(&mut procs, "1024", "wl");
+    let pid = w.pid.to_string();
+
+    let r = migrate_slow(
+        &h,
+        &[
+            "--to",
+            ADDR_B,
+            &pid,
+            "--max-passes",
+            "0",
+            "--lazy",
+            "--json",
+        ],
+        "mig",
+    );
+    let v = lazy_report(&r, w.pid);
+    // Switched over at once: one pass, the frozen one.
+    let passes = v["passes"].as_array().expect("passes");
+    assert_eq!(passes.len(), 1, "one pass: {v}");
+    assert_eq!(passes[0]["frozen"], true, "{v}");
+    // 1 GiB is 262144 pages, of which 1/16 are never touched.
+    assert!(lazy_u64(&v, "owed_pages") > 200_000, "most pages owed: {v}");
+    assert_all_owed_arrived(&v);
+    let last = v["lazy"]["last_page_ms"].as_f64().expect("last_page_ms");
+    assert!(last > 0.0, "{v}");
+
+    // Gone from A, running on B with the same PID, all memory as at the
+    // freeze (wl-memory does not write after start), still ticking.
+    reap_source(&mut procs, w.pid);
+    assert_eq!(comm_on_b(&h, w.pid).as_deref(), Some("wl-memory"));
+    let tick = w.out.last_tick().expect("ticks");
+    w.out.wait_tick_above(tick);
+    verify(&h, &w, &ready, true);
+    let tick = w.out.last_tick().expect("ticks");
+    w.out.wait_tick_above(tick + 2);
+    assert!(h.exists_on_b(w.pid), "the process left B");
+}
+
+#[test]
+fn lazy_faults_from_all_threads_at_once() {
+    let _serial = common::setup();
+    let h = Hosts::up_as("fml", "b");
+    let mut procs = Procs::new();
+    pair(&h);
+    h.start_dest(&mut procs, "b");
+    let (w, ready) = start_lazy(&h, &mut procs, "256", "8", "wl");
+    let pid = w.pid.to_string();
+
+    // 256 MiB pushed at 100 MB/s: a lazy phase of ~2.7 s during which the
+    // 8 reader threads fault on pages not yet pushed.
+    let r = migrate_slow(
+        &h,
+        &[
+            "--to",
+            ADDR_B,
+            &pid,
+            "--max-passes",
+            "0",
+            "--lazy",
+            "--lazy-rate",
+            "100",
+            "--json",
+        ],
+        "mig",
+    );
+    let v = lazy_report(&r, w.pid);
+    assert!(lazy_u64(&v, "owed_pages") > 50_000, "most pages owed: {v}");
+    assert!(lazy_u64(&v, "faults") > 0, "the threads faulted: {v}");
+    assert!(
+        lazy_u64(&v, "requested_pages") > 0,
+        "faults fetched pages: {v}"
+    );
+
+    reap_source(&mut procs, w.pid);
+    assert_eq!(comm_on_b(&h, w.pid).as_deref(), Some("wl-lazy"));
+    let tick = w.out.last_tick().expect("ticks");
+    w.out.wait_tick_above(tick + 2);
+    let line = verify_lazy(&h, &w, &ready, true);
+    assert!(num(&line, "checks") > 0, "{line}");
+}
+
+#[test]
+fn lazy_survives_fork_mremap_munmap() {
+    let _serial = common::setup();
+    let h = Hosts::up_as("fml", "c");
+    let mut procs = Procs::new();
+    pair(&h);
+    h.start_dest(&mut procs, "b");
+    let (w, ready) = start_lazy(&h, &mut procs, "128", "2", "wl");
+    let pid = w.pid.to_string();
+    let before = verify_lazy(&h, &w, &ready, false);
+
+    // Switch over at once and push at 50 MB/s: a lazy phase of ~2.7 s in
+    // which the workload forks, moves, unmaps and drops memory that is
+    // still partly on A.
+    let r = migrate_slow(
+        &h,
+        &[
+            "--to",
+            ADDR_B,
+            &pid,
+            "--lazy",
+            "--max-passes",
+            "0",
+            "--lazy-rate",
+            "50",
+            "--json",
+        ],
+        "mig",
+    );
+    let v = lazy_report(&r, w.pid);
+    assert!(lazy_u64(&v, "owed_pages") > 20_000, "most pages owed: {v}");
+    let ms = v["lazy"]["last_page_ms"].as_f64().expect("last_page_ms");
+    assert!(ms > 500.0, "a lazy phase long enough for events: {v}");
+
+    reap_source(&mut procs, w.pid);
+    assert_eq!(comm_on_b(&h, w.pid).as_deref(), Some("wl-lazy"));
+    // A few more ticks: every kind of event happens again on B.
+    let tick = w.out.last_tick().expect("ticks");
+    w.out.wait_tick_above(tick + 8);
+    let after = verify_lazy(&h, &w, &ready, true);
+    for key in ["forks", "remaps", "unmaps", "drops", "checks"] {
+        assert!(
+            num(&after, key) > num(&before, key),
+            "{key} went on across the migration: {before} / {after}"
+        );
+    }
+}
+
+#[test]
+fn lazy_source_killed_stops_the_process_on_b() {
+    let _serial = common::setup();
+    let h = Hosts::up_as("fml", "d");
+    let mut procs = Procs::new();
+    pair(&h);
+    let agent = h.start_agent_args(
+        &mut procs,
+        "b",
+        7420,
+        &[],
+        &["--lazy-timeout", "3"],
+        "dest-b",
+    );
+    let (w, _ready) = start_lazy(&h, &mut procs, "256", "2", "wl");
+    let pid = w.pid.to_string();
+
+    // 5 MB/s: the lazy phase would last ~50 s; kill `migrate` (and with it
+    // the source of the pages) once the process runs on B.
+    let mut mig = h.migrate_bg(
+        "a",
+        &[
+            "--to",
+            ADDR_B,
+            &pid,
+            "--max-passes",
+            "0",
+            "--lazy",
+            "--lazy-rate",
+            "5",
+            "--json",
+        ],
+        "mig",
+    );
+    wait_running_on_b(&h, &w, &mut mig, &agent);
+    assert!(
+        mig.running(),
+        "`migrate` finished the lazy phase too early: {}",
+        mig.stderr()
+    );
+    common::signal(mig.pid, libc::SIGKILL);
+    let r = mig.wait(Duration::from_secs(10));
+    assert_eq!(r.status.signal(), Some(libc::SIGKILL), "migrate: {r:?}");
+    // The frozen source copy dies with its tracer (exit-kill).
+    reap_source(&mut procs, w.pid);
+
+    // B gives up on the lost source and stops the process.
+    let start = Instant::now();
+    while h.exists_on_b(w.pid) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "process {} still exists on B 30 s after the source was lost: {}\ndest-agent log:\n{}",
+            w.pid,
+            h.exec_b(&["cat", &format!("/proc/{}/status", w.pid)])
+                .stdout,
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    agent.wait_log(
+        &format!("lazy phase of process {} failed", w.pid),
+        Duration::from_secs(10),
+    );
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("stopped process {}", w.pid)),
+        "dest-agent log:\n{log}"
+    );
+
+    // The agent is still there and serves the next migration.
+    assert!(alive(agent.agent), "the dest-agent died; log:\n{log}");
+    let (w2, ready2) = h.start_workload(&mut procs, "8", "wl2");
+    let pid2 = w2.pid.to_string();
+    let r = migrate_slow(&h, &["--to", ADDR_B, &pid2, "--json"], "mig2");
+    r.assert_ok();
+    reap_source(&mut procs, w2.pid);
+    assert_eq!(comm_on_b(&h, w2.pid).as_deref(), Some("wl-memory"));
+    let tick = w2.out.last_tick().expect("ticks");
+    w2.out.wait_tick_above(tick);
+    verify(&h, &w2, &ready2, true);
+    assert!(
+        alive(agent.agent),
+        "the dest-agent died; log:\n{}",
+        agent.log()
+    );
+}
