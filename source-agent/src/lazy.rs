@@ -464,10 +464,10 @@ mod tests {
     fn covers_only_whole_owed_runs() {
         let o = OwedPages::new(vec![(0x10000, 4)]);
         assert!(o.pieces(0x10000, 4).is_some());
-        assert!(!o.pieces(0x10000, 5).is_some());
-        assert!(!o.pieces(0x0f000, 1).is_some());
-        assert!(!o.pieces(0x10001, 1).is_some());
-        assert!(!o.pieces(0x10000, 0).is_some());
+        assert!(o.pieces(0x10000, 5).is_none());
+        assert!(o.pieces(0x0f000, 1).is_none());
+        assert!(o.pieces(0x10001, 1).is_none());
+        assert!(o.pieces(0x10000, 0).is_none());
         // Touching spans: a request across them is cut at the boundary.
         let t = OwedPages::new(vec![(0x10000, 2), (0x12000, 3)]);
         assert_eq!(t.pieces(0x11000, 3), Some(vec![(0x11000, 1), (0x12000, 2)]));
