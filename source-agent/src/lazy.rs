@@ -224,13 +224,37 @@ pub async fn serve(
             Ok::<(), anyhow::Error>(())
         });
     }
+    // A writer or the page thread that fails says so here (the control
+    // stream read below is not cancellation-safe: only a failure may
+    // interrupt it).
+    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<anyhow::Error>();
     let pager = {
         let unsent = unsent.clone();
+        let fail_tx = fail_tx.clone();
         std::thread::Builder::new()
             .name("lazy-pages".into())
-            .spawn(move || pager(pid, owed, req_rx, reply_tx, push_txs, opts, unsent))
+            .spawn(move || {
+                let r = pager(pid, owed, req_rx, reply_tx, push_txs, opts, unsent);
+                if let Err(e) = &r {
+                    let _ = fail_tx.send(anyhow!("serving pages: {e:#}"));
+                }
+                r
+            })
             .context("starting the lazy page thread")?
     };
+    let watch = tokio::spawn(async move {
+        while let Some(r) = writers.join_next().await {
+            match r {
+                Ok(Err(e)) => {
+                    let _ = fail_tx.send(e);
+                }
+                Err(e) => {
+                    let _ = fail_tx.send(anyhow!("a page stream writer died: {e}"));
+                }
+                Ok(Ok(())) => {}
+            }
+        }
+    });
     // Requests until LazyComplete (or a failure).
     let mut requests = 0u64;
     let ended: Result<LazyStats> = loop {
@@ -247,11 +271,7 @@ pub async fn serve(
                 Ok(m) => break Err(anyhow!("protocol error: unexpected {} in the lazy phase", m.kind())),
                 Err(e) => break Err(anyhow!(e).context("connection to the destination lost")),
             },
-            r = writers.join_next(), if !writers.is_empty() => {
-                if let Some(Ok(Err(e))) = r {
-                    break Err(e);
-                }
-            }
+            Some(e) = fail_rx.recv() => break Err(e),
         }
     };
     drop(req_tx);
@@ -259,14 +279,17 @@ pub async fn serve(
         .await
         .context("joining the lazy page thread")?
         .map_err(|_| anyhow!("the lazy page thread panicked"))?;
-    let stats = ended?;
-    served?;
-    while let Some(r) = writers.join_next().await {
-        // The destination has everything: a stream it stopped reading is fine.
-        if let Ok(Err(e)) = r {
-            tracing::debug!("after LazyComplete: {e:#}");
+    // The page thread's own failure is the reason when it stopped first.
+    let stats = match (ended, served) {
+        (Ok(s), _) => s,
+        (Err(e), Ok(())) => return Err(e),
+        (Err(e), Err(pe)) => {
+            tracing::debug!("{e:#}");
+            return Err(pe.context("serving pages"));
         }
-    }
+    };
+    // The destination has everything: a stream it stopped reading is fine.
+    let _ = tokio::time::timeout(Duration::from_secs(2), watch).await;
     Ok(LazyReport {
         owed_pages,
         stats,

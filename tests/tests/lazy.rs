@@ -392,3 +392,70 @@ fn lazy_source_killed_stops_the_process_on_b() {
         agent.log()
     );
 }
+
+/// The link goes down for 3 s in the middle of the lazy phase (faults wait
+/// meanwhile): within the destination's bounded wait, the migration goes on
+/// once the link is back, and every page is intact.
+#[test]
+fn lazy_survives_a_short_link_outage() {
+    let _serial = common::setup();
+    let h = Hosts::up_as("fml", "e");
+    let mut procs = Procs::new();
+    pair(&h);
+    let agent = h.start_agent_args(
+        &mut procs,
+        "b",
+        7420,
+        &[],
+        &["--lazy-timeout", "20"],
+        "dest-b",
+    );
+    let (w, ready) = start_lazy(&h, &mut procs, "128", "2", "wl");
+    let pid = w.pid.to_string();
+    // 128 MiB at 20 MB/s: a lazy phase of ~6.7 s.
+    let mut mig = h.migrate_bg(
+        "a",
+        &[
+            "--to",
+            ADDR_B,
+            &pid,
+            "--max-passes",
+            "0",
+            "--lazy",
+            "--lazy-rate",
+            "20",
+            "--json",
+        ],
+        "mig",
+    );
+    wait_running_on_b(&h, &w, &mut mig, &agent);
+    h.run(&["exec-a", "ip", "link", "set", "veth-a", "down"])
+        .assert_ok();
+    std::thread::sleep(Duration::from_secs(3));
+    h.run(&["exec-a", "ip", "link", "set", "veth-a", "up"])
+        .assert_ok();
+    assert!(
+        mig.running(),
+        "`migrate` gave up during a 3 s outage: {}\ndest-agent log:\n{}",
+        mig.stderr(),
+        agent.log()
+    );
+    let r = mig.wait(MIGRATE_TIMEOUT);
+    assert!(
+        r.status.success(),
+        "migrate failed: {}\ndest-agent log:\n{}",
+        r.stderr,
+        agent.log()
+    );
+    let v = lazy_report(&r, w.pid);
+    assert!(lazy_u64(&v, "owed_pages") > 20_000, "most pages owed: {v}");
+    reap_source(&mut procs, w.pid);
+    let tick = w.out.last_tick().expect("ticks");
+    w.out.wait_tick_above(tick + 2);
+    verify_lazy(&h, &w, &ready, true);
+    assert!(
+        !agent.log().contains("lazy phase of process"),
+        "the destination gave up: {}",
+        agent.log()
+    );
+}
