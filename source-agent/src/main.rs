@@ -30,7 +30,7 @@ use std::path::PathBuf;
 /// than the destination waits (dest-agent --lazy-timeout), the process is
 /// lost. Pre-copy alone (without --lazy) never has this risk.
 #[derive(Parser)]
-#[command(name = "migrate", version, about, long_about = None)]
+#[command(name = "migrate", version, about)]
 struct Cli {
     /// Log more (repeat for more detail); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
