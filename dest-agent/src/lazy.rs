@@ -16,9 +16,10 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{self, error::TryRecvError, UnboundedSender};
+use tokio::sync::oneshot;
 
 /// How often the thread looks at the clock and the process when idle.
 const TICK: Duration = Duration::from_millis(50);
@@ -38,6 +39,17 @@ pub enum LazyEvent {
     Complete(PagerStats),
     /// The process could not be served and was killed; the thread ended.
     Failed(String),
+}
+
+/// What the lazy phase still needs from the source, for a resumed
+/// connection ([`LazyThread::snapshot`]).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Pages still missing, by source address: `(addr, pages)`, sorted,
+    /// merged.
+    pub owed: Vec<(u64, u64)>,
+    /// Source pages requested and not arrived yet, sorted.
+    pub requested: Vec<u64>,
 }
 
 /// Where the stream readers deliver lazy pages (clonable; requested pages
@@ -66,7 +78,10 @@ impl LazyInbox {
 /// stops the process (it cannot go on without its memory).
 pub struct LazyThread {
     stop: Arc<AtomicBool>,
+    /// Why it is stopped, if the session says ([`LazyThread::abandon`]).
+    reason: Arc<Mutex<Option<String>>>,
     wake: Arc<UnixStream>,
+    queries: UnboundedSender<oneshot::Sender<Snapshot>>,
 }
 
 impl Drop for LazyThread {
@@ -77,6 +92,21 @@ impl Drop for LazyThread {
 }
 
 impl LazyThread {
+    /// What the pager still needs (`None` if the thread has ended).
+    pub async fn snapshot(&self) -> Option<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.queries.send(tx).ok()?;
+        let _ = (&*self.wake).write(&[1]);
+        rx.await.ok()
+    }
+
+    /// Stop the process (if pages are still missing) with this reason in
+    /// the log.
+    pub fn abandon(self, reason: String) {
+        *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        drop(self);
+    }
+
     /// Serve `pager` on a new thread; a request unanswered for `timeout`
     /// makes it give up. Pages go in through the returned inbox.
     pub fn start(
@@ -91,16 +121,28 @@ impl LazyThread {
         let (req_tx, req_rx) = mpsc::unbounded_channel();
         let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
+        let reason = Arc::new(Mutex::new(None));
+        let (query_tx, query_rx) = mpsc::unbounded_channel();
         let input = Input {
             requested: req_rx,
             pushed: push_rx,
             wake: wake_rx,
             stop: stop.clone(),
+            reason: reason.clone(),
+            queries: query_rx,
         };
+        // Should this agent die before every page arrived, the guard stops
+        // the process (the kernel would close the uffds and let it run on
+        // with zero pages).
+        let guard = crate::guard::Guard::start(pager.pid())?;
         std::thread::Builder::new()
             .name(format!("lazy-{}", pager.pid()))
             .spawn(move || {
                 let ev = run(pager, input, timeout, &events);
+                match &ev {
+                    LazyEvent::Complete(_) => guard.release(),
+                    _ => guard.trip(),
+                }
                 let _ = events.send(ev);
             })?;
         let inbox = LazyInbox {
@@ -108,7 +150,15 @@ impl LazyThread {
             pushed: push_tx,
             wake: wake.clone(),
         };
-        Ok((Self { stop, wake }, inbox))
+        Ok((
+            Self {
+                stop,
+                reason,
+                wake,
+                queries: query_tx,
+            },
+            inbox,
+        ))
     }
 }
 
@@ -118,6 +168,8 @@ struct Input {
     pushed: mpsc::Receiver<PageBatch>,
     wake: UnixStream,
     stop: Arc<AtomicBool>,
+    reason: Arc<Mutex<Option<String>>>,
+    queries: mpsc::UnboundedReceiver<oneshot::Sender<Snapshot>>,
 }
 
 /// The destination's lazy statistics in the wire's form.
@@ -141,29 +193,10 @@ fn exited(pid: i32) -> bool {
     }
 }
 
-/// `pid` and every process below it (children of any of its threads).
-fn with_descendants(pid: i32) -> Vec<i32> {
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() && out.len() < 4096 {
-        let p = out[i];
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
-            for t in tasks.flatten() {
-                let path = t.path().join("children");
-                if let Ok(c) = std::fs::read_to_string(path) {
-                    out.extend(c.split_whitespace().filter_map(|x| x.parse::<i32>().ok()));
-                }
-            }
-        }
-        i += 1;
-    }
-    out
-}
-
 /// Kill the process and what it forked (by PID; they were restored or
 /// forked here and cannot go on without their memory).
 fn kill_all(pid: i32) {
-    for p in with_descendants(pid) {
+    for p in crate::guard::with_descendants(pid) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::SIGKILL);
     }
 }
@@ -182,6 +215,8 @@ fn run(
         LazyEvent::Failed(why)
     };
     let mut last_check = Instant::now();
+    // The last time a page came from the source (or the start).
+    let mut last_page = Instant::now();
     loop {
         {
             let mut fds: Vec<PollFd> = pager
@@ -209,10 +244,19 @@ fn run(
             if pager.is_complete() {
                 return LazyEvent::Complete(pager.stats());
             }
-            return fail(
-                pager,
-                "the migration ended before every page arrived".to_string(),
-            );
+            let why = input
+                .reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or_else(|| "the migration ended before every page arrived".to_string());
+            return fail(pager, why);
+        }
+        while let Ok(q) = input.queries.try_recv() {
+            let _ = q.send(Snapshot {
+                owed: pager.owed_sources(),
+                requested: pager.outstanding_requests(),
+            });
         }
         // Faults and requested pages first, then a few pushed batches,
         // until nothing is waiting.
@@ -223,6 +267,7 @@ fn run(
             let mut busy = false;
             while let Ok(batch) = input.requested.try_recv() {
                 busy = true;
+                last_page = Instant::now();
                 if let Err(e) = pager.arrive(&batch, Origin::Requested) {
                     return fail(pager, format!("{e}"));
                 }
@@ -235,6 +280,7 @@ fn run(
                 match input.pushed.try_recv() {
                     Ok(batch) => {
                         busy = true;
+                        last_page = Instant::now();
                         if let Err(e) = pager.arrive(&batch, Origin::Pushed) {
                             return fail(pager, format!("{e}"));
                         }
@@ -258,6 +304,18 @@ fn run(
         }
         if pager.is_complete() {
             return LazyEvent::Complete(pager.stats());
+        }
+        // Pages still owed and none came for the whole bound (also when no
+        // thread is waiting on a fault): the source is gone.
+        if last_page.elapsed() > timeout {
+            let why = format!(
+                "no page from the source for {:.1} s while {} are still missing \
+                 (the limit is {} s): the source or the link is gone",
+                last_page.elapsed().as_secs_f64(),
+                pager.remaining(),
+                timeout.as_secs()
+            );
+            return fail(pager, why);
         }
         if let Some(t) = pager.oldest_request() {
             if t.elapsed() > timeout {

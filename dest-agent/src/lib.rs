@@ -2,6 +2,7 @@
 //! speaking the wire protocol of [`ferry_protocol::wire`], restoring on a
 //! dedicated OS thread per migration ([`restorer`]).
 
+pub mod guard;
 pub mod lazy;
 pub mod restorer;
 pub mod session;

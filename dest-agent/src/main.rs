@@ -68,7 +68,8 @@ enum Command {
         /// seconds (default 30). Part of its memory is only on the source
         /// until the last page arrives; if the source or the link is gone
         /// for longer than this, the process cannot continue and is killed
-        /// here, with an error in the log.
+        /// here, with an error in the log. A lost connection is waited for
+        /// as long: the source reconnects and the lazy phase resumes.
         #[arg(long, value_name = "SECS")]
         lazy_timeout: Option<u64>,
     },
@@ -78,6 +79,13 @@ enum Command {
     Trust {
         /// `sha256:` followed by 64 hex digits.
         fingerprint: String,
+    },
+    /// Internal: started by the agent for each lazy migration; kills PID if
+    /// the agent dies before every page of it arrived.
+    #[command(hide = true)]
+    LazyGuard {
+        /// The lazily restored process.
+        pid: i32,
     },
 }
 
@@ -113,6 +121,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Some(Command::Trust { fingerprint }) => trust(&config_dir, &fingerprint),
+        Some(Command::LazyGuard { pid }) => std::process::exit(ferry_dest_agent::guard::run(pid)),
         Some(Command::Listen {
             listen,
             work_dir,
@@ -244,9 +253,14 @@ async fn serve(
                         .unwrap_or_default();
                     tracing::info!(%peer, %fp, "connection");
                     match session::handle(&shared, &conn).await {
-                        Ok(()) => {
+                        Ok(session::Outcome::Finished) => {
                             tracing::info!(%peer, "connection finished");
                             conn.close(0u32.into(), b"");
+                        }
+                        Ok(session::Outcome::HandedOver) => {
+                            // The session of the lazy phase it resumes owns
+                            // it now.
+                            tracing::info!(%peer, "connection handed over to the lazy phase it resumes");
                         }
                         Err(e) => {
                             let e = match ferry_transport::close_error(&conn) {

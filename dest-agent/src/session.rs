@@ -14,20 +14,33 @@
 //! Anything malformed or out of order ends the session with an error: the
 //! caller closes the connection with it, and dropping the restorer thread
 //! kills what was built.
+//!
+//! In the lazy phase a lost connection (the idle timeout, not a close by
+//! the source) does not end the session: it parks, the lazy thread keeps
+//! serving faults, and a new connection from the same source that says
+//! `LazyResume {pid}` instead of `Prepare` is handed over to it
+//! ([`Shared::lazy_sessions`]); without one within the lazy timeout the
+//! process is stopped as before.
+//!
+//! ```text
+//! Hello → HelloAck → LazyResume{pid} → (same fingerprint, lazy phase of pid going on) → hand over | Refuse
+//! parked session: LazyResumed{owed} → PageRequest again for every request unanswered → lazy phase
+//! ```
 
-use crate::lazy::{wire_stats, LazyEvent, LazyInbox, LazyThread};
+use crate::lazy::{wire_stats, LazyEvent, LazyInbox, LazyThread, Snapshot};
 use crate::restorer::{Command, Decoded, Event, RestorerThread};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_engine::lazy::pager::{Origin, Pager};
+use ferry_protocol::model::PAGE_SIZE;
 use ferry_protocol::model::{HostInfo, ProcessImage, Vma};
 use ferry_protocol::pages::{BatchDecoder, PageBatch};
 use ferry_protocol::wire::{
-    check_spans_in_anonymous, page_decoder, ControlMsg, DestState, LazyFrame, LazyOrigin,
-    PageFrame, PageSpan, Phase, ProtocolVersion, RefuseCode, StreamFrame, WireError,
-    MAX_REASON_LEN,
+    check_spans_in_anonymous, find_owed_span, page_decoder, ControlMsg, DestState, LazyFrame,
+    LazyOrigin, LazyStats, PageFrame, PageSpan, Phase, ProtocolVersion, RefuseCode, StreamFrame,
+    WireError, MAX_REASON_LEN, MAX_REQUEST_PAGES,
 };
 use ferry_transport::frames::{recv_control, recv_stream_frame, send_control};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -103,6 +116,82 @@ pub struct Shared {
     /// The lazy phase's bound on waiting for the source (default
     /// [`DEFAULT_LAZY_TIMEOUT`]).
     pub lazy_timeout: Option<Duration>,
+    /// Sessions in the lazy phase, by PID: where a new connection that
+    /// resumes one (`LazyResume`) is handed over.
+    pub lazy_sessions: Mutex<HashMap<i32, LazyWaiter>>,
+}
+
+/// A session in the lazy phase, ready to take over a new connection from
+/// its source.
+pub struct LazyWaiter {
+    /// The source's TLS fingerprint: only it may resume.
+    fingerprint: Option<String>,
+    tx: mpsc::Sender<Resumed>,
+}
+
+/// A new connection that resumes a lazy phase, after `LazyResume`.
+struct Resumed {
+    conn: quinn::Connection,
+    ctl: Control,
+    recv: quinn::RecvStream,
+}
+
+/// How [`handle`] ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The conversation is over: close the connection.
+    Finished,
+    /// The connection resumes a lazy phase and was handed over to its
+    /// session, which now owns it: do not close it.
+    HandedOver,
+}
+
+/// True if `conn` died of silence (the link went away), as opposed to
+/// being closed by either side on purpose.
+fn link_lost(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset)
+    )
+}
+
+/// Close `conn` the way a session that ended with `r` does.
+fn close_with(conn: &quinn::Connection, r: &Result<()>) {
+    match r {
+        Ok(()) => conn.close(0u32.into(), b""),
+        Err(e) => {
+            let mut reason = format!("dest-agent: {e:#}");
+            let mut n = reason.len().min(512);
+            while !reason.is_char_boundary(n) {
+                n -= 1;
+            }
+            reason.truncate(n);
+            conn.close(1u32.into(), reason.as_bytes());
+        }
+    }
+}
+
+/// Owed source pages requested and not answered, `(addr, pages)` runs of
+/// at most [`MAX_REQUEST_PAGES`], each inside one span of `spans` (the
+/// `LazyPlan`), as `PageRequest`s.
+fn request_runs(pages: &[u64], spans: &[PageSpan]) -> Vec<(u64, u32)> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    for &p in pages {
+        if let Some(last) = out.last_mut() {
+            let n = u64::from(last.1);
+            if last.0 + n * PAGE_SIZE == p
+                && last.1 < MAX_REQUEST_PAGES
+                && find_owed_span(spans, last.0, (n + 1) * PAGE_SIZE).is_some()
+            {
+                last.1 += 1;
+                continue;
+            }
+        }
+        if find_owed_span(spans, p, PAGE_SIZE).is_some() {
+            out.push((p, 1));
+        }
+    }
+    out
 }
 
 impl Shared {
@@ -219,7 +308,7 @@ fn prepare_refusal(
 
 /// Run one migration on `conn`. An error means the session broke off; the
 /// caller closes the connection with it.
-pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<()> {
+pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<Outcome> {
     let (send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| anyhow!("no control stream within {HELLO_TIMEOUT:?}"))?
@@ -247,7 +336,7 @@ pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<()> {
     shared.pause(PausePoint::Hello).await;
     if let Some((code, reason)) = host_refusal(&src_host, &here) {
         ctl.refuse(conn, code, reason).await;
-        return Ok(());
+        return Ok(Outcome::Finished);
     }
     ctl.send(&ControlMsg::HelloAck {
         version: ProtocolVersion::CURRENT,
@@ -261,6 +350,9 @@ pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<()> {
         .map_err(|_| anyhow!("no Prepare within {IDLE_TIMEOUT:?}"))?
         .context("reading Prepare")?;
     ctl.state.accept(&prepare)?;
+    if let ControlMsg::LazyResume { pid } = prepare {
+        return resume(shared, conn, ctl, recv, pid).await;
+    }
     let ControlMsg::Prepare {
         pid,
         tids,
@@ -281,7 +373,7 @@ pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<()> {
     if !claimed {
         let reason = format!("a migration of PID {pid} is already in progress here");
         ctl.refuse(conn, RefuseCode::Busy, reason).await;
-        return Ok(());
+        return Ok(Outcome::Finished);
     }
     let _claim = PidClaim { shared, pid };
     let refusal = {
@@ -292,13 +384,18 @@ pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<()> {
     };
     if let Some((code, reason)) = refusal {
         ctl.refuse(conn, code, reason).await;
-        return Ok(());
+        return Ok(Outcome::Finished);
     }
     ctl.send(&ControlMsg::Ready).await?;
 
     let mut m = Migration {
         shared,
-        conn,
+        conn: conn.clone(),
+        fingerprint: ferry_transport::peer_fingerprint(conn).map(|f| f.to_string()),
+        switched: false,
+        lazy_active: false,
+        pending_complete: None,
+        resume_rx: None,
         ctl,
         pid,
         tids,
@@ -319,7 +416,71 @@ pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<()> {
         lazy_inbox: Arc::default(),
         lazy_events: mpsc::unbounded_channel(),
     };
-    m.run(recv).await
+    let r = m.run(recv).await;
+    if m.switched {
+        // The session ended on a connection of a resumed lazy phase; the
+        // caller closes the one it started on.
+        close_with(&m.conn, &r);
+    }
+    r.map(|()| Outcome::Finished)
+}
+
+/// A new connection asks to resume the lazy phase of `pid`: hand it over
+/// to that session if it is from the same source, else refuse.
+async fn resume(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    mut ctl: Control,
+    recv: quinn::RecvStream,
+    pid: i32,
+) -> Result<Outcome> {
+    let fp = ferry_transport::peer_fingerprint(conn).map(|f| f.to_string());
+    tracing::info!(pid, "lazy resume");
+    let tx = {
+        let sessions = lock(&shared.lazy_sessions);
+        match sessions.get(&pid) {
+            None => Err(format!(
+                "no lazy migration of process {pid} is going on here \
+                 (it completed, was given up, or never came here)"
+            )),
+            // Mutual TLS always names the peer; without a name, no resume.
+            Some(w) if w.fingerprint.is_none() || w.fingerprint != fp => Err(format!(
+                "the lazy migration of process {pid} was started by another source ({}); \
+                 this one is {}",
+                w.fingerprint.as_deref().unwrap_or("unknown"),
+                fp.as_deref().unwrap_or("unknown")
+            )),
+            Some(w) => Ok(w.tx.clone()),
+        }
+    };
+    let tx = match tx {
+        Ok(tx) => tx,
+        Err(reason) => {
+            ctl.refuse(conn, RefuseCode::Other, reason).await;
+            return Ok(Outcome::Finished);
+        }
+    };
+    let r = Resumed {
+        conn: conn.clone(),
+        ctl,
+        recv,
+    };
+    match tx.try_send(r) {
+        Ok(()) => Ok(Outcome::HandedOver),
+        Err(e) => {
+            let full = matches!(e, mpsc::error::TrySendError::Full(_));
+            let mut r = e.into_inner();
+            let reason = if full {
+                format!(
+                    "another connection is already resuming the lazy migration of process {pid}"
+                )
+            } else {
+                format!("the lazy migration of process {pid} has just ended here")
+            };
+            r.ctl.refuse(conn, RefuseCode::Other, reason).await;
+            Ok(Outcome::Finished)
+        }
+    }
 }
 
 /// Decode a page frame whose pass's layout is known, checking every run
@@ -385,7 +546,20 @@ async fn deliver_lazy(
 /// The migration after Ready.
 struct Migration<'a> {
     shared: &'a Shared,
-    conn: &'a quinn::Connection,
+    /// The connection (a new one once a lazy phase resumed).
+    conn: quinn::Connection,
+    /// The source's TLS fingerprint: only it may resume the lazy phase.
+    fingerprint: Option<String>,
+    /// The connection is no longer the one the session started on.
+    switched: bool,
+    /// In the lazy phase until `Done` (registered in
+    /// [`Shared::lazy_sessions`]): a lost connection may be resumed.
+    lazy_active: bool,
+    /// Every page arrived, but `LazyComplete` may not have reached the
+    /// source (sent again after a resume).
+    pending_complete: Option<LazyStats>,
+    /// New connections that resume the lazy phase.
+    resume_rx: Option<mpsc::Receiver<Resumed>>,
     ctl: Control,
     pid: i32,
     tids: Vec<i32>,
@@ -423,12 +597,265 @@ struct Migration<'a> {
     ),
 }
 
+/// The tasks reading one connection: the control stream and the page
+/// streams (aborted when dropped).
+struct Readers {
+    ctl_rx: mpsc::Receiver<Result<ControlMsg, WireError>>,
+    frame_rx: mpsc::Receiver<Result<Decoded>>,
+    frames_open: bool,
+    _ctl_reader: AbortOnDrop,
+    _accepter: AbortOnDrop,
+}
+
+/// The next resumed connection; never, without a receiver.
+async fn next_resume(rx: &mut Option<mpsc::Receiver<Resumed>>) -> Option<Resumed> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Drop for Migration<'_> {
+    fn drop(&mut self) {
+        self.unregister();
+    }
+}
+
 impl Migration<'_> {
+    /// The lazy phase began (`Running` sent): a lost connection may be
+    /// resumed from now on.
+    fn register(&mut self) {
+        let (tx, rx) = mpsc::channel(1);
+        lock(&self.shared.lazy_sessions).insert(
+            self.pid,
+            LazyWaiter {
+                fingerprint: self.fingerprint.clone(),
+                tx,
+            },
+        );
+        self.resume_rx = Some(rx);
+        self.lazy_active = true;
+    }
+
+    /// No more resumes (the lazy phase is over, given up or failed).
+    fn unregister(&mut self) {
+        if self.lazy_active {
+            self.lazy_active = false;
+            lock(&self.shared.lazy_sessions).remove(&self.pid);
+        }
+    }
+
+    /// An error ended the conversation on this connection: may a new one
+    /// take over? Only in the lazy phase, and only if the link died (a
+    /// close by the source, an Abort or a protocol error are final).
+    fn may_resume(&self) -> bool {
+        self.lazy_active && link_lost(&self.conn)
+    }
+
+    fn lazy_timeout(&self) -> Duration {
+        self.shared.lazy_timeout.unwrap_or(DEFAULT_LAZY_TIMEOUT)
+    }
+
     async fn run(&mut self, recv: quinn::RecvStream) -> Result<()> {
+        let mut rd = self.readers(recv);
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
+        loop {
+            // A resumed connection to take, or why the current one ended.
+            let r: Result<bool> = tokio::select! {
+                msg = rd.ctl_rx.recv() => match msg {
+                    Some(Ok(m)) => self.on_control(m, &ev_tx).await,
+                    Some(Err(e)) => Err(anyhow!(e).context("control stream")),
+                    None => Err(anyhow!("the control stream ended")),
+                },
+                f = rd.frame_rx.recv(), if rd.frames_open => match f {
+                    Some(Ok(f)) => self.on_frame(f).map(|()| false),
+                    Some(Err(e)) => Err(e),
+                    // No more streams: the connection is going away;
+                    // the control stream will say so.
+                    None => {
+                        rd.frames_open = false;
+                        Ok(false)
+                    }
+                },
+                ev = ev_rx.recv() => match ev {
+                    Some(ev) => self.on_event(ev, &mut rd.ctl_rx).await,
+                    None => Err(anyhow!("the restorer thread is gone")),
+                },
+                ev = self.lazy_events.1.recv() => match ev {
+                    Some(ev) => self.on_lazy_event(ev, &mut rd.ctl_rx).await,
+                    // The sender lives in `self`: never None.
+                    None => Ok(false),
+                },
+                res = next_resume(&mut self.resume_rx) => {
+                    let Some(res) = res else { continue };
+                    // The source saw the old connection die before this
+                    // side did (idle timers differ): take the new one.
+                    tracing::warn!(pid = self.pid, "the source reconnected; dropping the old connection");
+                    self.conn.close(2u32.into(), b"superseded by a resumed connection");
+                    drop(rd);
+                    match self.resume_with(res).await? {
+                        Some(new) => rd = new,
+                        None => return Ok(()),
+                    }
+                    continue;
+                }
+                // In the lazy phase the lazy thread bounds the silence
+                // (pages may flow without the session seeing them).
+                _ = tokio::time::sleep(IDLE_TIMEOUT), if self.lazy.is_none() => {
+                    Err(anyhow!("nothing happened for {IDLE_TIMEOUT:?} in state {}", self.ctl.state.phase()))
+                }
+            };
+            match r {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) if self.may_resume() => {
+                    drop(rd);
+                    let Some(res) = self.park(e).await? else {
+                        return Ok(());
+                    };
+                    match self.resume_with(res).await? {
+                        Some(new) => rd = new,
+                        None => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Go on with the lazy phase on `res`; if that connection is lost as
+    /// well, park again (`None`: the session ends well, as for
+    /// [`Migration::park`]).
+    async fn resume_with(&mut self, mut res: Resumed) -> Result<Option<Readers>> {
+        loop {
+            match self.adopt(res).await {
+                Ok(rd) => return Ok(Some(rd)),
+                Err(e) if self.may_resume() => match self.park(e).await? {
+                    Some(next) => res = next,
+                    None => return Ok(None),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The connection of the lazy phase is lost: wait for the source to
+    /// resume it on a new one, at most the lazy timeout, while the lazy
+    /// thread keeps serving faults (its own bound on a waiting fault still
+    /// applies). `None`: every page had arrived and the source did not come
+    /// back to hear it; the process runs here.
+    async fn park(&mut self, e: anyhow::Error) -> Result<Option<Resumed>> {
+        let pid = self.pid;
+        let timeout = self.lazy_timeout();
+        let e = match ferry_transport::close_error(&self.conn) {
+            Some(ce) => format!("{e:#} ({ce})"),
+            None => format!("{e:#}"),
+        };
+        tracing::warn!(
+            pid,
+            "lazy phase of process {pid}: connection to the source lost ({e}); \
+             waiting up to {} s for it to reconnect",
+            timeout.as_secs()
+        );
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            tokio::select! {
+                res = next_resume(&mut self.resume_rx) => {
+                    if let Some(res) = res {
+                        return Ok(Some(res));
+                    }
+                }
+                ev = self.lazy_events.1.recv() => match ev {
+                    // Already recorded as requested: asked again on resume.
+                    Some(LazyEvent::Requests(_)) | None => {}
+                    Some(LazyEvent::Complete(stats)) => {
+                        self.lazy = None;
+                        self.pending_complete = Some(wire_stats(&stats));
+                        tracing::info!(pid, "every page of process {pid} arrived while the source was away");
+                    }
+                    Some(LazyEvent::Failed(reason)) => {
+                        self.lazy = None;
+                        self.unregister();
+                        bail!("lazy phase of process {pid} failed: {reason}");
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.unregister();
+                    if self.pending_complete.is_some() {
+                        tracing::warn!(
+                            pid,
+                            "the source did not reconnect within {} s to hear that every page \
+                             of process {pid} arrived; the process runs here",
+                            timeout.as_secs()
+                        );
+                        return Ok(None);
+                    }
+                    let why = format!(
+                        "the connection to the source was lost and it did not reconnect within {} s",
+                        timeout.as_secs()
+                    );
+                    if let Some(t) = self.lazy.take() {
+                        t.abandon(why.clone());
+                    }
+                    bail!("lazy phase of process {pid} failed: {why}");
+                }
+            }
+        }
+    }
+
+    /// Go on with the lazy phase on a resumed connection: tell the source
+    /// what is still missing, ask again for what was asked and not
+    /// answered.
+    async fn adopt(&mut self, res: Resumed) -> Result<Readers> {
+        let pid = self.pid;
+        self.conn = res.conn;
+        self.ctl = res.ctl;
+        self.switched = true;
+        let snap = match &self.lazy {
+            Some(t) => t.snapshot().await.unwrap_or_default(),
+            None => Snapshot::default(),
+        };
+        let rd = self.readers(res.recv);
+        let owed: Vec<PageSpan> = snap
+            .owed
+            .iter()
+            .map(|&(addr, pages)| PageSpan { addr, pages })
+            .collect();
+        let owed_pages: u64 = owed.iter().map(|s| s.pages).sum();
+        self.ctl.send(&ControlMsg::LazyResumed { owed }).await?;
+        let spans = self
+            .shared_owed
+            .read()
+            .ok()
+            .and_then(|o| o.clone())
+            .unwrap_or_default();
+        let reqs = request_runs(&snap.requested, &spans);
+        tracing::info!(
+            pid,
+            owed_pages,
+            requests = reqs.len(),
+            "lazy phase of process {pid} resumed on a new connection"
+        );
+        for (addr, pages) in reqs {
+            self.ctl
+                .send(&ControlMsg::PageRequest { addr, pages })
+                .await?;
+        }
+        if let Some(stats) = self.pending_complete {
+            // Every page arrived while the link was down (or LazyComplete
+            // was lost with it): say it again; Done follows.
+            self.ctl.send(&ControlMsg::LazyComplete { stats }).await?;
+        }
+        Ok(rd)
+    }
+
+    /// Start reading a connection: its control stream (`recv`) and the page
+    /// streams the source opens.
+    fn readers(&self, recv: quinn::RecvStream) -> Readers {
         // The control stream is read by its own task (reads are not
         // cancellation-safe), page streams by one task each.
-        let (ctl_tx, mut ctl_rx) = mpsc::channel::<Result<ControlMsg, WireError>>(4);
-        let _ctl_reader = AbortOnDrop(tokio::spawn(async move {
+        let (ctl_tx, ctl_rx) = mpsc::channel::<Result<ControlMsg, WireError>>(4);
+        let ctl_reader = AbortOnDrop(tokio::spawn(async move {
             let mut recv = recv;
             loop {
                 let r = recv_control(&mut recv).await;
@@ -438,13 +865,13 @@ impl Migration<'_> {
                 }
             }
         }));
-        let (frame_tx, mut frame_rx) = mpsc::channel::<Result<Decoded>>(FRAME_QUEUE);
+        let (frame_tx, frame_rx) = mpsc::channel::<Result<Decoded>>(FRAME_QUEUE);
         let conn = self.conn.clone();
         let applied_rx = self.applied_watch.subscribe();
         let layouts = self.shared_layouts.clone();
         let owed = self.shared_owed.clone();
         let inbox = self.lazy_inbox.clone();
-        let _accepter = AbortOnDrop(tokio::spawn(async move {
+        let accepter = AbortOnDrop(tokio::spawn(async move {
             let mut readers = tokio::task::JoinSet::new();
             let mut n = 0usize;
             while let Ok(mut stream) = conn.accept_uni().await {
@@ -495,47 +922,12 @@ impl Migration<'_> {
             // Dropping the set aborts the readers.
             drop(readers);
         }));
-        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
-        let mut frames_open = true;
-
-        loop {
-            tokio::select! {
-                msg = ctl_rx.recv() => {
-                    let msg = match msg {
-                        Some(Ok(m)) => m,
-                        Some(Err(e)) => return Err(anyhow!(e).context("control stream")),
-                        None => bail!("the control stream ended"),
-                    };
-                    if self.on_control(msg, &ev_tx).await? {
-                        return Ok(());
-                    }
-                }
-                f = frame_rx.recv(), if frames_open => {
-                    match f {
-                        Some(Ok(f)) => self.on_frame(f)?,
-                        Some(Err(e)) => return Err(e),
-                        // No more streams: the connection is going away;
-                        // the control stream will say so.
-                        None => frames_open = false,
-                    }
-                }
-                ev = ev_rx.recv() => {
-                    let Some(ev) = ev else { bail!("the restorer thread is gone") };
-                    if self.on_event(ev, &mut ctl_rx).await? {
-                        return Ok(());
-                    }
-                }
-                ev = self.lazy_events.1.recv() => {
-                    // The sender lives in `self`: never None.
-                    let Some(ev) = ev else { continue };
-                    if self.on_lazy_event(ev, &mut ctl_rx).await? {
-                        return Ok(());
-                    }
-                }
-                _ = tokio::time::sleep(IDLE_TIMEOUT) => {
-                    bail!("nothing happened for {IDLE_TIMEOUT:?} in state {}", self.ctl.state.phase());
-                }
-            }
+        Readers {
+            ctl_rx,
+            frame_rx,
+            frames_open: true,
+            _ctl_reader: ctl_reader,
+            _accepter: accepter,
         }
     }
 
@@ -604,6 +996,8 @@ impl Migration<'_> {
                 }
             }
             ControlMsg::Abort { reason } => {
+                // Final: no resume after the source gave up.
+                self.unregister();
                 if self.lazy.is_some() {
                     // Dropping the lazy thread's handle stops the process.
                     bail!("the source gave up during the lazy phase: {reason}");
@@ -717,7 +1111,7 @@ impl Migration<'_> {
                 // Running first: only once it is sent may the process run;
                 // if sending fails, the restorer thread is dropped with the
                 // session and the stopped process is killed.
-                if let Some(e) = ferry_transport::close_error(self.conn) {
+                if let Some(e) = ferry_transport::close_error(&self.conn) {
                     bail!("the source is gone before Running: {e}");
                 }
                 if let (Some(uffd), Some(owed)) = (uffd, &self.owed) {
@@ -732,6 +1126,10 @@ impl Migration<'_> {
                     let _ = self.lazy_inbox.set(inbox);
                 }
                 self.ctl.send(&running).await?;
+                if self.lazy.is_some() {
+                    // From now on a lost connection may be resumed.
+                    self.register();
+                }
                 self.command(Command::Resume)?;
                 tracing::info!(
                     pid = self.pid,
@@ -791,6 +1189,9 @@ impl Migration<'_> {
             }
             LazyEvent::Complete(stats) => {
                 self.lazy = None;
+                // Until Done, a lost connection may still be resumed to
+                // say it again.
+                self.pending_complete = Some(wire_stats(&stats));
                 tracing::info!(
                     pid = self.pid,
                     faults = stats.faults,
@@ -810,6 +1211,7 @@ impl Migration<'_> {
             }
             LazyEvent::Failed(reason) => {
                 self.lazy = None;
+                self.unregister();
                 let _ = self
                     .ctl
                     .send(&ControlMsg::Abort {
@@ -843,7 +1245,14 @@ impl Migration<'_> {
         ctl_rx: &mut mpsc::Receiver<Result<ControlMsg, WireError>>,
     ) -> Result<()> {
         let pid = self.pid;
-        match tokio::time::timeout(DONE_TIMEOUT, ctl_rx.recv()).await {
+        let got = tokio::time::timeout(DONE_TIMEOUT, ctl_rx.recv()).await;
+        if matches!(got, Ok(Some(Err(_))) | Ok(None)) && self.may_resume() {
+            // LazyComplete may be lost with the link: park and say it
+            // again on the resumed connection.
+            bail!("the connection was lost while waiting for Done");
+        }
+        self.unregister();
+        match got {
             Ok(Some(Ok(msg))) => match self.ctl.state.accept(&msg) {
                 Ok(()) if msg == ControlMsg::Done => tracing::info!(pid, "source confirmed"),
                 Ok(()) => tracing::warn!(pid, "expected Done, got {}", msg.kind()),
@@ -875,6 +1284,41 @@ mod tests {
         }
         assert_eq!(PausePoint::parse("Hello"), None);
         assert_eq!(PausePoint::parse(""), None);
+    }
+
+    #[test]
+    fn outstanding_requests_are_asked_again_in_runs_inside_one_span() {
+        const P: u64 = PAGE_SIZE;
+        let spans = [
+            PageSpan {
+                addr: 0x10000,
+                pages: 4,
+            },
+            // Touches the first one: a run must not cross into it.
+            PageSpan {
+                addr: 0x14000,
+                pages: 1000,
+            },
+        ];
+        let mut pages = vec![0x10000, 0x11000, 0x13000, 0x14000, 0x15000];
+        pages.extend((0..600).map(|i| 0x20000 + i * P));
+        pages.push(0x50_0000);
+        let runs = request_runs(&pages, &spans);
+        assert_eq!(
+            runs,
+            vec![
+                (0x10000, 2),
+                (0x13000, 1),
+                (0x14000, 2),
+                (0x20000, MAX_REQUEST_PAGES),
+                (
+                    0x20000 + u64::from(MAX_REQUEST_PAGES) * P,
+                    600 - MAX_REQUEST_PAGES
+                ),
+            ],
+            "0x500000 is not owed and is dropped"
+        );
+        assert!(request_runs(&[], &spans).is_empty());
     }
 
     #[test]

@@ -120,6 +120,56 @@
 //! * **LazyComplete** (destination → source) means every owed page arrived;
 //!   it carries the destination's [`LazyStats`]. The source then kills its
 //!   copy and sends `Done`.
+//! * **LazyResume / LazyResumed** (minor ≥ [`LAZY_MINOR`]) carry the lazy
+//!   phase over to a new connection when its connection is lost (see
+//!   *Resuming the lazy phase* below).
+//!
+//! # Resuming the lazy phase
+//!
+//! A link that stays down longer than the transport's idle timeout kills
+//! the connection of the lazy phase on both sides, but neither side has to
+//! give up: the process runs on the destination and the frozen copy waits
+//! on the source. The source connects again (every second or so, for as
+//! long as it is willing to wait) and, instead of `Prepare`, asks to resume:
+//!
+//! ```text
+//!  source (migrate)                                         destination (dest-agent)
+//!  ────────────────                                         ────────────────────────
+//!        │  the connection of the lazy phase is lost (not Abort)          │ park the lazy phase:
+//!        │  keep the frozen copy; connect again                          │ faults keep waiting
+//!        │── Hello {version, host, agent} ────────────────────────────────▶│
+//!        │◀──────────────────────────────────────── HelloAck {…} ─────────│
+//!        │── LazyResume {pid} ────────────────────────────────────────────▶│ same source fingerprint,
+//!        │◀──────────────────────────────────────── LazyResumed {owed} ───│ lazy phase of pid going on
+//!        │   or ◀──────────────────────────── Refuse {code, reason}; close│ (else)
+//!        │ owed = exactly what is still to send                          │ ask again for every
+//!        │◀─────────────────────────────────── PageRequest {addr, pages} ─│ request not answered
+//!        │══ new page streams: LazyPages … ═══════════════════════════════▶│
+//!        │   … LazyComplete, Done as above                                │
+//! ```
+//!
+//! * The destination accepts `LazyResume {pid}` only if the lazy phase of
+//!   `pid` is still going on there (not completed, not given up) and the
+//!   new connection's peer presents the same TLS fingerprint as the one
+//!   that started the migration; otherwise it answers `Refuse` and the
+//!   source has lost the process. A resume may arrive before the
+//!   destination noticed the loss of the old connection (the two sides'
+//!   idle timers do not expire at the same moment): the destination then
+//!   drops the old connection and takes the new one.
+//! * `LazyResumed {owed}` lists, by source address, every page the
+//!   destination (the restored process and the children it forked) still
+//!   lacks: page aligned, not empty, sorted, not overlapping, each page
+//!   inside a span of the `LazyPlan` (checked by the source). Pages pushed
+//!   on the lost connection may never have arrived: the source sends every
+//!   page of `owed` again and no other one. The destination then sends a
+//!   `PageRequest` again for every request still unanswered (they were
+//!   sent on the lost connection), and the lazy phase goes on as before;
+//!   if every page arrived while the link was down, `LazyComplete` follows
+//!   `LazyResumed` at once.
+//! * The destination's bounded wait covers the outage: a thread waiting
+//!   for a page longer than the destination allows stops the process,
+//!   connection or not, and the destination waits for a resume no longer
+//!   than that bound either.
 //!
 //! The commit point is the source receiving `Running`: before it, any failure
 //! (including a lost connection) makes the source resume its process and the
@@ -152,6 +202,8 @@
 //!   Restoring ──send Running (all batches in)──▶ Running ──recv Done──▶ Closed
 //!   Restoring ──send Running (all batches in, lazy)──▶ Lazy
 //!   Lazy ──send PageRequest──▶ Lazy ──send LazyComplete──▶ Running
+//!   AwaitPrepare (minor ≥ 1) ──recv LazyResume──▶ Resuming ──send LazyResumed──▶ Lazy
+//!   Resuming ──send Refuse──▶ Closed
 //!   Restoring ──send Failed──▶ Closed
 //!   any state before Running, and Lazy ──send or recv Abort──▶ Closed
 //! ```
@@ -226,7 +278,8 @@
 //!
 //! * **0**: kinds 1–12 and 32 (pre-copy).
 //! * **1** ([`LAZY_MINOR`]): lazy pages, kinds 13 `LazyPlan`, 14
-//!   `PageRequest`, 15 `LazyComplete` and 33 `LazyPages`. A source that
+//!   `PageRequest`, 15 `LazyComplete`, 16 `LazyResume`, 17 `LazyResumed`
+//!   and 33 `LazyPages`. A source that
 //!   negotiated minor 0 migrates by pre-copy only.
 //!
 //! # Limits
@@ -235,6 +288,7 @@
 //! |-------------------------------------------|-----------------------------------------|
 //! | control frame payload                     | [`MAX_CONTROL_FRAME`] (64 MiB)          |
 //! | `PageRequest` / `LazyComplete` payload    | 32 / 64 bytes                           |
+//! | `LazyResume` payload                      | 16 bytes                                |
 //! | page frame payload (`Pages`, `LazyPages`) | [`MAX_PAGE_FRAME`]                      |
 //! | raw data / runs in one page batch         | [`PAGE_BATCH_LIMITS`]                   |
 //! | reasons (`Refuse`, `Failed`, `Abort`)     | [`MAX_REASON_LEN`] bytes                |
@@ -244,7 +298,7 @@
 //! | files in `Prepare`                        | [`MAX_FILES`]                           |
 //! | VMAs in `PassStart`                       | [`MAX_VMAS`](crate::validate::MAX_VMAS) |
 //! | passes                                    | [`MAX_PASSES`]                          |
-//! | owed spans in `LazyPlan`                  | [`MAX_LAZY_SPANS`]                      |
+//! | owed spans in `LazyPlan`, `LazyResumed`   | [`MAX_LAZY_SPANS`]                      |
 //! | pages in one `PageRequest`                | [`MAX_REQUEST_PAGES`]                   |
 //!
 //! The image in `Switchover` and the spans of `LazyPlan` are bounded by their
@@ -316,6 +370,8 @@ pub const MAX_REQUEST_PAGES: u32 = 512;
 const MAX_PAGE_REQUEST_FRAME: u32 = 32;
 /// Largest payload of a `LazyComplete` (five varints: at most 50 bytes).
 const MAX_LAZY_COMPLETE_FRAME: u32 = 64;
+/// Largest payload of a `LazyResume` (one varint: at most 5 bytes).
+const MAX_LAZY_RESUME_FRAME: u32 = 16;
 
 /// `ZSTD_COMPRESSBOUND`, usable in constants.
 const fn zstd_compress_bound(src: usize) -> usize {
@@ -364,6 +420,12 @@ pub enum MsgKind {
     /// Destination → source (minor ≥ [`LAZY_MINOR`]): every owed page
     /// arrived.
     LazyComplete = 15,
+    /// Source → destination (minor ≥ [`LAZY_MINOR`]), instead of `Prepare`
+    /// on a new connection: continue the lazy phase of this process.
+    LazyResume = 16,
+    /// Destination → source (minor ≥ [`LAZY_MINOR`]), the answer to
+    /// `LazyResume`: the pages still missing; the lazy phase goes on.
+    LazyResumed = 17,
     /// Source → destination on a page stream: one page batch.
     Pages = 32,
     /// Source → destination on a page stream opened after `Running`
@@ -373,7 +435,7 @@ pub enum MsgKind {
 
 impl MsgKind {
     /// Every kind, in kind-byte order.
-    pub const ALL: [MsgKind; 17] = [
+    pub const ALL: [MsgKind; 19] = [
         MsgKind::Hello,
         MsgKind::HelloAck,
         MsgKind::Prepare,
@@ -389,6 +451,8 @@ impl MsgKind {
         MsgKind::LazyPlan,
         MsgKind::PageRequest,
         MsgKind::LazyComplete,
+        MsgKind::LazyResume,
+        MsgKind::LazyResumed,
         MsgKind::Pages,
         MsgKind::LazyPages,
     ];
@@ -404,6 +468,7 @@ impl MsgKind {
             MsgKind::Ready | MsgKind::Done => 0,
             MsgKind::PageRequest => MAX_PAGE_REQUEST_FRAME,
             MsgKind::LazyComplete => MAX_LAZY_COMPLETE_FRAME,
+            MsgKind::LazyResume => MAX_LAZY_RESUME_FRAME,
             MsgKind::Pages | MsgKind::LazyPages => MAX_PAGE_FRAME,
             _ => MAX_CONTROL_FRAME,
         }
@@ -778,6 +843,25 @@ pub enum ControlMsg {
         /// How the lazy phase went.
         stats: LazyStats,
     },
+    /// Source → destination, first message after `HelloAck` on a new
+    /// connection (instead of `Prepare`): the connection of the lazy phase
+    /// of process `pid` was lost; continue it here. Accepted only from the
+    /// source (TLS fingerprint) that started that migration, and only while
+    /// its lazy phase is still going on at the destination.
+    LazyResume {
+        /// The migrated process (its PID on both hosts).
+        pid: i32,
+    },
+    /// Destination → source, the answer to `LazyResume`: the lazy phase
+    /// continues on this connection (`PageRequest`, `LazyPages` on new page
+    /// streams, `LazyComplete`, `Done`, exactly as before).
+    LazyResumed {
+        /// The pages the destination still lacks, by source address
+        /// (sorted, not overlapping, each inside the owed spans of the
+        /// `LazyPlan`). The source sends these again, whatever it sent on
+        /// the lost connection, and none of the others.
+        owed: Vec<PageSpan>,
+    },
 }
 
 fn check_text(field: &str, s: &str, max: usize) -> Result<(), WireError> {
@@ -816,10 +900,10 @@ fn check_file(field: &str, f: &FileFacts) -> Result<(), WireError> {
     Ok(())
 }
 
-fn check_spans(owed: &[PageSpan]) -> Result<(), WireError> {
+fn check_spans(what: &str, owed: &[PageSpan]) -> Result<(), WireError> {
     if owed.len() > MAX_LAZY_SPANS {
         return Err(invalid(format!(
-            "LazyPlan: {} spans, at most {MAX_LAZY_SPANS}",
+            "{what}: {} spans, at most {MAX_LAZY_SPANS}",
             owed.len()
         )));
     }
@@ -827,26 +911,26 @@ fn check_spans(owed: &[PageSpan]) -> Result<(), WireError> {
     for (i, s) in owed.iter().enumerate() {
         if !is_page_aligned(s.addr) {
             return Err(invalid(format!(
-                "LazyPlan: span #{i} at {:#x} is not page aligned",
+                "{what}: span #{i} at {:#x} is not page aligned",
                 s.addr
             )));
         }
         if s.pages == 0 {
             return Err(invalid(format!(
-                "LazyPlan: span #{i} at {:#x} has no pages",
+                "{what}: span #{i} at {:#x} has no pages",
                 s.addr
             )));
         }
         let Some(end) = s.end() else {
             return Err(invalid(format!(
-                "LazyPlan: span #{i} at {:#x} ({} pages) runs past the end of the address space",
+                "{what}: span #{i} at {:#x} ({} pages) runs past the end of the address space",
                 s.addr, s.pages
             )));
         };
         if let Some(p) = prev_end {
             if s.addr < p {
                 return Err(invalid(format!(
-                    "LazyPlan: span #{i} at {:#x} starts before the end {p:#x} of span #{}: spans must be sorted and must not overlap",
+                    "{what}: span #{i} at {:#x} starts before the end {p:#x} of span #{}: spans must be sorted and must not overlap",
                     s.addr,
                     i - 1
                 )));
@@ -885,6 +969,8 @@ impl ControlMsg {
             ControlMsg::LazyPlan { .. } => MsgKind::LazyPlan,
             ControlMsg::PageRequest { .. } => MsgKind::PageRequest,
             ControlMsg::LazyComplete { .. } => MsgKind::LazyComplete,
+            ControlMsg::LazyResume { .. } => MsgKind::LazyResume,
+            ControlMsg::LazyResumed { .. } => MsgKind::LazyResumed,
         }
     }
 
@@ -981,7 +1067,9 @@ impl ControlMsg {
             }
             ControlMsg::Switchover { image } => image.validate().map_err(WireError::InvalidImage),
             ControlMsg::Running { pid, .. } => check_id("Running: pid", *pid),
-            ControlMsg::LazyPlan { owed } => check_spans(owed),
+            ControlMsg::LazyPlan { owed } => check_spans("LazyPlan", owed),
+            ControlMsg::LazyResumed { owed } => check_spans("LazyResumed", owed),
+            ControlMsg::LazyResume { pid } => check_id("LazyResume: pid", *pid),
             ControlMsg::PageRequest { addr, pages } => {
                 if !is_page_aligned(*addr) {
                     return Err(invalid(format!(
@@ -1039,6 +1127,8 @@ impl ControlMsg {
             ControlMsg::LazyPlan { owed } => enc(owed),
             ControlMsg::PageRequest { addr, pages } => enc(&(addr, pages)),
             ControlMsg::LazyComplete { stats } => enc(stats),
+            ControlMsg::LazyResume { pid } => enc(pid),
+            ControlMsg::LazyResumed { owed } => enc(owed),
         }
     }
 
@@ -1132,6 +1222,10 @@ impl ControlMsg {
             }
             MsgKind::LazyComplete => ControlMsg::LazyComplete {
                 stats: dec(kind, p)?,
+            },
+            MsgKind::LazyResume => ControlMsg::LazyResume { pid: dec(kind, p)? },
+            MsgKind::LazyResumed => ControlMsg::LazyResumed {
+                owed: dec(kind, p)?,
             },
             MsgKind::Pages | MsgKind::LazyPages => return Err(WireError::WrongStream { kind }),
         })

@@ -11,17 +11,28 @@
 //!
 //! Pages are read from the frozen process (it stays stopped under ptrace on
 //! the ptrace thread) with `process_vm_readv` on a thread of its own, which
-//! also packs and compresses them. A page is pushed at most once; a request
-//! is answered whether or not the page was pushed already (the destination
-//! asks only for pages it has not received).
+//! also packs and compresses them. A page is pushed at most once per
+//! connection; a request is answered whether or not the page was pushed
+//! already (the destination asks only for pages it has not received).
+//!
+//! If the connection dies (the link stayed down past the idle timeout; not
+//! an `Abort`, not a protocol error), the frozen copy and the page thread
+//! stay: `migrate` connects again every second until `--lazy-timeout`
+//! passes, sends `LazyResume {pid}` instead of `Prepare`, and the
+//! destination's `LazyResumed {owed}` says exactly which pages are still
+//! to send (pages pushed on the dead connection may never have arrived);
+//! the page thread gets the new streams and goes on.
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_protocol::model::PAGE_SIZE;
 use ferry_protocol::packer::PagePacker;
 use ferry_protocol::pages::PageWriterOptions;
-use ferry_protocol::wire::{ControlMsg, LazyOrigin, LazyStats};
-use ferry_transport::frames::{recv_control, send_lazy_page};
+use ferry_protocol::wire::{
+    ControlMsg, LazyOrigin, LazyStats, ProtocolVersion, WireError, LAZY_MINOR,
+};
+use ferry_transport::frames::{recv_control, send_control, send_lazy_page};
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
@@ -109,6 +120,43 @@ impl OwedPages {
         self.sent[(i / 64) as usize] & (1 << (i % 64)) != 0
     }
 
+    /// After a reconnect: exactly the pages of `owed` (`(addr, pages)`, by
+    /// source address) are unsent, every other page counts as sent. An
+    /// error names a span that is not owed (the list is left unchanged).
+    pub fn reset_to(&mut self, owed: &[(u64, u64)]) -> Result<(), String> {
+        let mut pieces = Vec::new();
+        for &(addr, pages) in owed {
+            match self.pieces(addr, pages) {
+                Some(p) => pieces.extend(p),
+                None => return Err(format!("{pages} pages at {addr:#x} were never owed")),
+            }
+        }
+        let total = self.total();
+        for w in &mut self.sent {
+            *w = !0;
+        }
+        // Bits beyond the last page stay clear.
+        if !total.is_multiple_of(64) {
+            if let Some(last) = self.sent.last_mut() {
+                *last = (1u64 << (total % 64)) - 1;
+            }
+        }
+        self.unsent = 0;
+        for (addr, pages) in pieces {
+            let Some(s) = self.span_of(addr) else {
+                continue;
+            };
+            let base = self.first[s] + (addr - self.spans[s].0) / PAGE_SIZE;
+            for i in base..base + pages {
+                if self.bit(i) {
+                    self.sent[(i / 64) as usize] &= !(1 << (i % 64));
+                    self.unsent += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Record `[addr, addr + pages)` (inside one span) as sent.
     pub fn mark_sent(&mut self, addr: u64, pages: u64) {
         let Some(s) = self.span_of(addr) else { return };
@@ -171,32 +219,76 @@ pub struct LazyReport {
     pub requests: u64,
     /// From Running to LazyComplete, as seen here.
     pub duration: Duration,
+    /// Times the lazy phase moved to a new connection.
+    pub reconnects: u32,
+    /// UDP bytes sent on the connections lost meanwhile.
+    pub earlier_bytes: u64,
 }
 
 /// How the lazy phase is run.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct LazyOptions {
     /// Cap on the background push, bytes per second of memory (`None`: as
     /// fast as the link goes).
     pub push_rate: Option<f64>,
+    /// How long to try to reconnect after the connection was lost.
+    pub reconnect_timeout: Duration,
 }
 
-/// Serve the owed pages of frozen process `pid` until the destination has
-/// all of them. `send`/`recv` are the control stream; `unsent` is kept up
-/// to date for the progress display.
-pub async fn serve(
-    conn: &quinn::Connection,
-    recv: &mut quinn::RecvStream,
-    pid: i32,
-    owed: OwedPages,
-    opts: LazyOptions,
-    unsent: Arc<AtomicU64>,
-) -> Result<LazyReport> {
-    let t0 = Instant::now();
-    let owed_pages = owed.total();
-    let (req_tx, req_rx) = std::sync::mpsc::channel::<(u64, u32)>();
+impl Default for LazyOptions {
+    fn default() -> Self {
+        LazyOptions {
+            push_rate: None,
+            reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// `migrate --lazy-timeout` by default, in seconds.
+pub const DEFAULT_RECONNECT_SECS: u64 = 30;
+const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(DEFAULT_RECONNECT_SECS);
+/// Pause between two connection attempts.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+/// Longest one connection attempt (handshake, Hello, LazyResume) may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the lazy phase runs: the destination's address and the endpoint
+/// to reconnect from.
+pub struct Peer<'a> {
+    /// The client endpoint of the migration.
+    pub ep: &'a quinn::Endpoint,
+    /// The destination.
+    pub addr: SocketAddr,
+}
+
+/// What the page thread is told.
+enum PagerCmd {
+    /// Send these pages first.
+    Request(u64, u32),
+    /// A new connection: the destination lacks exactly `owed`; send on
+    /// these streams from now on.
+    Reconnected {
+        owed: Vec<(u64, u64)>,
+        streams: Senders,
+    },
+}
+
+/// The page thread's outlets: the reply stream and the push streams.
+struct Senders {
+    reply: mpsc::Sender<Vec<u8>>,
+    push: Vec<mpsc::Sender<Vec<u8>>>,
+}
+
+/// The writer tasks of one connection's page streams.
+struct Streams {
+    senders: Senders,
+    writers: tokio::task::JoinSet<Result<()>>,
+}
+
+/// Open the reply stream and the push streams on `conn`.
+async fn open_streams(conn: &quinn::Connection) -> Result<Streams> {
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(64);
-    let mut push_txs = Vec::new();
+    let mut push = Vec::new();
     let mut writers = tokio::task::JoinSet::new();
     // Replies first: the stream a faulting thread waits on.
     let mut reply = conn.open_uni().await.context("opening the reply stream")?;
@@ -213,7 +305,7 @@ pub async fn serve(
     for i in 0..PUSH_STREAMS {
         let mut s = conn.open_uni().await.context("opening a push stream")?;
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PUSH_QUEUE);
-        push_txs.push(tx);
+        push.push(tx);
         writers.spawn(async move {
             while let Some(b) = rx.recv().await {
                 send_lazy_page(&mut s, LazyOrigin::Pushed, &b)
@@ -224,17 +316,198 @@ pub async fn serve(
             Ok::<(), anyhow::Error>(())
         });
     }
-    // A writer or the page thread that fails says so here (the control
-    // stream read below is not cancellation-safe: only a failure may
-    // interrupt it).
+    Ok(Streams {
+        senders: Senders {
+            reply: reply_tx,
+            push,
+        },
+        writers,
+    })
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Read the control stream on a task of its own (reads are not
+/// cancellation-safe; the loop below selects on several things).
+fn read_control(
+    mut recv: quinn::RecvStream,
+) -> (mpsc::Receiver<Result<ControlMsg, WireError>>, AbortOnDrop) {
+    let (tx, rx) = mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        loop {
+            let r = recv_control(&mut recv).await;
+            let stop = r.is_err();
+            if tx.send(r).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    (rx, AbortOnDrop(task))
+}
+
+/// True if `conn` died of silence (the link went away), as opposed to
+/// being closed by either side on purpose.
+fn link_lost(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset)
+    )
+}
+
+/// Why a resume attempt did not work.
+enum ResumeError {
+    /// The destination answered no: final.
+    Refused(String),
+    /// The attempt failed (link still down, ...): try again.
+    Failed(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for ResumeError {
+    fn from(e: E) -> Self {
+        ResumeError::Failed(e.into())
+    }
+}
+
+/// A resumed connection: its control stream and what the destination
+/// still lacks.
+struct Resumed {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    owed: Vec<(u64, u64)>,
+}
+
+/// One attempt: connect, Hello, HelloAck, LazyResume, LazyResumed.
+async fn resume_once(peer: &Peer<'_>, pid: i32) -> Result<Resumed, ResumeError> {
+    let conn = ferry_transport::connect(peer.ep, peer.addr)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send_control(
+        &mut send,
+        &ControlMsg::Hello {
+            version: ProtocolVersion::CURRENT,
+            host: ferry_engine::host::host_info(),
+            agent: crate::remote::agent(),
+        },
+    )
+    .await?;
+    match recv_control(&mut recv).await? {
+        ControlMsg::HelloAck { version, agent, .. } => {
+            let minor = ProtocolVersion::CURRENT
+                .negotiate(version)
+                .map_or(0, |v| v.minor);
+            if minor < LAZY_MINOR {
+                return Err(ResumeError::Refused(format!(
+                    "the destination now runs {agent}, protocol {}.{}, without lazy pages",
+                    version.major, version.minor
+                )));
+            }
+        }
+        ControlMsg::Refuse { reason, .. } => return Err(ResumeError::Refused(reason)),
+        m => return Err(anyhow!("protocol error: expected HelloAck, got {}", m.kind()).into()),
+    }
+    send_control(&mut send, &ControlMsg::LazyResume { pid }).await?;
+    match recv_control(&mut recv).await? {
+        ControlMsg::LazyResumed { owed } => Ok(Resumed {
+            conn,
+            send,
+            recv,
+            owed: owed.iter().map(|s| (s.addr, s.pages)).collect(),
+        }),
+        ControlMsg::Refuse { reason, .. } | ControlMsg::Abort { reason } => {
+            Err(ResumeError::Refused(reason))
+        }
+        m => Err(anyhow!("protocol error: expected LazyResumed, got {}", m.kind()).into()),
+    }
+}
+
+/// Connect again, every [`RECONNECT_PAUSE`], until `timeout` passes.
+async fn reconnect(
+    peer: &Peer<'_>,
+    pid: i32,
+    timeout: Duration,
+    notify: &(dyn Fn(&str) + Sync),
+) -> Result<Resumed> {
+    let deadline = Instant::now() + timeout;
+    let host = peer.addr;
+    let mut last: Option<anyhow::Error> = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let why = last
+                .map(|e| format!(" (last attempt: {e:#})"))
+                .unwrap_or_default();
+            bail!(
+                "the connection to {host} was lost and could not be re-established within {} s{why}",
+                timeout.as_secs()
+            );
+        }
+        notify(&format!(
+            "reconnecting to {host} ({} s left)",
+            left.as_secs_f64().ceil() as u64
+        ));
+        let started = Instant::now();
+        match tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), resume_once(peer, pid)).await {
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(ResumeError::Refused(reason))) => {
+                bail!("the destination refused to resume the lazy phase: {reason}")
+            }
+            Ok(Err(ResumeError::Failed(e))) => {
+                tracing::debug!("reconnecting to {host}: {e:#}");
+                last = Some(e);
+            }
+            Err(_) => {
+                tracing::debug!("reconnecting to {host}: no answer");
+                last = Some(anyhow!("no answer within {:?}", left.min(ATTEMPT_TIMEOUT)));
+            }
+        }
+        let pause = RECONNECT_PAUSE.saturating_sub(started.elapsed());
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(pause.min(left)).await;
+    }
+}
+
+/// Serve the owed pages of frozen process `pid` until the destination has
+/// all of them. `conn`, `send` and `recv` are the connection and its
+/// control stream; after a reconnect `conn` and `send` are the new ones.
+/// `unsent` is kept up to date for the progress display, `notify` shows a
+/// line of progress (reconnecting).
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    conn: &mut quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: quinn::RecvStream,
+    peer: &Peer<'_>,
+    pid: i32,
+    owed: OwedPages,
+    opts: LazyOptions,
+    unsent: Arc<AtomicU64>,
+    notify: &(dyn Fn(&str) + Sync),
+) -> Result<LazyReport> {
+    let t0 = Instant::now();
+    let owed_pages = owed.total();
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<PagerCmd>();
+    let Streams {
+        senders,
+        mut writers,
+    } = open_streams(conn).await?;
+    let (mut ctl_rx, mut ctl_reader) = read_control(recv);
+    // The page thread that fails says so here.
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<anyhow::Error>();
     let pager = {
         let unsent = unsent.clone();
-        let fail_tx = fail_tx.clone();
         std::thread::Builder::new()
             .name("lazy-pages".into())
             .spawn(move || {
-                let r = pager(pid, owed, req_rx, reply_tx, push_txs, opts, unsent);
+                let r = pager(pid, owed, cmd_rx, senders, opts, unsent);
                 if let Err(e) = &r {
                     let _ = fail_tx.send(anyhow!("serving pages: {e:#}"));
                 }
@@ -242,39 +515,83 @@ pub async fn serve(
             })
             .context("starting the lazy page thread")?
     };
-    let watch = tokio::spawn(async move {
-        while let Some(r) = writers.join_next().await {
-            match r {
-                Ok(Err(e)) => {
-                    let _ = fail_tx.send(e);
-                }
-                Err(e) => {
-                    let _ = fail_tx.send(anyhow!("a page stream writer died: {e}"));
-                }
-                Ok(Ok(())) => {}
-            }
-        }
-    });
     // Requests until LazyComplete (or a failure).
     let mut requests = 0u64;
+    let mut reconnects = 0u32;
+    let mut earlier_bytes = 0u64;
     let ended: Result<LazyStats> = loop {
-        tokio::select! {
-            m = recv_control(recv) => match m {
-                Ok(ControlMsg::PageRequest { addr, pages }) => {
+        // An error of the connection: a lost link is reconnected, anything
+        // else ends the lazy phase.
+        let lost: anyhow::Error = tokio::select! {
+            m = ctl_rx.recv() => match m {
+                Some(Ok(ControlMsg::PageRequest { addr, pages })) => {
                     requests += 1;
-                    if req_tx.send((addr, pages)).is_err() {
+                    if cmd_tx.send(PagerCmd::Request(addr, pages)).is_err() {
                         break Err(anyhow!("the lazy page thread stopped"));
                     }
+                    continue;
                 }
-                Ok(ControlMsg::LazyComplete { stats }) => break Ok(stats),
-                Ok(ControlMsg::Abort { reason }) => break Err(anyhow!("the destination gave up: {reason}")),
-                Ok(m) => break Err(anyhow!("protocol error: unexpected {} in the lazy phase", m.kind())),
-                Err(e) => break Err(anyhow!(e).context("connection to the destination lost")),
+                Some(Ok(ControlMsg::LazyComplete { stats })) => break Ok(stats),
+                Some(Ok(ControlMsg::Abort { reason })) => break Err(anyhow!("the destination gave up: {reason}")),
+                Some(Ok(m)) => break Err(anyhow!("protocol error: unexpected {} in the lazy phase", m.kind())),
+                Some(Err(e)) => anyhow!(e).context("connection to the destination lost"),
+                None => anyhow!("the control stream reader stopped"),
+            },
+            Some(r) = writers.join_next() => match r {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(e) => break Err(anyhow!("a page stream writer died: {e}")),
             },
             Some(e) = fail_rx.recv() => break Err(e),
+        };
+        if !link_lost(conn) {
+            let e = match ferry_transport::close_error(conn) {
+                Some(ce) => anyhow!("{ce}"),
+                None => lost,
+            };
+            break Err(e);
         }
+        // The link is gone, not the destination's will: keep the frozen
+        // copy and the page thread, and connect again.
+        tracing::warn!(
+            "lazy phase of process {pid}: {lost:#}; reconnecting for up to {} s",
+            opts.reconnect_timeout.as_secs()
+        );
+        writers.abort_all();
+        ctl_reader.0.abort();
+        let r = match reconnect(peer, pid, opts.reconnect_timeout, notify).await {
+            Ok(r) => r,
+            Err(e) => break Err(e),
+        };
+        earlier_bytes += conn.stats().udp_tx.bytes;
+        conn.close(2u32.into(), b"reconnected");
+        *conn = r.conn;
+        *send = r.send;
+        (ctl_rx, ctl_reader) = read_control(r.recv);
+        let streams = match open_streams(conn).await {
+            Ok(s) => s,
+            Err(e) => break Err(e),
+        };
+        writers = streams.writers;
+        let owed_now: u64 = r.owed.iter().map(|s| s.1).sum();
+        if cmd_tx
+            .send(PagerCmd::Reconnected {
+                owed: r.owed,
+                streams: streams.senders,
+            })
+            .is_err()
+        {
+            break Err(anyhow!("the lazy page thread stopped"));
+        }
+        reconnects += 1;
+        tracing::info!(
+            "lazy phase of process {pid} resumed on a new connection; {owed_now} pages still owed"
+        );
+        notify(&format!(
+            "resumed on a new connection; {owed_now} pages still owed"
+        ));
     };
-    drop(req_tx);
+    drop(cmd_tx);
     let served = tokio::task::spawn_blocking(move || pager.join())
         .await
         .context("joining the lazy page thread")?
@@ -289,12 +606,18 @@ pub async fn serve(
         }
     };
     // The destination has everything: a stream it stopped reading is fine.
-    let _ = tokio::time::timeout(Duration::from_secs(2), watch).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while writers.join_next().await.is_some() {}
+    })
+    .await;
+    drop(ctl_reader);
     Ok(LazyReport {
         owed_pages,
         stats,
         requests,
         duration: t0.elapsed(),
+        reconnects,
+        earlier_bytes,
     })
 }
 
@@ -337,13 +660,19 @@ fn answer(
     Ok(true)
 }
 
+fn new_push_packer() -> PagePacker {
+    PagePacker::new(PageWriterOptions::default())
+}
+
 /// The page thread: answers requests at once, pushes the rest meanwhile.
+/// When a stream of the connection is gone, it waits for the streams of a
+/// resumed connection ([`PagerCmd::Reconnected`]); it ends when the
+/// command channel closes.
 fn pager(
     pid: i32,
     mut owed: OwedPages,
-    requests: Receiver<(u64, u32)>,
-    reply: mpsc::Sender<Vec<u8>>,
-    push: Vec<mpsc::Sender<Vec<u8>>>,
+    cmds: Receiver<PagerCmd>,
+    senders: Senders,
     opts: LazyOptions,
     unsent: Arc<AtomicU64>,
 ) -> Result<()> {
@@ -352,28 +681,77 @@ fn pager(
         batch_bytes: 1 << 20,
         ..PageWriterOptions::default()
     });
-    let mut push_packer = PagePacker::new(PageWriterOptions::default());
+    let mut push_packer = new_push_packer();
     let mut buf = vec![0u8; (PUSH_CHUNK_PAGES.max(512) * PAGE_SIZE) as usize];
     let mut ready: VecDeque<Vec<u8>> = VecDeque::new();
     let mut next_stream = 0usize;
     let mut pushed_bytes = 0u64;
     let mut finished = false;
-    let t0 = Instant::now();
+    let mut t0 = Instant::now();
+    // `None` while the connection is gone.
+    let mut out: Option<Senders> = Some(senders);
+    let mut pending: Option<PagerCmd> = None;
     loop {
-        // Requests first.
-        let req = match requests.try_recv() {
-            Ok(r) => Some(r),
-            Err(TryRecvError::Disconnected) => return Ok(()),
-            Err(TryRecvError::Empty) => None,
+        // Commands first: requests and new connections.
+        let cmd = match pending.take() {
+            Some(c) => Some(c),
+            None => match cmds.try_recv() {
+                Ok(c) => Some(c),
+                Err(TryRecvError::Disconnected) => return Ok(()),
+                Err(TryRecvError::Empty) => None,
+            },
         };
-        if let Some(r) = req {
-            if !answer(pid, r, &mut owed, &mut reply_packer, &mut buf, &reply)? {
-                return Ok(());
+        let cmd = match cmd {
+            Some(c) => Some(c),
+            None if out.is_none() => match cmds.recv_timeout(Duration::from_millis(50)) {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            },
+            None => None,
+        };
+        match cmd {
+            Some(PagerCmd::Request(addr, pages)) => {
+                // Without a connection the request is moot: the
+                // destination asks again on the resumed one.
+                if let Some(o) = &out {
+                    let ok = answer(
+                        pid,
+                        (addr, pages),
+                        &mut owed,
+                        &mut reply_packer,
+                        &mut buf,
+                        &o.reply,
+                    )?;
+                    if !ok {
+                        out = None;
+                        ready.clear();
+                    }
+                    unsent.store(owed.unsent(), Ordering::Relaxed);
+                }
+                continue;
             }
-            unsent.store(owed.unsent(), Ordering::Relaxed);
-            continue;
+            Some(PagerCmd::Reconnected { owed: now, streams }) => {
+                owed.reset_to(&now)
+                    .map_err(|e| anyhow!("LazyResumed from the destination: {e}"))?;
+                unsent.store(owed.unsent(), Ordering::Relaxed);
+                // What was packed or queued for the dead connection is
+                // covered by the list: start afresh.
+                ready.clear();
+                push_packer = new_push_packer();
+                finished = false;
+                pushed_bytes = 0;
+                t0 = Instant::now();
+                next_stream = 0;
+                out = Some(streams);
+                continue;
+            }
+            None => {}
         }
+        let Some(o) = &out else { continue };
+        let push = &o.push;
         // Hand encoded push batches to streams with room.
+        let mut closed = false;
         while let Some(b) = ready.pop_front() {
             let mut b = Some(b);
             for _ in 0..push.len() {
@@ -382,13 +760,25 @@ fn pager(
                 match tx.try_send(b.take().unwrap_or_default()) {
                     Ok(()) => break,
                     Err(mpsc::error::TrySendError::Full(x)) => b = Some(x),
-                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        closed = true;
+                        break;
+                    }
                 }
+            }
+            if closed {
+                break;
             }
             if let Some(x) = b {
                 ready.push_front(x);
                 break;
             }
+        }
+        if closed {
+            // The connection is gone; the resumed one says what to send.
+            out = None;
+            ready.clear();
+            continue;
         }
         let allowed = opts
             .push_rate
@@ -421,19 +811,14 @@ fn pager(
                 continue;
             }
         }
-        // Nothing to do right now: wait a little for a request.
+        // Nothing to do right now: wait a little for a command.
         let wait = if ready.is_empty() && owed.unsent() == 0 {
             Duration::from_millis(50)
         } else {
             Duration::from_micros(500)
         };
-        match requests.recv_timeout(wait) {
-            Ok(r) => {
-                if !answer(pid, r, &mut owed, &mut reply_packer, &mut buf, &reply)? {
-                    return Ok(());
-                }
-                unsent.store(owed.unsent(), Ordering::Relaxed);
-            }
+        match cmds.recv_timeout(wait) {
+            Ok(c) => pending = Some(c),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
@@ -481,6 +866,53 @@ mod tests {
         // Marking twice does not count twice.
         o.mark_sent(0, 1);
         assert_eq!(o.unsent(), 0);
+    }
+
+    #[test]
+    fn a_resume_sets_exactly_the_owed_pages_unsent() {
+        let mut o = OwedPages::new(vec![
+            (0x10000, 100),
+            (0x10000 + 100 * P, 30),
+            (0x200000, 70),
+        ]);
+        assert_eq!(o.total(), 200);
+        while let Some((a, n)) = o.next_chunk(64) {
+            o.mark_sent(a, n);
+        }
+        assert_eq!(o.unsent(), 0);
+        // Spans that touch may come merged; pieces of both spans.
+        let owed = [(0x10000 + 90 * P, 20), (0x200000 + 69 * P, 1)];
+        o.reset_to(&owed).unwrap();
+        assert_eq!(o.unsent(), 21);
+        let mut seen = Vec::new();
+        o.seek(0);
+        while let Some((a, n)) = o.next_chunk(64) {
+            o.mark_sent(a, n);
+            seen.push((a, n));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (0x10000 + 90 * P, 10),
+                (0x10000 + 100 * P, 10),
+                (0x200000 + 69 * P, 1)
+            ]
+        );
+        // Nothing owed: everything counts as sent.
+        o.reset_to(&[]).unwrap();
+        assert_eq!(o.unsent(), 0);
+        assert_eq!(o.next_chunk(64), None);
+        // Everything owed again.
+        o.reset_to(&[(0x10000, 130), (0x200000, 70)]).unwrap();
+        assert_eq!(o.unsent(), 200);
+        // Pages never owed are refused, and nothing changes.
+        let e = o.reset_to(&[(0x10000, 1), (0x300000, 1)]).unwrap_err();
+        assert!(e.contains("0x300000"), "{e}");
+        assert!(o.reset_to(&[(0x10000, 131)]).is_err());
+        assert_eq!(o.unsent(), 200);
+        // The bitmap's spare bits stay clear (200 is not a multiple of 64).
+        o.reset_to(&[]).unwrap();
+        assert!(o.sent.iter().map(|w| w.count_ones() as u64).sum::<u64>() == 200);
     }
 
     #[test]

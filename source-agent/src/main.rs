@@ -28,7 +28,9 @@ use std::path::PathBuf;
 /// than the link, at a price: until the last page arrives the process
 /// depends on both hosts, and if this host or the link fails for longer
 /// than the destination waits (dest-agent --lazy-timeout), the process is
-/// lost. Pre-copy alone (without --lazy) never has this risk.
+/// lost. A lost connection is re-established (migrate --lazy-timeout) and
+/// the lazy phase resumes where it was. Pre-copy alone (without --lazy)
+/// never has this risk.
 #[derive(Parser)]
 #[command(name = "migrate", version, about)]
 struct Cli {
@@ -63,6 +65,13 @@ struct Cli {
     /// held back.
     #[arg(long, value_name = "MBPS", default_value_t = 0.0, requires = "lazy")]
     lazy_rate: f64,
+    /// With --lazy: if the connection is lost during the lazy phase (the
+    /// link down longer than the 10 s idle timeout), keep the frozen copy
+    /// and try to reconnect for this many seconds (at least 1) before
+    /// giving up; the process is lost if it fails. The destination waits
+    /// for its pages no longer than its own `dest-agent --lazy-timeout`.
+    #[arg(long, value_name = "SECS", default_value_t = lazy::DEFAULT_RECONNECT_SECS, requires = "lazy")]
+    lazy_timeout: u64,
     /// With --to: the process to migrate.
     #[arg(requires = "to")]
     pid: Option<i32>,
@@ -143,8 +152,13 @@ fn main() {
             };
             let lazy = cli.lazy.then(|| lazy::LazyOptions {
                 push_rate: (cli.lazy_rate > 0.0).then_some(cli.lazy_rate * 1e6),
+                reconnect_timeout: std::time::Duration::from_secs(cli.lazy_timeout),
             });
-            remote::run(&config_dir, &to, pid, policy, lazy, cli.json).map(|()| 0)
+            if cli.lazy && cli.lazy_timeout == 0 {
+                Err(anyhow::anyhow!("--lazy-timeout must be at least 1 second"))
+            } else {
+                remote::run(&config_dir, &to, pid, policy, lazy, cli.json).map(|()| 0)
+            }
         }
         _ => {
             use clap::CommandFactory;

@@ -183,6 +183,7 @@ fn lazy_json(l: &LazyReport) -> serde_json::Value {
         "last_page_ms": last_ms,
         "pull_rate_mb_s": pull_rate(l),
         "duration_ms": l.duration.as_secs_f64() * 1e3,
+        "reconnects": l.reconnects,
     })
 }
 
@@ -391,12 +392,14 @@ async fn migrate(
     let ep = ferry_transport::client_endpoint(&id, trust)?;
     let p = Progress::new(progress);
     p.step(&format!("connecting to {addr}"));
-    let conn = tokio::time::timeout(STEP_TIMEOUT, ferry_transport::connect(&ep, addr))
+    let mut conn = tokio::time::timeout(STEP_TIMEOUT, ferry_transport::connect(&ep, addr))
         .await
         .map_err(|_| anyhow!("connecting to {addr} timed out"))?
         // The transport error's text already carries its source.
         .map_err(|e| anyhow!("{e}"))?;
-    let result = migrate_on(&conn, pid, policy, lazy, t0, &p).await;
+    let peer = lazy::Peer { ep: &ep, addr };
+    // A lazy phase that reconnects replaces `conn`.
+    let result = migrate_on(&mut conn, &peer, pid, policy, lazy, t0, &p).await;
     p.bar.finish_and_clear();
     match &result {
         Ok(_) => conn.close(0u32.into(), b"done"),
@@ -409,12 +412,13 @@ async fn migrate(
     })
 }
 
-fn agent() -> String {
+pub(crate) fn agent() -> String {
     format!("ferry migrate {}", env!("CARGO_PKG_VERSION"))
 }
 
 async fn migrate_on(
-    conn: &quinn::Connection,
+    conn: &mut quinn::Connection,
+    peer: &lazy::Peer<'_>,
     pid: i32,
     policy: Policy,
     lazy: Option<LazyOptions>,
@@ -503,7 +507,9 @@ async fn migrate_on(
     // of its memory is still here: serve it before the copy here goes.
     let lazy_result = match (&streamed, lazy) {
         (Ok(s), Some(opts)) => match &s.owed {
-            Some(owed) => Some(serve_lazy(conn, &mut recv, pid, owed.clone(), opts, p).await),
+            Some(owed) => {
+                Some(serve_lazy(conn, &mut send, recv, peer, pid, owed.clone(), opts, p).await)
+            }
             None => None,
         },
         _ => None,
@@ -560,7 +566,8 @@ async fn migrate_on(
         None => None,
     };
     let downtime = s.freeze_at.map_or(Duration::ZERO, |t| s.running_at - t);
-    let bytes_on_wire = conn.stats().udp_tx.bytes;
+    let earlier_bytes = lazy_report.as_ref().map_or(0, |l| l.earlier_bytes);
+    let bytes_on_wire = conn.stats().udp_tx.bytes + earlier_bytes;
     let _ = send_control(&mut send, &ControlMsg::Done).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
@@ -581,9 +588,12 @@ async fn migrate_on(
 }
 
 /// The lazy phase with progress: pages still owed.
+#[allow(clippy::too_many_arguments)]
 async fn serve_lazy(
-    conn: &quinn::Connection,
-    recv: &mut quinn::RecvStream,
+    conn: &mut quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: quinn::RecvStream,
+    peer: &lazy::Peer<'_>,
     pid: i32,
     owed: Vec<(u64, u64)>,
     opts: LazyOptions,
@@ -606,7 +616,12 @@ async fn serve_lazy(
             }
         })
     };
-    let r = lazy::serve(conn, recv, pid, owed, opts, unsent).await;
+    // Reconnecting is shown on a terminal and always logged.
+    let notify = |msg: &str| {
+        p.step(msg);
+        tracing::info!("{msg}");
+    };
+    let r = lazy::serve(conn, send, recv, peer, pid, owed, opts, unsent, &notify).await;
     ticker.abort();
     p.bar.disable_steady_tick();
     r

@@ -459,3 +459,209 @@ fn lazy_survives_a_short_link_outage() {
         agent.log()
     );
 }
+
+/// The link goes down for 14 s in the middle of the lazy phase, longer than
+/// QUIC's 10 s idle timeout: the connection dies on both sides. The source
+/// keeps its frozen copy and reconnects, the destination keeps the process
+/// (its faults wait) and takes the new connection; the lazy phase resumes
+/// and completes, and every page is intact.
+#[test]
+fn lazy_reconnects_after_a_long_outage() {
+    let _serial = common::setup();
+    let h = Hosts::up_as("fml", "f");
+    let mut procs = Procs::new();
+    pair(&h);
+    let agent = h.start_agent_args(
+        &mut procs,
+        "b",
+        7420,
+        &[],
+        &["--lazy-timeout", "40"],
+        "dest-b",
+    );
+    let (w, ready) = start_lazy(&h, &mut procs, "128", "2", "wl");
+    let pid = w.pid.to_string();
+    // 128 MiB at 20 MB/s: a lazy phase of ~6.7 s, interrupted for 14 s.
+    let mut mig = h.migrate_bg(
+        "a",
+        &[
+            "--to",
+            ADDR_B,
+            &pid,
+            "--max-passes",
+            "0",
+            "--lazy",
+            "--lazy-rate",
+            "20",
+            "--lazy-timeout",
+            "40",
+            "--json",
+        ],
+        "mig",
+    );
+    wait_running_on_b(&h, &w, &mut mig, &agent);
+    h.run(&["exec-a", "ip", "link", "set", "veth-a", "down"])
+        .assert_ok();
+    std::thread::sleep(Duration::from_secs(14));
+    h.run(&["exec-a", "ip", "link", "set", "veth-a", "up"])
+        .assert_ok();
+    assert!(
+        mig.running(),
+        "`migrate` gave up during a 14 s outage: {}\ndest-agent log:\n{}",
+        mig.stderr(),
+        agent.log()
+    );
+    let r = mig.wait(MIGRATE_TIMEOUT);
+    assert!(
+        r.status.success(),
+        "migrate failed: {}\ndest-agent log:\n{}",
+        r.stderr,
+        agent.log()
+    );
+    let v = lazy_report(&r, w.pid);
+    assert!(lazy_u64(&v, "owed_pages") > 20_000, "most pages owed: {v}");
+    assert!(lazy_u64(&v, "reconnects") >= 1, "reconnected: {v}");
+    let log = agent.log();
+    assert!(
+        log.contains(&format!(
+            "lazy phase of process {} resumed on a new connection",
+            w.pid
+        )),
+        "dest-agent log:\n{log}"
+    );
+    assert!(
+        !log.contains(&format!("lazy phase of process {} failed", w.pid)),
+        "the destination gave up: {log}"
+    );
+    reap_source(&mut procs, w.pid);
+    assert_eq!(comm_on_b(&h, w.pid).as_deref(), Some("wl-lazy"));
+    let tick = w.out.last_tick().expect("ticks");
+    w.out.wait_tick_above(tick + 2);
+    verify_lazy(&h, &w, &ready, true);
+    assert!(
+        alive(agent.agent),
+        "the dest-agent died; log:\n{}",
+        agent.log()
+    );
+}
+
+/// The link stays down longer than the destination waits for a page
+/// (`--lazy-timeout 4`, an outage of 14 s): the destination stops the
+/// process; `migrate` reconnects once the link is back, is refused (no lazy
+/// phase of that process is going on there any more) and fails at once,
+/// saying the process is lost.
+#[test]
+fn lazy_resume_is_refused_once_the_destination_gave_up() {
+    let _serial = common::setup();
+    let h = Hosts::up_as("fml", "g");
+    let mut procs = Procs::new();
+    pair(&h);
+    let agent = h.start_agent_args(
+        &mut procs,
+        "b",
+        7420,
+        &[],
+        &["--lazy-timeout", "4"],
+        "dest-b",
+    );
+    let (w, _ready) = start_lazy(&h, &mut procs, "128", "2", "wl");
+    let pid = w.pid.to_string();
+    let mut mig = h.migrate_bg(
+        "a",
+        &[
+            "--to",
+            ADDR_B,
+            &pid,
+            "--max-passes",
+            "0",
+            "--lazy",
+            "--lazy-rate",
+            "10",
+            "--lazy-timeout",
+            "60",
+            "--json",
+        ],
+        "mig",
+    );
+    wait_running_on_b(&h, &w, &mut mig, &agent);
+    h.run(&["exec-a", "ip", "link", "set", "veth-a", "down"])
+        .assert_ok();
+    std::thread::sleep(Duration::from_secs(14));
+    h.run(&["exec-a", "ip", "link", "set", "veth-a", "up"])
+        .assert_ok();
+    // Refused at the first attempt after the link is back, well before
+    // its own 60 s.
+    let r = mig.wait(Duration::from_secs(30));
+    assert!(!r.status.success(), "migrate succeeded: {r:?}");
+    assert!(
+        r.stderr.contains("refused to resume")
+            && r.stderr.contains(&format!(
+                "no lazy migration of process {} is going on here",
+                w.pid
+            ))
+            && r.stderr.contains("lost on both hosts"),
+        "migrate stderr:\n{}\ndest-agent log:\n{}",
+        r.stderr,
+        agent.log()
+    );
+    reap_source(&mut procs, w.pid);
+    assert!(!h.exists_on_b(w.pid), "the process still runs on B");
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("stopped process {}", w.pid)),
+        "dest-agent log:\n{log}"
+    );
+    assert!(alive(agent.agent), "the dest-agent died; log:\n{log}");
+}
+
+/// The dest-agent dies in the middle of the lazy phase: its userfaultfds
+/// close with it, so the process would run on with zero pages where its
+/// memory should be. The lazy guard stops it instead; `migrate` fails
+/// saying the process is lost, and the frozen source copy is gone too.
+#[test]
+fn lazy_agent_killed_stops_the_process_on_b() {
+    let _serial = common::setup();
+    let h = Hosts::up_as("fml", "g");
+    let mut procs = Procs::new();
+    pair(&h);
+    let agent = h.start_agent_args(&mut procs, "b", 7420, &[], &[], "dest-b");
+    let (w, _ready) = start_lazy(&h, &mut procs, "256", "2", "wl");
+    let pid = w.pid.to_string();
+    let mut mig = h.migrate_bg(
+        "a",
+        &[
+            "--to",
+            ADDR_B,
+            &pid,
+            "--max-passes",
+            "0",
+            "--lazy",
+            "--lazy-rate",
+            "5",
+            "--lazy-timeout",
+            "3",
+            "--json",
+        ],
+        "mig",
+    );
+    wait_running_on_b(&h, &w, &mut mig, &agent);
+    agent.kill(&mut procs);
+    let start = Instant::now();
+    while h.exists_on_b(w.pid) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "process {} still runs on B 10 s after its agent died",
+            w.pid
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = mig.wait(MIGRATE_TIMEOUT);
+    assert!(!r.status.success(), "migrate succeeded: {r:?}");
+    assert!(
+        r.stderr.contains("error: the lazy phase failed")
+            && r.stderr.contains("lost on both hosts"),
+        "migrate's error: {}",
+        r.stderr
+    );
+    reap_source(&mut procs, w.pid);
+}

@@ -599,6 +599,23 @@ impl OwedMap {
     pub fn owed_ranges(&self) -> Vec<(u64, u64)> {
         self.bit_ranges(true)
     }
+
+    /// *Source* ranges `(start, end)` of owed pages, sorted by source
+    /// address, touching ones merged: what the source must still send for
+    /// this address space (a resumed lazy phase tells it).
+    pub fn owed_src_ranges(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for &i in &self.by_src {
+            let r = &self.regions[i];
+            if r.owed == 0 {
+                continue;
+            }
+            runs(&r.bits, 0, r.pages, true, |s, e| {
+                push_range(&mut out, r.src + s * PAGE, r.src + e * PAGE);
+            });
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -970,6 +987,14 @@ mod tests {
         // One pass over the window (every model page lies inside it) gives
         // the expected lookups and ranges.
         let (mut want_owed, mut want_arrived, mut want_regions) = (vec![], vec![], vec![]);
+        // Source addresses of owed pages, in source order.
+        let mut owed_src: Vec<u64> = model.values().filter(|v| v.1).map(|v| v.0).collect();
+        owed_src.sort_unstable();
+        let mut want_src = vec![];
+        for s in owed_src {
+            push_range(&mut want_src, s, s + PAGE);
+        }
+        assert_eq!(m.owed_src_ranges(), want_src, "{ctx}: owed source ranges");
         let mut inside = 0;
         for p in 0..WIN + 4 {
             let d = a(p);

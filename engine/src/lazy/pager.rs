@@ -197,6 +197,40 @@ impl Pager {
             .all(|s| s.dead || s.owed.remaining() == 0)
     }
 
+    /// The pages some live address space still lacks, by *source* address:
+    /// `(addr, pages)`, sorted, touching ranges merged (the union over the
+    /// process and the children it forked). Pages the kernel refused for
+    /// now are still owed in their map, so they are included.
+    pub fn owed_sources(&self) -> Vec<(u64, u64)> {
+        let mut all: Vec<(u64, u64)> = self
+            .spaces
+            .iter()
+            .filter(|s| !s.dead)
+            .flat_map(|s| s.owed.owed_src_ranges())
+            .collect();
+        all.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+        for (s, e) in all {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        merged
+            .into_iter()
+            .map(|(s, e)| (s, (e - s) / PAGE_SIZE))
+            .collect()
+    }
+
+    /// Source pages requested and not arrived yet, sorted (a resumed lazy
+    /// phase asks for them again: the requests went out on a lost
+    /// connection).
+    pub fn outstanding_requests(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.requested.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// When the oldest unanswered request was sent.
     pub fn oldest_request(&self) -> Option<Instant> {
         self.requested.values().min().copied()

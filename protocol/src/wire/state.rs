@@ -27,8 +27,12 @@ pub enum Phase {
     /// `Switchover` received; the destination restores and answers `Running`
     /// or `Failed`.
     Restoring,
-    /// `Running` sent for a lazy migration; pages are still being fetched
-    /// (`PageRequest` out, `LazyPages` in) until `LazyComplete` is sent.
+    /// `LazyResume` received on a new connection; the destination answers
+    /// `LazyResumed` (the lazy phase goes on here) or `Refuse`.
+    Resuming,
+    /// `Running` sent for a lazy migration (or `LazyResumed` on a new
+    /// connection); pages are still being fetched (`PageRequest` out,
+    /// `LazyPages` in) until `LazyComplete` is sent.
     Lazy,
     /// `Running` (or, in a lazy migration, `LazyComplete`) sent; waiting for
     /// `Done`.
@@ -192,6 +196,17 @@ impl DestState {
                 self.pid = Some(*pid);
                 Phase::Checking
             }
+            (Phase::AwaitPrepare, ControlMsg::LazyResume { pid }) => {
+                let minor = self.version.map_or(0, |v| v.minor);
+                if minor < LAZY_MINOR {
+                    return Err(WireError::Invalid(format!(
+                        "LazyResume needs protocol minor version {LAZY_MINOR}, but {WIRE_MAJOR}.{minor} was negotiated"
+                    )));
+                }
+                self.pid = Some(*pid);
+                self.lazy = true;
+                Phase::Resuming
+            }
             (Phase::PreCopy, ControlMsg::PassStart { pass, .. }) if !self.lazy => {
                 let expected = self.passes.len() as u32;
                 if *pass != expected {
@@ -281,7 +296,10 @@ impl DestState {
         let kind = msg.kind();
         let next = match (self.phase, msg) {
             (Phase::Greeted, ControlMsg::HelloAck { .. }) => Phase::AwaitPrepare,
-            (Phase::Greeted | Phase::Checking, ControlMsg::Refuse { .. }) => Phase::Closed,
+            (Phase::Greeted | Phase::Checking | Phase::Resuming, ControlMsg::Refuse { .. }) => {
+                Phase::Closed
+            }
+            (Phase::Resuming, ControlMsg::LazyResumed { .. }) => Phase::Lazy,
             (Phase::Checking, ControlMsg::Ready) => Phase::PreCopy,
             (Phase::Restoring, ControlMsg::Running { pid, .. }) => {
                 if !self.all_passes_complete() {

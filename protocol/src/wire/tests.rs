@@ -81,6 +81,8 @@ fn every_message() -> Vec<ControlMsg> {
         lazy_plan(),
         page_request(),
         lazy_complete(),
+        lazy_resume(),
+        lazy_resumed(),
     ]
 }
 
@@ -120,6 +122,16 @@ fn lazy_complete() -> ControlMsg {
     }
 }
 
+fn lazy_resume() -> ControlMsg {
+    ControlMsg::LazyResume { pid: 4242 }
+}
+
+fn lazy_resumed() -> ControlMsg {
+    ControlMsg::LazyResumed {
+        owed: vec![span(0x60_1000, 3), span(0x61_0000, 2)],
+    }
+}
+
 fn frame_of(bytes: &[u8]) -> Result<Frame, WireError> {
     let (f, rest) = decode_frame(bytes, MAX_CONTROL_FRAME)?;
     assert!(rest.is_empty());
@@ -141,7 +153,7 @@ fn fix_checksum(bytes: &mut [u8]) {
 #[test]
 fn every_message_round_trips() {
     let kinds: HashSet<MsgKind> = every_message().iter().map(ControlMsg::kind).collect();
-    assert_eq!(kinds.len(), 15, "one sample per control kind");
+    assert_eq!(kinds.len(), 17, "one sample per control kind");
     assert_eq!(
         kinds.len(),
         MsgKind::ALL.iter().filter(|k| k.is_control()).count()
@@ -169,6 +181,8 @@ fn kind_bytes_are_stable_and_zero_is_invalid() {
     assert_eq!(MsgKind::LazyPlan as u8, 13);
     assert_eq!(MsgKind::PageRequest as u8, 14);
     assert_eq!(MsgKind::LazyComplete as u8, 15);
+    assert_eq!(MsgKind::LazyResume as u8, 16);
+    assert_eq!(MsgKind::LazyResumed as u8, 17);
     assert_eq!(MsgKind::Pages as u8, 32);
     assert_eq!(MsgKind::LazyPages as u8, 33);
     assert!(MsgKind::ALL.windows(2).all(|w| (w[0] as u8) < (w[1] as u8)));
@@ -271,7 +285,7 @@ fn newer_minor_is_negotiated_down() {
 
 #[test]
 fn unknown_kind_is_refused() {
-    for k in [0u8, 16, 31, 34, 255] {
+    for k in [0u8, 18, 31, 34, 255] {
         let mut bytes = encode_control(&ControlMsg::Done).unwrap();
         bytes[3] = k;
         assert!(
@@ -1558,4 +1572,159 @@ fn either_side_may_abort_the_lazy_phase() {
     st.sent(&lazy_complete()).unwrap();
     assert!(unexpected(st.clone().accept(&abort)));
     assert!(unexpected(st.sent(&abort)));
+}
+
+// ---- resuming the lazy phase on a new connection ----
+
+/// A destination state of a new connection after Hello/HelloAck.
+fn greeted_minor(minor: u16) -> DestState {
+    let mut st = DestState::new();
+    st.accept(&hello_minor(minor)).unwrap();
+    st.sent(&ack()).unwrap();
+    st
+}
+
+#[test]
+fn resume_messages_round_trip() {
+    for msg in [
+        lazy_resume(),
+        ControlMsg::LazyResume { pid: PID_MAX_LIMIT },
+        lazy_resumed(),
+        ControlMsg::LazyResumed { owed: vec![] },
+        ControlMsg::LazyResumed { owed: owed() },
+    ] {
+        let bytes = encode_control(&msg).unwrap();
+        assert_eq!(bytes[3], msg.kind() as u8);
+        assert!(bytes.len() - HEADER_LEN <= msg.kind().max_payload() as usize);
+        assert_eq!(decode_bytes(&bytes).unwrap(), msg);
+        assert_eq!(read_control(&mut &bytes[..]).unwrap(), msg);
+    }
+    // The payload is the fields in declaration order, nothing else.
+    assert_eq!(
+        lazy_resume().payload().unwrap(),
+        postcard::to_stdvec(&4242i32).unwrap()
+    );
+    assert_eq!(
+        lazy_resumed().payload().unwrap(),
+        postcard::to_stdvec(&vec![span(0x60_1000, 3), span(0x61_0000, 2)]).unwrap()
+    );
+    // A LazyResume too long for its kind is refused from the header.
+    assert_eq!(MsgKind::LazyResume.max_payload(), 16);
+    let mut r = Endless {
+        header: header_with_len(MsgKind::LazyResume, 17),
+        pos: 0,
+    };
+    assert!(matches!(
+        read_frame(&mut r, MAX_CONTROL_FRAME),
+        Err(WireError::TooLarge { .. })
+    ));
+    assert_eq!(r.pos, HEADER_LEN as u64);
+    assert_eq!(MsgKind::LazyResumed.max_payload(), MAX_CONTROL_FRAME);
+}
+
+#[test]
+fn resume_rules() {
+    for pid in [0, -1, PID_MAX_LIMIT + 1, i32::MIN] {
+        let e = refused(ControlMsg::LazyResume { pid });
+        assert!(e.contains("LazyResume: pid"), "{e}");
+    }
+    let resumed = |owed: Vec<PageSpan>| ControlMsg::LazyResumed { owed };
+    let e = refused(resumed(vec![span(0x60_0800, 1)]));
+    assert!(
+        e.contains("LazyResumed: span #0") && e.contains("page aligned"),
+        "{e}"
+    );
+    let e = refused(resumed(vec![span(0x60_0000, 0)]));
+    assert!(e.contains("LazyResumed") && e.contains("no pages"), "{e}");
+    let e = refused(resumed(vec![span(0x60_4000, 1), span(0x60_0000, 1)]));
+    assert!(e.contains("LazyResumed") && e.contains("sorted"), "{e}");
+    let e = refused(resumed(vec![span(0x60_0000, 4), span(0x60_3000, 1)]));
+    assert!(e.contains("overlap"), "{e}");
+    let e = refused(resumed(vec![span(!0xfff, 2)]));
+    assert!(e.contains("end of the address space"), "{e}");
+    // Touching spans are fine.
+    encode_control(&resumed(vec![span(0x60_0000, 4), span(0x60_4000, 1)])).unwrap();
+}
+
+#[test]
+fn a_resumed_lazy_phase_is_legal() {
+    let mut st = greeted_minor(1);
+    st.accept(&lazy_resume()).unwrap();
+    assert_eq!(st.phase(), Phase::Resuming);
+    assert_eq!(st.pid(), Some(4242));
+    assert!(st.is_lazy());
+    // Nothing else may come or go before the answer.
+    assert!(unexpected(st.clone().accept(&pass_start(0))));
+    assert!(unexpected(st.clone().accept(&lazy_resume())));
+    assert!(unexpected(st.clone().accept(&ControlMsg::Done)));
+    assert!(unexpected(st.clone().sent(&page_request())));
+    assert!(unexpected(st.clone().sent(&lazy_complete())));
+    assert!(unexpected(st.clone().sent(&ControlMsg::Ready)));
+    assert!(unexpected(st.clone().sent(&running())));
+    assert!(unexpected(st.lazy_frame()));
+    // Refused: closed.
+    let mut r = st.clone();
+    r.sent(&ControlMsg::Refuse {
+        code: RefuseCode::Other,
+        reason: "no lazy migration of PID 4242 is going on here".into(),
+    })
+    .unwrap();
+    assert_eq!(r.phase(), Phase::Closed);
+    // Accepted: the lazy phase, exactly as after Running.
+    st.sent(&lazy_resumed()).unwrap();
+    assert_eq!(st.phase(), Phase::Lazy);
+    st.lazy_frame().unwrap();
+    st.sent(&page_request()).unwrap();
+    assert!(unexpected(st.clone().sent(&lazy_resumed())), "twice");
+    assert!(unexpected(st.clone().accept(&lazy_resume())), "twice");
+    assert!(unexpected(st.clone().accept(&ControlMsg::Done)));
+    let mut a = st.clone();
+    a.accept(&ControlMsg::Abort {
+        reason: "source lost".into(),
+    })
+    .unwrap();
+    assert_eq!(a.phase(), Phase::Closed);
+    st.sent(&lazy_complete()).unwrap();
+    assert_eq!(st.phase(), Phase::Running);
+    st.lazy_frame().unwrap(); // late duplicates
+    st.accept(&ControlMsg::Done).unwrap();
+    assert_eq!(st.phase(), Phase::Closed);
+}
+
+#[test]
+fn resume_is_legal_only_instead_of_prepare_with_minor_1() {
+    // Before HelloAck, or first of all.
+    let mut st = DestState::new();
+    assert!(unexpected(st.clone().accept(&lazy_resume())));
+    st.accept(&hello_minor(1)).unwrap();
+    assert!(unexpected(st.clone().accept(&lazy_resume())));
+    // Minor 0 negotiated: refused, naming the version.
+    match greeted_minor(0).accept(&lazy_resume()) {
+        Err(WireError::Invalid(e)) => assert!(e.contains("minor version 1"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // After Prepare, in pre-copy, in the lazy phase of the same connection.
+    let mut st = ready_state_minor(1);
+    assert!(unexpected(st.clone().accept(&lazy_resume())));
+    st.accept(&pass_start(0)).unwrap();
+    assert!(unexpected(st.clone().accept(&lazy_resume())));
+    let mut st = lazy_precopy();
+    st.accept(&switchover()).unwrap();
+    assert!(unexpected(st.clone().accept(&lazy_resume())));
+    st.sent(&running()).unwrap();
+    assert!(unexpected(st.clone().accept(&lazy_resume())));
+    assert!(
+        unexpected(st.clone().sent(&lazy_resumed())),
+        "LazyResumed without LazyResume"
+    );
+    // Only the source sends LazyResume, only the destination LazyResumed.
+    let mut st = greeted_minor(1);
+    assert!(unexpected(st.clone().sent(&lazy_resume())));
+    assert!(unexpected(st.clone().accept(&lazy_resumed())));
+    st.accept(&lazy_resume()).unwrap();
+    assert!(unexpected(st.clone().accept(&lazy_resumed())));
+    // The source may give up while resuming.
+    st.accept(&ControlMsg::Abort { reason: "x".into() })
+        .unwrap();
+    assert_eq!(st.phase(), Phase::Closed);
 }
