@@ -53,11 +53,21 @@ pub fn create_in(inj: &mut Injector, pid: i32) -> Result<OwnedFd> {
 /// Handshake ([`FEATURES`]) and register `ranges` (`(start, end)`, page
 /// aligned) for missing-page faults; returns the fd, ready to serve.
 pub fn arm(pid: i32, fd: OwnedFd, ranges: &[(u64, u64)]) -> Result<userfaultfd::Uffd> {
+    arm_with(pid, fd, ranges, FEATURES)
+}
+
+/// [`arm`] with these userfaultfd `features`.
+fn arm_with(
+    pid: i32,
+    fd: OwnedFd,
+    ranges: &[(u64, u64)],
+    features: u64,
+) -> Result<userfaultfd::Uffd> {
     let raw = uffd_raw::Uffd::from_owned(fd);
     let info = raw
-        .api(FEATURES)
+        .api(features)
         .map_err(|e| Error::io(format!("UFFDIO_API on the userfaultfd of {pid}"), e))?;
-    if info.features & FEATURES != FEATURES {
+    if info.features & features != features {
         return Err(Error::Unsupported {
             pid,
             what: "lazy pages: userfaultfd without fork/remap/remove/unmap events".into(),
@@ -127,7 +137,13 @@ pub fn probe() -> std::result::Result<String, String> {
         .map_err(|e| format!("userfaultfd: {e}"))?
         .into_owned();
     let (start, end) = (map.addr(), map.addr() + map.len());
-    let uffd = arm(std::process::id() as i32, fd, &[(start, end)]).map_err(|e| e.to_string())?;
+    // Without the fork event: with it, a fork by any other thread of this
+    // process would wait until this probe reads the event (and a fork
+    // holding a lock this thread needs would never end). The features
+    // themselves were checked above.
+    let features = FEATURES & !UFFD_FEATURE_EVENT_FORK;
+    let uffd = arm_with(std::process::id() as i32, fd, &[(start, end)], features)
+        .map_err(|e| e.to_string())?;
     let reader = std::thread::spawn(move || {
         // SAFETY: the page belongs to `map`, alive until the join below;
         // this read faults and waits for the copy.
