@@ -5,7 +5,8 @@
 //! ```text
 //!  freeze ─ tracker on ─ thaw
 //!  pass 0: PassStart(layout) Batch.. PassEnd      (process running)
-//!  pass n: PassStart(layout) Batch.. PassEnd      (written pages only)
+//!  pass n: PassStart(layout) Batch.. PassEnd      (written pages, and areas
+//!          the new layout remaps on the destination, whole: pass_ranges)
 //!  … until Policy::decide says switch …
 //!  freeze ─ capture state ─ last written pages ─ tracker off
 //!  pass N: PassStart Batch.. PassEnd, Frozen(image)
@@ -21,6 +22,7 @@ use crate::precopy::{DedupSink, PageHashes, PassStats, Policy, SwitchReason};
 use ferry_engine::dump::{memory, Captured, PageSink};
 use ferry_engine::freeze::Frozen;
 use ferry_engine::lazy;
+use ferry_engine::restore::memory::remapped;
 use ferry_engine::track::{self, DirtyTracker, PageRange};
 use ferry_protocol::model::{ProcessImage, Vma};
 use ferry_protocol::packer::{PackError, PagePacker};
@@ -173,6 +175,51 @@ fn send_pass(
     Ok(end)
 }
 
+/// What the next pass, in layout `vmas`, must send: `dirty` (the pages
+/// the tracker found written since the previous pass; `None` for pass 0
+/// and stop-and-copy: everything) plus, whole, every private area the
+/// destination maps afresh for this pass because it is not exactly as in
+/// `layout`, the previous pass's layout ([`remapped`]).
+///
+/// The tracker does not report such an area when its pages did not change
+/// here (an area split by an `munmap`/`mmap` or `mprotect` of a part, areas
+/// merged, an area moved back to where it was); and where it does report
+/// one (moved by `mremap`), [`DedupSink`] would skip every page already sent
+/// at that address, so the hashes of those areas (and of areas gone) are
+/// forgotten too. The layout in which the tracker collected `dirty` may
+/// differ from `vmas` (the process runs in between); this rule makes that
+/// harmless. An area that changed identity without changing its `Vma`
+/// (unmapped and mapped again, or moved away and back, in between) keeps
+/// its pages on the destination, but it lost its write protection, so a
+/// collect reports it whole, its empty pages as zero pages that drop what
+/// the destination has there.
+///
+/// `layout` becomes `vmas`: what the destination has mapped from now on.
+fn pass_ranges(
+    layout: &mut Vec<Vma>,
+    hashes: &mut PageHashes,
+    vmas: &[Vma],
+    dirty: Option<Vec<PageRange>>,
+) -> Option<Vec<PageRange>> {
+    let prev = std::mem::replace(layout, vmas.to_vec());
+    // Areas gone (or changed): what was sent there is gone too.
+    for v in remapped(vmas, &prev) {
+        hashes.forget_range(v.start, v.end);
+    }
+    let mut d = dirty?;
+    for v in remapped(&prev, vmas) {
+        if memory::has_private_pages(&v) {
+            hashes.forget_range(v.start, v.end);
+            d.push(PageRange {
+                start: v.start,
+                end: v.end,
+            });
+        }
+    }
+    track::normalize(&mut d);
+    Some(d)
+}
+
 /// The state of the source side between passes.
 struct Source {
     pid: i32,
@@ -183,6 +230,9 @@ struct Source {
     tracker: Option<Box<dyn DirtyTracker>>,
     /// Written pages collected but not sent yet (go into the final pass).
     carried: Vec<PageRange>,
+    /// The layout of the last pass sent (empty before pass 0): what the
+    /// destination has mapped.
+    layout: Vec<Vma>,
     pass: u32,
 }
 
@@ -203,11 +253,12 @@ impl Source {
         let mut dirty: Option<Vec<PageRange>> = None;
         loop {
             let vmas = memory::collect_vmas(self.pid)?;
+            let ranges = pass_ranges(&mut self.layout, &mut self.hashes, &vmas, dirty.take());
             let end = send_pass(
                 self.pid,
                 self.pass,
                 &vmas,
-                dirty.as_deref(),
+                ranges.as_deref(),
                 &mut self.hashes,
                 &self.tx,
                 false,
@@ -232,19 +283,22 @@ impl Source {
         }
     }
 
-    /// With the process frozen: the pages written since the last pass
-    /// (everything for stop-and-copy). The tracker stays registered: taking
-    /// write protection off costs time in proportion to the memory, so it
-    /// happens after the decision, outside the downtime (and not at all
-    /// when the process is killed).
+    /// With the process frozen: the pages written since the last pass and
+    /// the areas remapped since ([`pass_ranges`]), or everything for
+    /// stop-and-copy. The tracker stays registered: taking write protection
+    /// off costs time in proportion to the memory, so it happens after the
+    /// decision, outside the downtime (and not at all when the process is
+    /// killed).
     fn final_dirty(&mut self, vmas: &[Vma]) -> ferry_engine::Result<Option<Vec<PageRange>>> {
-        let Some(t) = self.tracker.as_mut() else {
-            return Ok(None);
+        let d = match self.tracker.as_mut() {
+            Some(t) => {
+                let mut d = std::mem::take(&mut self.carried);
+                t.collect(vmas, &mut d)?;
+                Some(d)
+            }
+            None => None,
         };
-        let mut d = std::mem::take(&mut self.carried);
-        t.collect(vmas, &mut d)?;
-        track::normalize(&mut d);
-        Ok(Some(d))
+        Ok(pass_ranges(&mut self.layout, &mut self.hashes, vmas, d))
     }
 
     fn stop_tracker(&mut self) {
@@ -275,6 +329,7 @@ pub fn run(
         history: Vec::new(),
         tracker: None,
         carried: Vec::new(),
+        layout: Vec::new(),
         pass: 0,
     };
     let reason = match src.live_passes() {
@@ -352,4 +407,95 @@ pub fn run(
         }
     };
     r.map_err(|e| format!("{d:?} of process {pid} failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_protocol::model::{VmaKind, PAGE_SIZE};
+
+    fn anon(start: u64, end: u64, prot: i32) -> Vma {
+        Vma {
+            start: start * PAGE_SIZE,
+            end: end * PAGE_SIZE,
+            prot: prot as u32,
+            flags: libc::MAP_PRIVATE as u32,
+            kind: VmaKind::Anonymous,
+            name: None,
+        }
+    }
+
+    fn range(start: u64, end: u64) -> PageRange {
+        PageRange {
+            start: start * PAGE_SIZE,
+            end: end * PAGE_SIZE,
+        }
+    }
+
+    /// Whether a page at `page` is still known as sent.
+    fn known(h: &mut PageHashes, page: u64) -> bool {
+        let zero = [0u8; PAGE_SIZE as usize];
+        let k = !h.changed(page * PAGE_SIZE, &zero);
+        if !k {
+            h.forget(page * PAGE_SIZE, 1);
+        }
+        k
+    }
+
+    /// Areas the destination maps afresh go whole into the next pass and
+    /// lose their hashes; areas kept as they were do not.
+    #[test]
+    fn remapped_areas_are_sent_again_whole() {
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let vdso = Vma {
+            kind: VmaKind::Special {
+                name: "[vdso]".into(),
+            },
+            ..anon(0x900, 0x902, libc::PROT_READ | libc::PROT_EXEC)
+        };
+        let mut layout = Vec::new();
+        let mut hashes = PageHashes::default();
+        let zero = [0u8; PAGE_SIZE as usize];
+        // Pass 0: everything; the layout is recorded.
+        let first = vec![anon(0x10, 0x20, rw), anon(0x40, 0x50, rw), vdso.clone()];
+        assert_eq!(pass_ranges(&mut layout, &mut hashes, &first, None), None);
+        assert_eq!(layout, first);
+        for p in (0x10..0x20).chain(0x40..0x50) {
+            hashes.changed(p * PAGE_SIZE, &zero);
+        }
+        // Same layout: only what the tracker found.
+        let d = pass_ranges(
+            &mut layout,
+            &mut hashes,
+            &first,
+            Some(vec![range(0x12, 0x13)]),
+        );
+        assert_eq!(d, Some(vec![range(0x12, 0x13)]));
+        assert!(known(&mut hashes, 0x12) && known(&mut hashes, 0x45));
+        // The second area is split (a part unmapped and mapped again, or
+        // made read-only): both parts are new to the destination.
+        let split = vec![
+            anon(0x10, 0x20, rw),
+            anon(0x40, 0x48, rw),
+            anon(0x48, 0x50, libc::PROT_READ),
+            vdso.clone(),
+        ];
+        let d = pass_ranges(
+            &mut layout,
+            &mut hashes,
+            &split,
+            Some(vec![range(0x11, 0x12)]),
+        );
+        assert_eq!(d, Some(vec![range(0x11, 0x12), range(0x40, 0x50)]));
+        assert!(known(&mut hashes, 0x12), "kept area keeps its hashes");
+        assert!(!known(&mut hashes, 0x41) && !known(&mut hashes, 0x4f));
+        // Back as it was: remapped again. The first area goes away.
+        hashes.changed(0x41 * PAGE_SIZE, &zero);
+        let back = vec![anon(0x40, 0x50, rw), vdso];
+        let d = pass_ranges(&mut layout, &mut hashes, &back, Some(Vec::new()));
+        assert_eq!(d, Some(vec![range(0x40, 0x50)]));
+        assert!(!known(&mut hashes, 0x41), "remapped area forgotten");
+        assert!(!known(&mut hashes, 0x12), "area gone forgotten");
+        assert_eq!(layout, back);
+    }
 }

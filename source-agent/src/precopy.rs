@@ -121,6 +121,19 @@ impl PageHashes {
             self.sent.remove(&(addr + i * PAGE_SIZE));
         }
     }
+
+    /// Forget every page in `[start, end)`: the destination mapped that
+    /// range afresh, so what was sent there before is gone (see
+    /// `ferry_engine::restore::memory::remapped`).
+    pub fn forget_range(&mut self, start: u64, end: u64) {
+        let pages = end.saturating_sub(start) / PAGE_SIZE;
+        if pages > self.sent.len() as u64 {
+            // A large range (a big reservation): one sweep of the map.
+            self.sent.retain(|a, _| !(start..end).contains(a));
+        } else {
+            self.forget(start, pages);
+        }
+    }
 }
 
 /// A [`PageSink`] in front of another that drops pages unchanged since
@@ -266,5 +279,22 @@ mod tests {
                 .expect("add");
         }
         assert_eq!(out3.0, vec![(0x1000 + 3 * PAGE_SIZE, 1)]);
+        // After the destination mapped the range afresh, unchanged pages
+        // are sent again.
+        hashes.forget_range(0x1000 + PAGE_SIZE, 0x1000 + 3 * PAGE_SIZE);
+        let mut out4 = Collect::default();
+        {
+            let mut s = DedupSink::new(&mut out4, &mut hashes);
+            s.add(0x1000, &mem).expect("add");
+            assert_eq!((s.sent, s.unchanged), (2, 4));
+        }
+        assert_eq!(out4.0, vec![(0x1000 + PAGE_SIZE, 2)]);
+        // A range larger than the map takes the other way.
+        hashes.forget_range(0, 1 << 40);
+        let mut out5 = Collect::default();
+        DedupSink::new(&mut out5, &mut hashes)
+            .add(0x1000, &mem)
+            .expect("add");
+        assert_eq!(out5.0, vec![(0x1000, 6)]);
     }
 }

@@ -266,10 +266,28 @@ impl PageFiller {
     }
 }
 
+/// The areas of layout `new` that [`relayout`] maps afresh, empty, when the
+/// address space goes from layout `old` to `new`: every area (special ones
+/// aside) that is not exactly the same — start, end, protection, flags,
+/// kind — in `old`. That includes areas whose pages did not change on the
+/// source at all: an area split in two by an `munmap`/`mmap` or `mprotect`
+/// of a part, two areas merged into one, an area moved back to where it was
+/// before. The source must therefore send these areas again in full (a
+/// dirty tracker does not report them), and must not skip a page because
+/// it sent the same bytes at that address before: the destination no
+/// longer has them.
+pub fn remapped(old: &[Vma], new: &[Vma]) -> Vec<Vma> {
+    new.iter()
+        .filter(|v| !matches!(v.kind, VmaKind::Special { .. }) && !old.contains(v))
+        .cloned()
+        .collect()
+}
+
 /// Move the address space from layout `old` to layout `new` (between
 /// pre-copy passes): areas that are not exactly the same in both are
-/// unmapped and mapped afresh (their pages are sent again in full); the
-/// others keep their pages. Special areas cannot change.
+/// unmapped and mapped afresh ([`remapped`]; the source sends their pages
+/// again in full); the others keep their pages. Special areas cannot
+/// change.
 pub fn relayout(inj: &mut Injector, old: &[Vma], new: &[Vma]) -> Result<()> {
     let special = |v: &&Vma| matches!(v.kind, VmaKind::Special { .. });
     let olds: Vec<&Vma> = old.iter().filter(special).collect();
@@ -282,12 +300,7 @@ pub fn relayout(inj: &mut Injector, old: &[Vma], new: &[Vma]) -> Result<()> {
     for v in old.iter().filter(|v| !special(v) && !new.contains(v)) {
         inj.call("munmap(area)", libc::SYS_munmap, &[v.start, v.len()])?;
     }
-    let added: Vec<Vma> = new
-        .iter()
-        .filter(|v| !special(v) && !old.contains(v))
-        .cloned()
-        .collect();
-    map_areas(inj, &added)
+    map_areas(inj, &remapped(old, new))
 }
 
 /// Give every area its final protection.

@@ -21,6 +21,7 @@ const OP_MREMAP: u64 = 7;
 const OP_USERFAULTFD: u64 = 8;
 const OP_BRK: u64 = 9;
 const OP_MMAP_DROPPABLE: u64 = 10;
+const OP_MMAP_AT: u64 = 11;
 /// `MAP_DROPPABLE` (Linux 6.11), not in the libc crate everywhere.
 const MAP_DROPPABLE: i32 = 0x08;
 
@@ -138,6 +139,14 @@ unsafe fn child_main(cmd_r: i32, ack_w: i32, file_fd: i32, own_uffd: bool) -> ! 
                     a as usize,
                     libc::PROT_READ | libc::PROT_WRITE,
                     MAP_DROPPABLE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                ) as i64,
+                OP_MMAP_AT => libc::mmap(
+                    a as *mut _,
+                    b as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
                     -1,
                     0,
                 ) as i64,
@@ -433,6 +442,63 @@ fn uffd_wp_reports_exactly_the_written_pages() {
     // The original area is still tracked exactly.
     t.write(t.anon + 7 * PAGE);
     assert_eq!(pages_in(&collect(tr, pid), t.anon, ANON_PAGES), vec![7]);
+}
+
+/// Areas that change identity in place (what `wl-lazy` does between
+/// pre-copy passes) are reported whole: a part of a registered area
+/// unmapped and mapped again at the same address, a part moved away and
+/// back with `mremap`, and a moved area that merges with a registered
+/// neighbour at its destination (the kernel drops the registration of the
+/// merged area).
+#[test]
+fn uffd_wp_reports_areas_replaced_or_moved_back() {
+    let t = Target::spawn(false);
+    let pid = t.pid;
+    // One area of 16 pages, all written, tracked from the start.
+    let w = t.mmap(16);
+    for i in 0..16 {
+        t.write(w + i * PAGE);
+    }
+    let mut tr = start_tracking(pid).expect("start tracking");
+    let tr = tr.as_mut();
+    assert!(pages_in(&collect(tr, pid), w, 16).is_empty());
+
+    // Pages 4-5 unmapped and mapped again in place: reported, once.
+    t.ok(OP_MUNMAP, w + 4 * PAGE, 2 * PAGE, 0);
+    assert_eq!(
+        t.call(OP_MMAP_AT, w + 4 * PAGE, 2 * PAGE, 0) as u64,
+        w + 4 * PAGE
+    );
+    assert_eq!(pages_in(&collect(tr, pid), w, 16), vec![4, 5]);
+    assert!(pages_in(&collect(tr, pid), w, 16).is_empty());
+
+    // Pages 12-15 moved away and straight back: reported, once.
+    let dst = t.mmap(4);
+    let moved = t.call(OP_MREMAP, w + 12 * PAGE, 4 * PAGE, dst);
+    assert_eq!(moved as u64, dst, "mremap away");
+    let back = t.call(OP_MREMAP, dst, 4 * PAGE, w + 12 * PAGE);
+    assert_eq!(back as u64, w + 12 * PAGE, "mremap back");
+    assert_eq!(pages_in(&collect(tr, pid), w, 16), vec![12, 13, 14, 15]);
+    assert!(pages_in(&collect(tr, pid), w, 16).is_empty());
+
+    // Moved away, tracked there, then moved back next to its registered
+    // neighbour (merging with it): the moved pages are reported.
+    let dst = t.mmap(4);
+    let moved = t.call(OP_MREMAP, w + 12 * PAGE, 4 * PAGE, dst);
+    assert_eq!(moved as u64, dst, "mremap away");
+    assert_eq!(pages_in(&collect(tr, pid), dst, 4), all(4));
+    assert!(pages_in(&collect(tr, pid), dst, 4).is_empty());
+    let back = t.call(OP_MREMAP, dst, 4 * PAGE, w + 12 * PAGE);
+    assert_eq!(back as u64, w + 12 * PAGE, "mremap back");
+    // (Kernel 6.18: the whole merged area, 0-15, lost its registration
+    // and is reported; what matters is that the moved pages are.)
+    let got = pages_in(&collect(tr, pid), w, 16);
+    for p in 12..16 {
+        assert!(got.contains(&p), "moved page {p} reported: {got:?}");
+    }
+    assert!(pages_in(&collect(tr, pid), w, 16).is_empty());
+    t.write(w + 13 * PAGE);
+    assert_eq!(pages_in(&collect(tr, pid), w, 16), vec![13]);
 }
 
 fn fd_table(pid: i32) -> Vec<(String, String)> {

@@ -33,7 +33,11 @@
 //! Verified by the tests (kernel 6.18): exact written pages in anonymous
 //! and private file areas (a read of a file page is not reported); new
 //! `mmap` areas, `brk` growth, `mremap` destinations and areas unmapped and
-//! mapped again are reported whole once, then exactly; unmapped areas are
+//! mapped again are reported whole once, then exactly, also when they take
+//! the place of what was there before (part of a tracked area unmapped and
+//! mapped again in place, moved away and back, or moved back next to a
+//! tracked neighbour it merges with: the merged area loses its
+//! registration and is reported whole); unmapped areas are
 //! forgotten without error; `mprotect` (whole area or part, to read-only,
 //! `PROT_NONE` and back) keeps the registration and per-page protection;
 //! `MADV_DONTNEED`ed pages are reported. Stack growth extends a registered
