@@ -234,12 +234,17 @@ struct Source {
     /// destination has mapped.
     layout: Vec<Vma>,
     pass: u32,
+    /// A lazy switchover follows the passes.
+    lazy: bool,
 }
 
 impl Source {
     /// Passes while the process runs, until the policy says switch.
     fn live_passes(&mut self) -> ferry_engine::Result<SwitchReason> {
         if let Some(r) = self.policy.decide(&[], 0) {
+            if self.lazy {
+                self.layout_pass()?;
+            }
             return Ok(r);
         }
         // Only taking the userfaultfd needs the process stopped; protecting
@@ -281,6 +286,26 @@ impl Source {
             }
             dirty = Some(d);
         }
+    }
+
+    /// Lazy at once: a pass with the layout only, while the process runs,
+    /// so that the destination builds the process (stub, areas) before the
+    /// freeze rather than during it; the frozen pass then only adjusts the
+    /// layout.
+    fn layout_pass(&mut self) -> ferry_engine::Result<()> {
+        let vmas = memory::collect_vmas(self.pid)?;
+        send_pass(
+            self.pid,
+            self.pass,
+            &vmas,
+            Some(&[]),
+            &mut self.hashes,
+            &self.tx,
+            false,
+        )?;
+        self.layout = vmas;
+        self.pass += 1;
+        Ok(())
     }
 
     /// With the process frozen: the pages written since the last pass and
@@ -331,6 +356,7 @@ pub fn run(
         carried: Vec::new(),
         layout: Vec::new(),
         pass: 0,
+        lazy,
     };
     let reason = match src.live_passes() {
         Ok(r) => r,
