@@ -10,8 +10,10 @@
 //! on serving.
 mod common;
 
-use common::hosts::{alive, pair, verify, Background, DestAgent, Hosts, ADDR_B};
-use common::{field, num, Procs, Run, Workload, MIGRATE_TIMEOUT};
+use common::hosts::{
+    alive, pair, verify, verify_line, verify_wl_lazy, Background, DestAgent, Hosts, ADDR_B,
+};
+use common::{num, Procs, Run, Workload, MIGRATE_TIMEOUT};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
@@ -83,46 +85,6 @@ fn comm_on_b(h: &Hosts, pid: i32) -> Option<String> {
     (!c.is_empty()).then(|| c.to_string())
 }
 
-/// Start `wl-lazy MIB THREADS` on A; returns it and its ready line once it
-/// ticks.
-fn start_lazy(
-    h: &Hosts,
-    procs: &mut Procs,
-    mib: &str,
-    threads: &str,
-    name: &str,
-) -> (Workload, String) {
-    let cmd = h.command(&["exec-a", env!("CARGO_BIN_EXE_wl-lazy"), mib, threads]);
-    let w = procs.spawn(cmd, h.tmp(), name);
-    let (_, ready) = w.out.wait_line(0, "ready ");
-    assert_eq!(field(&ready, "pid"), Some(w.pid.to_string().as_str()));
-    assert_eq!(field(&ready, "threads"), Some(threads), "{ready}");
-    assert!(field(&ready, "checksum").is_some(), "{ready}");
-    w.out.wait_tick_above(2);
-    (w, ready)
-}
-
-/// SIGUSR1 wl-lazy (on A or B) and require `verify ok` with no mismatch,
-/// no failed child and the checksum of the ready line; returns the line.
-fn verify_lazy(h: &Hosts, w: &Workload, ready: &str, on_b: bool) -> String {
-    let from = w.out.lines().len();
-    if on_b {
-        h.exec_b(&["kill", "-USR1", &w.pid.to_string()]).assert_ok();
-    } else {
-        common::signal(w.pid, libc::SIGUSR1);
-    }
-    let (_, line) = w.out.wait_line(from, "verify ");
-    assert!(line.starts_with("verify ok"), "workload says: {line}");
-    assert_eq!(num(&line, "bad"), 0, "{line}");
-    assert_eq!(num(&line, "fork_bad"), 0, "{line}");
-    assert_eq!(
-        field(&line, "checksum"),
-        field(ready, "checksum"),
-        "checksum at the end against the one at start: {line} / {ready}"
-    );
-    line
-}
-
 /// Wait until `pid` is wl-lazy on B while A's copy is frozen, then until
 /// it ticks (A's copy being frozen, a new tick comes from B). Fails early
 /// if `migrate` exits.
@@ -167,6 +129,51 @@ fn wait_running_on_b(h: &Hosts, w: &Workload, mig: &mut Background, agent: &Dest
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A lazy migration (`--max-passes 0 --lazy`) of `wl-lazy MIB 2` running
+/// in the background, the process already running on B.
+struct LazyRun {
+    agent: DestAgent,
+    w: Workload,
+    ready: String,
+    mig: Background,
+}
+
+/// Start a dest-agent on B with `listen` arguments `agent_args`, wl-lazy
+/// MIB with two threads on A, and `migrate --to B PID --max-passes 0 --lazy
+/// MIGRATE_ARGS... --json` in the background; returns once the process runs
+/// on B.
+fn start_lazy_run(
+    h: &Hosts,
+    procs: &mut Procs,
+    mib: &str,
+    agent_args: &[&str],
+    migrate_args: &[&str],
+) -> LazyRun {
+    let agent = h.start_agent_args(procs, "b", 7420, &[], agent_args, "dest-b");
+    let (w, ready) = h.start_wl_lazy(procs, mib, "2", "wl");
+    let pid = w.pid.to_string();
+    let mut args = vec!["--to", ADDR_B, &pid, "--max-passes", "0", "--lazy"];
+    args.extend_from_slice(migrate_args);
+    args.push("--json");
+    let mut mig = h.migrate_bg("a", &args, "mig");
+    wait_running_on_b(h, &w, &mut mig, &agent);
+    LazyRun {
+        agent,
+        w,
+        ready,
+        mig,
+    }
+}
+
+/// Take the link between A and B down for `d`, then up again.
+fn link_outage(h: &Hosts, d: Duration) {
+    h.run(&["exec-a", "ip", "link", "set", "veth-a", "down"])
+        .assert_ok();
+    std::thread::sleep(d);
+    h.run(&["exec-a", "ip", "link", "set", "veth-a", "up"])
+        .assert_ok();
 }
 
 #[test]
@@ -225,7 +232,7 @@ fn lazy_faults_from_all_threads_at_once() {
     let mut procs = Procs::new();
     pair(&h);
     h.start_dest(&mut procs, "b");
-    let (w, ready) = start_lazy(&h, &mut procs, "256", "8", "wl");
+    let (w, ready) = h.start_wl_lazy(&mut procs, "256", "8", "wl");
     let pid = w.pid.to_string();
 
     // 256 MiB pushed at 100 MB/s: a lazy phase of ~2.7 s during which the
@@ -257,7 +264,7 @@ fn lazy_faults_from_all_threads_at_once() {
     assert_eq!(comm_on_b(&h, w.pid).as_deref(), Some("wl-lazy"));
     let tick = w.out.last_tick().expect("ticks");
     w.out.wait_tick_above(tick + 2);
-    let line = verify_lazy(&h, &w, &ready, true);
+    let line = verify_wl_lazy(&h, &w, &ready, true);
     assert!(num(&line, "checks") > 0, "{line}");
 }
 
@@ -268,9 +275,9 @@ fn lazy_survives_fork_mremap_munmap() {
     let mut procs = Procs::new();
     pair(&h);
     h.start_dest(&mut procs, "b");
-    let (w, ready) = start_lazy(&h, &mut procs, "128", "2", "wl");
+    let (w, ready) = h.start_wl_lazy(&mut procs, "128", "2", "wl");
     let pid = w.pid.to_string();
-    let before = verify_lazy(&h, &w, &ready, false);
+    let before = verify_wl_lazy(&h, &w, &ready, false);
 
     // Switch over at once and push at 50 MB/s: a lazy phase of ~2.7 s in
     // which the workload forks, moves, unmaps and drops memory that is
@@ -300,7 +307,7 @@ fn lazy_survives_fork_mremap_munmap() {
     // A few more ticks: every kind of event happens again on B.
     let tick = w.out.last_tick().expect("ticks");
     w.out.wait_tick_above(tick + 8);
-    let after = verify_lazy(&h, &w, &ready, true);
+    let after = verify_wl_lazy(&h, &w, &ready, true);
     for key in ["forks", "remaps", "unmaps", "drops", "checks"] {
         assert!(
             num(&after, key) > num(&before, key),
@@ -315,35 +322,20 @@ fn lazy_source_killed_stops_the_process_on_b() {
     let h = Hosts::up_as("fml", "d");
     let mut procs = Procs::new();
     pair(&h);
-    let agent = h.start_agent_args(
-        &mut procs,
-        "b",
-        7420,
-        &[],
-        &["--lazy-timeout", "3"],
-        "dest-b",
-    );
-    let (w, _ready) = start_lazy(&h, &mut procs, "256", "2", "wl");
-    let pid = w.pid.to_string();
-
     // 5 MB/s: the lazy phase would last ~50 s; kill `migrate` (and with it
     // the source of the pages) once the process runs on B.
-    let mut mig = h.migrate_bg(
-        "a",
-        &[
-            "--to",
-            ADDR_B,
-            &pid,
-            "--max-passes",
-            "0",
-            "--lazy",
-            "--lazy-rate",
-            "5",
-            "--json",
-        ],
-        "mig",
+    let LazyRun {
+        agent,
+        w,
+        ready: _,
+        mut mig,
+    } = start_lazy_run(
+        &h,
+        &mut procs,
+        "256",
+        &["--lazy-timeout", "3"],
+        &["--lazy-rate", "5"],
     );
-    wait_running_on_b(&h, &w, &mut mig, &agent);
     assert!(
         mig.running(),
         "`migrate` finished the lazy phase too early: {}",
@@ -405,38 +397,20 @@ fn lazy_survives_a_short_link_outage() {
     let h = Hosts::up_as("fml", "e");
     let mut procs = Procs::new();
     pair(&h);
-    let agent = h.start_agent_args(
-        &mut procs,
-        "b",
-        7420,
-        &[],
-        &["--lazy-timeout", "20"],
-        "dest-b",
-    );
-    let (w, ready) = start_lazy(&h, &mut procs, "128", "2", "wl");
-    let pid = w.pid.to_string();
     // 128 MiB at 20 MB/s: a lazy phase of ~6.7 s.
-    let mut mig = h.migrate_bg(
-        "a",
-        &[
-            "--to",
-            ADDR_B,
-            &pid,
-            "--max-passes",
-            "0",
-            "--lazy",
-            "--lazy-rate",
-            "20",
-            "--json",
-        ],
-        "mig",
+    let LazyRun {
+        agent,
+        w,
+        ready,
+        mut mig,
+    } = start_lazy_run(
+        &h,
+        &mut procs,
+        "128",
+        &["--lazy-timeout", "20"],
+        &["--lazy-rate", "20"],
     );
-    wait_running_on_b(&h, &w, &mut mig, &agent);
-    h.run(&["exec-a", "ip", "link", "set", "veth-a", "down"])
-        .assert_ok();
-    std::thread::sleep(Duration::from_secs(3));
-    h.run(&["exec-a", "ip", "link", "set", "veth-a", "up"])
-        .assert_ok();
+    link_outage(&h, Duration::from_secs(3));
     assert!(
         mig.running(),
         "`migrate` gave up during a 3 s outage: {}\ndest-agent log:\n{}",
@@ -455,7 +429,7 @@ fn lazy_survives_a_short_link_outage() {
     reap_source(&mut procs, w.pid);
     let tick = w.out.last_tick().expect("ticks");
     w.out.wait_tick_above(tick + 2);
-    verify_lazy(&h, &w, &ready, true);
+    verify_wl_lazy(&h, &w, &ready, true);
     assert!(
         !agent.log().contains("lazy phase of process"),
         "the destination gave up: {}",
@@ -474,40 +448,20 @@ fn lazy_reconnects_after_a_long_outage() {
     let h = Hosts::up_as("fml", "f");
     let mut procs = Procs::new();
     pair(&h);
-    let agent = h.start_agent_args(
-        &mut procs,
-        "b",
-        7420,
-        &[],
-        &["--lazy-timeout", "40"],
-        "dest-b",
-    );
-    let (w, ready) = start_lazy(&h, &mut procs, "128", "2", "wl");
-    let pid = w.pid.to_string();
     // 128 MiB at 20 MB/s: a lazy phase of ~6.7 s, interrupted for 14 s.
-    let mut mig = h.migrate_bg(
-        "a",
-        &[
-            "--to",
-            ADDR_B,
-            &pid,
-            "--max-passes",
-            "0",
-            "--lazy",
-            "--lazy-rate",
-            "20",
-            "--lazy-timeout",
-            "40",
-            "--json",
-        ],
-        "mig",
+    let LazyRun {
+        agent,
+        w,
+        ready,
+        mut mig,
+    } = start_lazy_run(
+        &h,
+        &mut procs,
+        "128",
+        &["--lazy-timeout", "40"],
+        &["--lazy-rate", "20", "--lazy-timeout", "40"],
     );
-    wait_running_on_b(&h, &w, &mut mig, &agent);
-    h.run(&["exec-a", "ip", "link", "set", "veth-a", "down"])
-        .assert_ok();
-    std::thread::sleep(Duration::from_secs(14));
-    h.run(&["exec-a", "ip", "link", "set", "veth-a", "up"])
-        .assert_ok();
+    link_outage(&h, Duration::from_secs(14));
     assert!(
         mig.running(),
         "`migrate` gave up during a 14 s outage: {}\ndest-agent log:\n{}",
@@ -540,7 +494,7 @@ fn lazy_reconnects_after_a_long_outage() {
     assert_eq!(comm_on_b(&h, w.pid).as_deref(), Some("wl-lazy"));
     let tick = w.out.last_tick().expect("ticks");
     w.out.wait_tick_above(tick + 2);
-    verify_lazy(&h, &w, &ready, true);
+    verify_wl_lazy(&h, &w, &ready, true);
     assert!(
         alive(agent.agent),
         "the dest-agent died; log:\n{}",
@@ -559,39 +513,19 @@ fn lazy_resume_is_refused_once_the_destination_gave_up() {
     let h = Hosts::up_as("fml", "g");
     let mut procs = Procs::new();
     pair(&h);
-    let agent = h.start_agent_args(
+    let LazyRun {
+        agent,
+        w,
+        ready: _,
+        mig,
+    } = start_lazy_run(
+        &h,
         &mut procs,
-        "b",
-        7420,
-        &[],
+        "128",
         &["--lazy-timeout", "4"],
-        "dest-b",
+        &["--lazy-rate", "10", "--lazy-timeout", "60"],
     );
-    let (w, _ready) = start_lazy(&h, &mut procs, "128", "2", "wl");
-    let pid = w.pid.to_string();
-    let mut mig = h.migrate_bg(
-        "a",
-        &[
-            "--to",
-            ADDR_B,
-            &pid,
-            "--max-passes",
-            "0",
-            "--lazy",
-            "--lazy-rate",
-            "10",
-            "--lazy-timeout",
-            "60",
-            "--json",
-        ],
-        "mig",
-    );
-    wait_running_on_b(&h, &w, &mut mig, &agent);
-    h.run(&["exec-a", "ip", "link", "set", "veth-a", "down"])
-        .assert_ok();
-    std::thread::sleep(Duration::from_secs(14));
-    h.run(&["exec-a", "ip", "link", "set", "veth-a", "up"])
-        .assert_ok();
+    link_outage(&h, Duration::from_secs(14));
     // Refused at the first attempt after the link is back, well before
     // its own 60 s.
     let r = mig.wait(Duration::from_secs(30));
@@ -624,30 +558,21 @@ fn lazy_resume_is_refused_once_the_destination_gave_up() {
 #[test]
 fn lazy_agent_killed_stops_the_process_on_b() {
     let _serial = common::setup();
-    let h = Hosts::up_as("fml", "g");
+    let h = Hosts::up_as("fml", "i");
     let mut procs = Procs::new();
     pair(&h);
-    let agent = h.start_agent_args(&mut procs, "b", 7420, &[], &[], "dest-b");
-    let (w, _ready) = start_lazy(&h, &mut procs, "256", "2", "wl");
-    let pid = w.pid.to_string();
-    let mut mig = h.migrate_bg(
-        "a",
-        &[
-            "--to",
-            ADDR_B,
-            &pid,
-            "--max-passes",
-            "0",
-            "--lazy",
-            "--lazy-rate",
-            "5",
-            "--lazy-timeout",
-            "3",
-            "--json",
-        ],
-        "mig",
+    let LazyRun {
+        agent,
+        w,
+        ready: _,
+        mig,
+    } = start_lazy_run(
+        &h,
+        &mut procs,
+        "256",
+        &[],
+        &["--lazy-rate", "5", "--lazy-timeout", "3"],
     );
-    wait_running_on_b(&h, &w, &mut mig, &agent);
     agent.kill(&mut procs);
     let start = Instant::now();
     while h.exists_on_b(w.pid) {
@@ -680,11 +605,7 @@ fn lazy_after_precopy_never_serves_a_stale_page() {
     let mut procs = Procs::new();
     pair(&h);
     h.start_dest(&mut procs, "b");
-    let cmd = h.command(&["exec-a", env!("CARGO_BIN_EXE_wl-dirty"), "64", "20"]);
-    let w = procs.spawn(cmd, h.tmp(), "wl");
-    let (_, ready) = w.out.wait_line(0, "ready ");
-    assert_eq!(field(&ready, "pid"), Some(w.pid.to_string().as_str()));
-    w.out.wait_tick_above(2);
+    let w = h.start_dirty(&mut procs, "64", "20", "wl");
     let pid = w.pid.to_string();
     let r = migrate_slow(
         &h,
@@ -715,8 +636,5 @@ fn lazy_after_precopy_never_serves_a_stale_page() {
     reap_source(&mut procs, w.pid);
     let tick = w.out.last_tick().expect("ticks");
     w.out.wait_tick_above(tick + 2);
-    let from = w.out.lines().len();
-    h.exec_b(&["kill", "-USR1", &pid]).assert_ok();
-    let (_, line) = w.out.wait_line(from, "verify ");
-    assert!(line.starts_with("verify ok"), "workload says: {line}");
+    verify_line(&h, &w, true);
 }

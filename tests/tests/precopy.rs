@@ -4,33 +4,9 @@
 //! wrote there. An aborted pre-copy leaves no trace in the process.
 mod common;
 
-use common::hosts::{pair, Hosts};
-use common::{field, Procs, Workload};
+use common::hosts::{pair, verify_line, Hosts};
+use common::{field, Procs};
 use std::time::Duration;
-
-/// Start `wl-dirty MIB RATE` on A; returns it once it ticks.
-fn start_dirty(h: &Hosts, procs: &mut Procs, mib: &str, rate: &str, name: &str) -> Workload {
-    let cmd = h.command(&["exec-a", env!("CARGO_BIN_EXE_wl-dirty"), mib, rate]);
-    let w = procs.spawn(cmd, h.tmp(), name);
-    let (_, ready) = w.out.wait_line(0, "ready ");
-    assert_eq!(field(&ready, "pid"), Some(w.pid.to_string().as_str()));
-    w.out.wait_tick_above(2);
-    w
-}
-
-/// SIGUSR1 the workload (on A or B) and require `verify ok`: every page
-/// holds the pattern plus the last stamp the workload wrote into it.
-fn verify_pages(h: &Hosts, w: &Workload, on_b: bool) -> String {
-    let from = w.out.lines().len();
-    if on_b {
-        h.exec_b(&["kill", "-USR1", &w.pid.to_string()]).assert_ok();
-    } else {
-        common::signal(w.pid, libc::SIGUSR1);
-    }
-    let (_, line) = w.out.wait_line(from, "verify ");
-    assert!(line.starts_with("verify ok"), "workload says: {line}");
-    line
-}
 
 #[test]
 fn precopy_moves_a_process_that_keeps_writing() {
@@ -40,8 +16,8 @@ fn precopy_moves_a_process_that_keeps_writing() {
     pair(&h);
     h.start_dest(&mut procs, "b");
     // 64 MiB, dirtying 20 MB/s; a 1 ms downtime target forces more passes.
-    let w = start_dirty(&h, &mut procs, "64", "20", "wl");
-    let before = verify_pages(&h, &w, false);
+    let w = h.start_dirty(&mut procs, "64", "20", "wl");
+    let before = verify_line(&h, &w, false);
     let pid = w.pid.to_string();
     let r = h.migrate(
         "a",
@@ -72,7 +48,7 @@ fn precopy_moves_a_process_that_keeps_writing() {
     procs.reap(w.pid).expect("reap the source copy");
     let tick = w.out.last_tick().expect("ticks");
     w.out.wait_tick_above(tick);
-    let after = verify_pages(&h, &w, true);
+    let after = verify_line(&h, &w, true);
     let writes = |l: &str| field(l, "writes").and_then(|n| n.parse::<u64>().ok());
     assert!(
         writes(&after) > writes(&before),
@@ -86,7 +62,7 @@ fn aborted_precopy_leaves_no_trace() {
     let h = Hosts::up("q");
     let mut procs = Procs::new();
     pair(&h);
-    let w = start_dirty(&h, &mut procs, "64", "20", "wl");
+    let w = h.start_dirty(&mut procs, "64", "20", "wl");
     let pid = w.pid;
     let maps = || std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
     let fds = || {
@@ -140,5 +116,5 @@ fn aborted_precopy_leaves_no_trace() {
     common::assert_running_untraced(pid);
     let tick = w.out.last_tick().expect("ticks");
     w.out.wait_tick_above(tick + 3);
-    verify_pages(&h, &w, false);
+    verify_line(&h, &w, false);
 }

@@ -309,40 +309,7 @@ impl Hosts {
         env: &[(&str, &str)],
         name: &str,
     ) -> DestAgent {
-        let bin = dest_agent_bin();
-        let listen = format!("{ADDR_B}:{port}");
-        let mut cmd = self.command(&[
-            "exec-b",
-            bin.to_str().unwrap(),
-            "--config-dir",
-            self.config(side).to_str().unwrap(),
-            "listen",
-            "--listen",
-            &listen,
-        ]);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let w = procs.spawn(cmd, self.tmp(), name);
-        super::wait_until(Duration::from_secs(10), "dest-agent listening", || {
-            std::fs::read_to_string(&w.out.err_path)
-                .ok()?
-                .contains("listening on")
-                .then_some(())
-        });
-        // nsenter (w.pid) forked setpriv, which exec'd dest-agent.
-        let agent = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", w.pid))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<i32>().ok())
-            .unwrap_or_else(|| panic!("nsenter {} has no child", w.pid));
-        let exe = std::fs::read_link(format!("/proc/{agent}/exe")).unwrap_or_default();
-        assert!(
-            exe.ends_with("dest-agent"),
-            "the child of nsenter {} is {} (pid {agent}), not dest-agent",
-            w.pid,
-            exe.display()
-        );
-        DestAgent { w, agent }
+        self.start_agent_args(procs, side, port, env, &[], name)
     }
 
     /// Start `wl-memory MIB DIR` on A. `exec-a` execs `ip netns exec`, which
@@ -436,24 +403,11 @@ pub fn pair(h: &Hosts) {
 /// SIGUSR1 `pid` (on host A with `on_b == false`, else on B) and check the
 /// workload's `verify ok` line carries the checksums of its `ready` line.
 pub fn verify(h: &Hosts, w: &Workload, ready: &str, on_b: bool) {
-    let from = w.out.lines().len();
-    if on_b {
-        h.exec_b(&["kill", "-USR1", &w.pid.to_string()]).assert_ok();
-    } else {
-        super::signal(w.pid, libc::SIGUSR1);
-    }
-    let (_, line) = w.out.wait_line(from, "verify ");
-    assert!(line.starts_with("verify ok"), "workload says: {line}");
+    let line = verify_line(h, w, on_b);
     for key in ["checksum", "heap_checksum"] {
         assert_eq!(field(&line, key), field(ready, key), "{key}: {line}");
     }
 }
-
-// ---------------------------------------------------------------------------
-// Lazy pages (tests/tests/lazy.rs): a dest-agent started with extra
-// `listen` arguments, such as `--lazy-timeout SECS`. Same as
-// `Hosts::start_agent` otherwise (which could become a call of this one
-// with no extra arguments).
 
 impl Hosts {
     /// Start `dest-agent --config-dir SIDE listen --listen 198.18.0.2:PORT
@@ -512,4 +466,65 @@ impl Hosts {
         );
         DestAgent { w, agent }
     }
+}
+
+/// SIGUSR1 the workload (on host A with `on_b == false`, else on B) and
+/// require its `verify ok` line; returns the line.
+pub fn verify_line(h: &Hosts, w: &Workload, on_b: bool) -> String {
+    let from = w.out.lines().len();
+    if on_b {
+        h.exec_b(&["kill", "-USR1", &w.pid.to_string()]).assert_ok();
+    } else {
+        super::signal(w.pid, libc::SIGUSR1);
+    }
+    let (_, line) = w.out.wait_line(from, "verify ");
+    assert!(line.starts_with("verify ok"), "workload says: {line}");
+    line
+}
+
+impl Hosts {
+    /// Start `wl-dirty MIB RATE` on A; returns it once it ticks.
+    pub fn start_dirty(&self, procs: &mut Procs, mib: &str, rate: &str, name: &str) -> Workload {
+        let cmd = self.command(&["exec-a", env!("CARGO_BIN_EXE_wl-dirty"), mib, rate]);
+        let w = procs.spawn(cmd, self.tmp(), name);
+        let (_, ready) = w.out.wait_line(0, "ready ");
+        assert_eq!(field(&ready, "pid"), Some(w.pid.to_string().as_str()));
+        w.out.wait_tick_above(2);
+        w
+    }
+
+    /// Start `wl-lazy MIB THREADS` on A; returns it and its ready line once
+    /// it ticks.
+    pub fn start_wl_lazy(
+        &self,
+        procs: &mut Procs,
+        mib: &str,
+        threads: &str,
+        name: &str,
+    ) -> (Workload, String) {
+        let cmd = self.command(&["exec-a", env!("CARGO_BIN_EXE_wl-lazy"), mib, threads]);
+        let w = procs.spawn(cmd, self.tmp(), name);
+        let (_, ready) = w.out.wait_line(0, "ready ");
+        assert_eq!(field(&ready, "pid"), Some(w.pid.to_string().as_str()));
+        assert_eq!(field(&ready, "threads"), Some(threads), "{ready}");
+        assert!(field(&ready, "checksum").is_some(), "{ready}");
+        w.out.wait_tick_above(2);
+        (w, ready)
+    }
+}
+
+/// SIGUSR1 wl-lazy (on A or B) and require `verify ok` with no mismatch,
+/// no failed child and the checksum of the ready line; returns the line.
+/// (`fork_lost`, a child forked just before the freeze that stayed on A,
+/// is not a failure.)
+pub fn verify_wl_lazy(h: &Hosts, w: &Workload, ready: &str, on_b: bool) -> String {
+    let line = verify_line(h, w, on_b);
+    assert_eq!(super::num(&line, "bad"), 0, "{line}");
+    assert_eq!(super::num(&line, "fork_bad"), 0, "{line}");
+    assert_eq!(
+        field(&line, "checksum"),
+        field(ready, "checksum"),
+        "checksum at the end against the one at start: {line} / {ready}"
+    );
+    line
 }
