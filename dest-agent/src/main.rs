@@ -255,7 +255,7 @@ async fn serve(
                     match session::handle(&shared, &conn).await {
                         Ok(session::Outcome::Finished) => {
                             tracing::info!(%peer, "connection finished");
-                            conn.close(0u32.into(), b"");
+                            session::close_with(&conn, &Ok(()));
                         }
                         Ok(session::Outcome::HandedOver) => {
                             // The session of the lazy phase it resumes owns
@@ -268,13 +268,7 @@ async fn serve(
                                 None => format!("{e:#}"),
                             };
                             tracing::error!(%peer, "connection failed: {e}");
-                            let mut reason = format!("dest-agent: {e}");
-                            let mut n = reason.len().min(512);
-                            while !reason.is_char_boundary(n) {
-                                n -= 1;
-                            }
-                            reason.truncate(n);
-                            conn.close(1u32.into(), reason.as_bytes());
+                            session::close_with(&conn, &Err(anyhow::anyhow!(e)));
                         }
                     }
                 });

@@ -592,10 +592,7 @@ pub async fn serve(
         ));
     };
     drop(cmd_tx);
-    let served = tokio::task::spawn_blocking(move || pager.join())
-        .await
-        .context("joining the lazy page thread")?
-        .map_err(|_| anyhow!("the lazy page thread panicked"))?;
+    let served = crate::remote::join_thread(pager, "the lazy page thread").await?;
     // The page thread's own failure is the reason when it stopped first.
     let stats = match (ended, served) {
         (Ok(s), _) => s,

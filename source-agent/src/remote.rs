@@ -521,10 +521,7 @@ async fn migrate_on(
     };
     let _ = dec_tx.send(decision);
     drop(ev_rx);
-    let outcome = tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .context("joining the ptrace thread")?
-        .map_err(|_| anyhow!("the ptrace thread panicked"))?;
+    let outcome = join_thread(thread, "the ptrace thread").await?;
     let s = match (streamed, outcome) {
         (Ok(s), Ok(frozen)) => {
             tracing::info!("process {pid} was frozen for {frozen:?} here");
@@ -625,6 +622,18 @@ async fn serve_lazy(
     ticker.abort();
     p.bar.disable_steady_tick();
     r
+}
+
+/// Wait for an OS thread without blocking the runtime; its result, or an
+/// error naming `what` if it panicked.
+pub(crate) async fn join_thread<T: Send + 'static>(
+    handle: std::thread::JoinHandle<T>,
+    what: &str,
+) -> Result<T> {
+    tokio::task::spawn_blocking(move || handle.join())
+        .await
+        .with_context(|| format!("joining {what}"))?
+        .map_err(|_| anyhow!("{what} panicked"))
 }
 
 /// Resident memory of `pid` (VmRSS), 0 if unknown.

@@ -135,17 +135,13 @@ pub enum Outcome {
     HandedOver,
 }
 
-/// Close `conn` the way a session that ended with `r` does.
-fn close_with(conn: &quinn::Connection, r: &Result<()>) {
+/// Close `conn` the way a session that ended with `r` does (an error's
+/// text, cut to 512 bytes, is the close reason).
+pub fn close_with(conn: &quinn::Connection, r: &Result<()>) {
     match r {
         Ok(()) => conn.close(0u32.into(), b""),
         Err(e) => {
-            let mut reason = format!("dest-agent: {e:#}");
-            let mut n = reason.len().min(512);
-            while !reason.is_char_boundary(n) {
-                n -= 1;
-            }
-            reason.truncate(n);
+            let reason = cut_to(format!("dest-agent: {e:#}"), 512);
             conn.close(1u32.into(), reason.as_bytes());
         }
     }
@@ -185,9 +181,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn cut(mut s: String) -> String {
-    if s.len() > MAX_REASON_LEN {
-        let mut n = MAX_REASON_LEN;
+fn cut(s: String) -> String {
+    cut_to(s, MAX_REASON_LEN)
+}
+
+/// `s` cut to at most `max` bytes, on a char boundary.
+fn cut_to(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut n = max;
         while !s.is_char_boundary(n) {
             n -= 1;
         }

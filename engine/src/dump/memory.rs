@@ -115,17 +115,17 @@ pub fn has_private_pages(v: &Vma) -> bool {
     matches!(v.kind, VmaKind::Anonymous | VmaKind::File(_))
 }
 
-/// Pages (addresses) of `[start, end)` inside `vma` that hold private data,
-/// per pagemap, into `keep`; with `missing`, the anonymous pages that hold
+/// Pages (addresses) of `[start, end)` that hold private data, per
+/// pagemap, into `keep` (in a private file area, `file_backed`, only
+/// copied-on-write ones); with `missing`, the anonymous pages that hold
 /// nothing (never touched, or dropped) go there.
 fn private_pages(
     pagemap: &File,
-    vma: &Vma,
+    file_backed: bool,
     (start, end): (u64, u64),
     keep: &mut Vec<u64>,
     mut missing: Option<&mut Vec<u64>>,
 ) -> Result<()> {
-    let file_backed = matches!(vma.kind, VmaKind::File(_));
     let pages = ((end - start) / PAGE_SIZE) as usize;
     let mut buf = vec![0u8; 8 * pages.min(65536)];
     let mut done = 0usize;
@@ -154,15 +154,10 @@ fn private_pages(
     Ok(())
 }
 
-/// Pages (addresses) of `[start, end)` inside `vma` that hold private data
-/// (present or swapped; in private file areas only copied-on-write ones).
-pub fn populated_pages(
-    pagemap: &File,
-    vma: &Vma,
-    span: (u64, u64),
-    out: &mut Vec<u64>,
-) -> Result<()> {
-    private_pages(pagemap, vma, span, out, None)
+/// Pages (addresses) of `[start, end)`, in anonymous memory of the process
+/// whose pagemap this is, that are present or swapped.
+pub fn populated_anon_pages(pagemap: &File, span: (u64, u64), out: &mut Vec<u64>) -> Result<()> {
+    private_pages(pagemap, false, span, out, None)
 }
 
 /// Save the private pages of every area into `sink`.
@@ -187,15 +182,16 @@ pub fn dump_pages_in(
     let mut missing = Vec::new();
     let mut buf = vec![0u8; READ_CHUNK_PAGES * PAGE_SIZE as usize];
     for vma in vmas.iter().filter(|v| has_private_pages(v)) {
+        let file_backed = matches!(vma.kind, VmaKind::File(_));
         pages.clear();
         missing.clear();
         match ranges {
-            None => private_pages(&pagemap, vma, (vma.start, vma.end), &mut pages, None)?,
+            None => private_pages(&pagemap, file_backed, (vma.start, vma.end), &mut pages, None)?,
             Some(rs) => {
                 let first = rs.partition_point(|r| r.end <= vma.start);
                 for r in rs[first..].iter().take_while(|r| r.start < vma.end) {
                     let span = (r.start.max(vma.start), r.end.min(vma.end));
-                    private_pages(&pagemap, vma, span, &mut pages, Some(&mut missing))?;
+                    private_pages(&pagemap, file_backed, span, &mut pages, Some(&mut missing))?;
                 }
             }
         }

@@ -366,11 +366,10 @@ impl Pager {
                 self.stats.zero_faults += 1;
                 self.zero_fill(i, page)
             }
-            Lookup::Arrived { src } if self.spaces[i].main => {
+            Lookup::Arrived { .. } if self.spaces[i].main => {
                 // A fault read after its page was copied (the copy woke the
                 // thread already), or a page reclaimed after MADV_FREE: a
                 // zero page is right for the latter, a no-op for the former.
-                let _ = src;
                 self.zero_fill(i, page)
             }
             Lookup::Arrived { src } => {

@@ -14,7 +14,7 @@
 //! `madvise`, and the source serves a page that was never populated as
 //! zeros), which keeps the span count small for scattered dirty sets.
 
-use crate::dump::memory::{has_private_pages, populated_pages};
+use crate::dump::memory::{has_private_pages, populated_anon_pages};
 use crate::error::{Error, Result};
 use crate::track::PageRange;
 use ferry_protocol::model::{ThreadState, Vma, VmaKind, PAGE_SIZE};
@@ -77,7 +77,7 @@ pub fn plan(
             Some(_) => wanted,
             None => {
                 let mut p = Vec::new();
-                populated_pages(&pagemap, v, (v.start, v.end), &mut p)?;
+                populated_anon_pages(&pagemap, (v.start, v.end), &mut p)?;
                 to_ranges(&p)
             }
         };

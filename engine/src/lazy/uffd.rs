@@ -18,7 +18,6 @@ use ferry_parasite::remote::Injector;
 use ferry_protocol::model::PAGE_SIZE;
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 
 /// The events a lazily restored process is followed through.
 pub const FEATURES: u64 = UFFD_FEATURE_EVENT_FORK
@@ -93,37 +92,16 @@ fn arm_with(
 pub fn check_missing(pid: i32, ranges: &[(u64, u64)]) -> Result<()> {
     let path = format!("/proc/{pid}/pagemap");
     let pagemap = File::open(&path).map_err(|e| Error::io(format!("open {path}"), e))?;
-    let mut buf = vec![0u8; 8 * 4096];
-    for &(start, end) in ranges {
-        let mut a = start;
-        while a < end {
-            let n = ((end - a) / PAGE_SIZE).min(4096) as usize;
-            let b = &mut buf[..n * 8];
-            pagemap
-                .read_exact_at(b, a / PAGE_SIZE * 8)
-                .map_err(|e| Error::io(format!("read {path} at {a:#x}"), e))?;
-            for (i, e) in b.chunks_exact(8).enumerate() {
-                let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
-                if e & (3 << 62) != 0 {
-                    return Err(Error::Incompatible(format!(
-                        "page {:#x} of process {pid} was populated before lazy pages were armed",
-                        a + i as u64 * PAGE_SIZE
-                    )));
-                }
-            }
-            a += n as u64 * PAGE_SIZE;
+    let mut populated = Vec::new();
+    for &span in ranges {
+        crate::dump::memory::populated_anon_pages(&pagemap, span, &mut populated)?;
+        if let Some(page) = populated.first() {
+            return Err(Error::Incompatible(format!(
+                "page {page:#x} of process {pid} was populated before lazy pages were armed"
+            )));
         }
     }
     Ok(())
-}
-
-/// True if the page at `addr` of `pid` is present or swapped.
-pub fn page_present(pid: i32, addr: u64) -> bool {
-    let Ok(f) = File::open(format!("/proc/{pid}/pagemap")) else {
-        return false;
-    };
-    let mut e = [0u8; 8];
-    f.read_exact_at(&mut e, addr / PAGE_SIZE * 8).is_ok() && u64::from_le_bytes(e) & (3 << 62) != 0
 }
 
 /// Serve one real missing-page fault in this process through the same
