@@ -186,7 +186,13 @@ pub fn dump_pages_in(
         pages.clear();
         missing.clear();
         match ranges {
-            None => private_pages(&pagemap, file_backed, (vma.start, vma.end), &mut pages, None)?,
+            None => private_pages(
+                &pagemap,
+                file_backed,
+                (vma.start, vma.end),
+                &mut pages,
+                None,
+            )?,
             Some(rs) => {
                 let first = rs.partition_point(|r| r.end <= vma.start);
                 for r in rs[first..].iter().take_while(|r| r.start < vma.end) {
