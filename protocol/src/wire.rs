@@ -1441,6 +1441,22 @@ pub fn read_control(r: &mut impl Read) -> Result<ControlMsg, WireError> {
     decode_control(&read_frame(r, MAX_CONTROL_FRAME)?)
 }
 
+/// Decodes `batch` with `decoder` into `out` and runs `check` on it; on a
+/// failed check `out` is left empty.
+fn decode_checked(
+    decoder: &mut BatchDecoder,
+    batch: &[u8],
+    out: &mut PageBatch,
+    check: impl FnOnce(&PageBatch) -> Result<(), WireError>,
+) -> Result<(), WireError> {
+    decoder.decode_into(batch, out).map_err(WireError::Batch)?;
+    if let Err(e) = check(out) {
+        out.clear();
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// A page frame: one encoded page batch of pass `pass`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageFrame {
@@ -1512,14 +1528,7 @@ impl PageFrame {
         vmas: &[Vma],
         out: &mut PageBatch,
     ) -> Result<(), WireError> {
-        decoder
-            .decode_into(&self.batch, out)
-            .map_err(WireError::Batch)?;
-        if let Err(e) = check_runs_within(out, vmas) {
-            out.clear();
-            return Err(e);
-        }
-        Ok(())
+        decode_checked(decoder, &self.batch, out, |b| check_runs_within(b, vmas))
     }
 }
 
@@ -1582,14 +1591,7 @@ impl LazyFrame {
         owed: &[PageSpan],
         out: &mut PageBatch,
     ) -> Result<(), WireError> {
-        decoder
-            .decode_into(&self.batch, out)
-            .map_err(WireError::Batch)?;
-        if let Err(e) = check_runs_owed(out, owed) {
-            out.clear();
-            return Err(e);
-        }
-        Ok(())
+        decode_checked(decoder, &self.batch, out, |b| check_runs_owed(b, owed))
     }
 }
 
