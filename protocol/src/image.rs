@@ -1,5 +1,6 @@
 //! The process image file (`process.img`): a versioned, checksummed container
-//! for a [`ProcessImage`].
+//! for a [`TreeImage`] (a process tree; version 1 held a single process and
+//! is refused with a clear message).
 //!
 //! # Layout
 //!
@@ -13,13 +14,13 @@
 //! |     12 |    4 | kind of payload ([`KIND_PROCESS`] for a process)    |
 //! |     16 |    8 | payload length in bytes                             |
 //! |     24 |    8 | xxh3-64 (seed 0) of the payload                     |
-//! |     32 |    n | payload: the [`ProcessImage`], postcard-encoded     |
+//! |     32 |    n | payload: the [`TreeImage`], postcard-encoded        |
 //!
 //! The file ends exactly after the payload. Reading checks, in order: the
 //! file exists, the header is complete, the magic, the version, the kind, the
 //! payload length (bounded by [`MAX_PAYLOAD`] and equal to what the file
 //! holds), the checksum, the decoding, and finally
-//! [`ProcessImage::validate`]. Each failure is a distinct [`ImageError`].
+//! [`TreeImage::validate`]. Each failure is a distinct [`ImageError`].
 //!
 //! Writing goes to a temporary file in the same directory, which is synced
 //! and renamed over [`PROCESS_FILE`], so a reader never sees a half-written
@@ -32,18 +33,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use thiserror::Error;
 
-use crate::model::ProcessImage;
+use crate::model::TreeImage;
 use crate::validate::ValidationError;
 
 /// Current (and newest readable) version of the image file format.
-pub const IMAGE_VERSION: u32 = 1;
+pub const IMAGE_VERSION: u32 = 2;
 /// Oldest image file format version this build can still read.
-pub const MIN_IMAGE_VERSION: u32 = 1;
+pub const MIN_IMAGE_VERSION: u32 = 2;
 /// Name of the process image file inside an image directory.
 pub const PROCESS_FILE: &str = "process.img";
 /// Magic bytes at the start of every ferry image file.
 pub const IMAGE_MAGIC: [u8; 8] = *b"FERRYIMG";
-/// Payload kind: a postcard-encoded [`ProcessImage`].
+/// Payload kind: a postcard-encoded [`TreeImage`].
 pub const KIND_PROCESS: u32 = 1;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 32;
@@ -232,7 +233,7 @@ pub(crate) fn write_atomic(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<u6
 ///
 /// The image is validated first: an image that would be refused on reading
 /// is refused on writing ([`ImageError::Invalid`]).
-pub fn write_process_image(dir: &Path, img: &ProcessImage) -> Result<u64, ImageError> {
+pub fn write_tree_image(dir: &Path, img: &TreeImage) -> Result<u64, ImageError> {
     let path = dir.join(PROCESS_FILE);
     img.validate().map_err(|source| ImageError::Invalid {
         path: path.clone(),
@@ -349,10 +350,10 @@ pub(crate) fn read_payload(path: &Path, kind: u32) -> Result<Vec<u8>, ImageError
 }
 
 /// Reads `dir/`[`PROCESS_FILE`], checks it and returns the validated image.
-pub fn read_process_image(dir: &Path) -> Result<ProcessImage, ImageError> {
+pub fn read_tree_image(dir: &Path) -> Result<TreeImage, ImageError> {
     let path = dir.join(PROCESS_FILE);
     let payload = read_payload(&path, KIND_PROCESS)?;
-    let (img, rest): (ProcessImage, _) =
+    let (img, rest): (TreeImage, _) =
         postcard::take_from_bytes(&payload).map_err(|source| ImageError::Decode {
             path: path.clone(),
             source,
@@ -373,10 +374,10 @@ mod tests {
     use super::*;
     use crate::validate::tests::sample_image;
 
-    fn written() -> (tempfile::TempDir, ProcessImage, Vec<u8>) {
+    fn written() -> (tempfile::TempDir, TreeImage, Vec<u8>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let img = sample_image();
-        let n = write_process_image(dir.path(), &img).expect("write");
+        let n = write_tree_image(dir.path(), &img).expect("write");
         let bytes = fs::read(dir.path().join(PROCESS_FILE)).expect("read back");
         assert_eq!(n, bytes.len() as u64);
         (dir, img, bytes)
@@ -398,9 +399,9 @@ mod tests {
     fn round_trip() {
         let (dir, img, bytes) = written();
         assert_eq!(&bytes[..8], b"FERRYIMG");
-        assert_eq!(&bytes[8..12], &1u32.to_le_bytes());
+        assert_eq!(&bytes[8..12], &2u32.to_le_bytes());
         assert_eq!(&bytes[12..16], &KIND_PROCESS.to_le_bytes());
-        let back = read_process_image(dir.path()).expect("read");
+        let back = read_tree_image(dir.path()).expect("read");
         assert_eq!(back, img);
         // No temporary file is left behind.
         let names: Vec<_> = fs::read_dir(dir.path())
@@ -413,15 +414,15 @@ mod tests {
     #[test]
     fn overwrite_replaces() {
         let (dir, mut img, _) = written();
-        img.ppid = 99;
-        write_process_image(dir.path(), &img).expect("write");
-        assert_eq!(read_process_image(dir.path()).expect("read").ppid, 99);
+        img.tasks[0].ppid = 99;
+        write_tree_image(dir.path(), &img).expect("write");
+        assert_eq!(read_tree_image(dir.path()).expect("read").tasks[0].ppid, 99);
     }
 
     #[test]
     fn missing_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let e = read_process_image(dir.path()).unwrap_err();
+        let e = read_tree_image(dir.path()).unwrap_err();
         assert!(matches!(e, ImageError::Missing { .. }), "{e}");
         assert!(e.to_string().contains("does not exist"));
     }
@@ -431,27 +432,27 @@ mod tests {
         let (dir, _, mut bytes) = written();
         bytes[0] = b'X';
         rewrite(dir.path(), &bytes);
-        let e = read_process_image(dir.path()).unwrap_err();
+        let e = read_tree_image(dir.path()).unwrap_err();
         assert!(matches!(e, ImageError::NotAnImage { .. }), "{e}");
         assert!(e.to_string().contains("not a ferry image"), "{e}");
         // A tiny non-image file is "not an image" too, not "truncated".
         rewrite(dir.path(), b"hello");
-        let e = read_process_image(dir.path()).unwrap_err();
+        let e = read_tree_image(dir.path()).unwrap_err();
         assert!(matches!(e, ImageError::NotAnImage { .. }), "{e}");
     }
 
     #[test]
     fn newer_version() {
         let (dir, _, mut bytes) = written();
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
         rewrite(dir.path(), &bytes);
-        let e = read_process_image(dir.path()).unwrap_err();
+        let e = read_tree_image(dir.path()).unwrap_err();
         assert!(
             matches!(
                 e,
                 ImageError::VersionTooNew {
-                    found: 2,
-                    supported: 1,
+                    found: 3,
+                    supported: 2,
                     ..
                 }
             ),
@@ -459,7 +460,7 @@ mod tests {
         );
         assert!(
             e.to_string()
-                .contains("image version 2 is newer than this ferry supports (1): upgrade ferry"),
+                .contains("image version 3 is newer than this ferry supports (2): upgrade ferry"),
             "{e}"
         );
     }
@@ -467,13 +468,15 @@ mod tests {
     #[test]
     fn older_version() {
         let (dir, _, mut bytes) = written();
-        bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
+        // A version-1 image (one process, before trees) is refused.
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
         rewrite(dir.path(), &bytes);
-        let e = read_process_image(dir.path()).unwrap_err();
+        let e = read_tree_image(dir.path()).unwrap_err();
         assert!(
-            matches!(e, ImageError::VersionTooOld { found: 0, .. }),
+            matches!(e, ImageError::VersionTooOld { found: 1, .. }),
             "{e}"
         );
+        assert!(e.to_string().contains("re-create the image"), "{e}");
     }
 
     #[test]
@@ -481,7 +484,7 @@ mod tests {
         let (dir, _, mut bytes) = written();
         bytes[12..16].copy_from_slice(&9u32.to_le_bytes());
         rewrite(dir.path(), &bytes);
-        let e = read_process_image(dir.path()).unwrap_err();
+        let e = read_tree_image(dir.path()).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -500,14 +503,14 @@ mod tests {
         let (dir, _, bytes) = written();
         for cut in [HEADER_LEN - 1, 8, HEADER_LEN, bytes.len() - 1] {
             rewrite(dir.path(), &bytes[..cut]);
-            let e = read_process_image(dir.path()).unwrap_err();
+            let e = read_tree_image(dir.path()).unwrap_err();
             assert!(matches!(e, ImageError::Truncated { .. }), "cut {cut}: {e}");
             assert!(e.to_string().contains("truncated"), "{e}");
         }
         let mut longer = bytes.clone();
         longer.push(0);
         rewrite(dir.path(), &longer);
-        let e = read_process_image(dir.path()).unwrap_err();
+        let e = read_tree_image(dir.path()).unwrap_err();
         assert!(matches!(e, ImageError::TrailingData { .. }), "{e}");
     }
 
@@ -516,7 +519,7 @@ mod tests {
         let (dir, _, mut bytes) = written();
         bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         rewrite(dir.path(), &bytes);
-        let e = read_process_image(dir.path()).unwrap_err();
+        let e = read_tree_image(dir.path()).unwrap_err();
         assert!(matches!(e, ImageError::TooLarge { .. }), "{e}");
     }
 
@@ -528,7 +531,7 @@ mod tests {
             let mut b = bytes.clone();
             b[i] ^= 0x40;
             rewrite(dir.path(), &b);
-            let e = read_process_image(dir.path()).unwrap_err();
+            let e = read_tree_image(dir.path()).unwrap_err();
             assert!(
                 matches!(e, ImageError::ChecksumMismatch { .. }),
                 "byte {i}: {e}"
@@ -544,14 +547,14 @@ mod tests {
         let mut b = bytes[..HEADER_LEN + 10].to_vec();
         resign(&mut b);
         rewrite(dir.path(), &b);
-        let e = read_process_image(dir.path()).unwrap_err();
+        let e = read_tree_image(dir.path()).unwrap_err();
         assert!(matches!(e, ImageError::Decode { .. }), "{e}");
         // Extra bytes after a complete payload.
         let mut b = bytes.clone();
         b.extend_from_slice(&[1, 2, 3]);
         resign(&mut b);
         rewrite(dir.path(), &b);
-        let e = read_process_image(dir.path()).unwrap_err();
+        let e = read_tree_image(dir.path()).unwrap_err();
         assert!(
             matches!(e, ImageError::DecodeTrailing { extra: 3, .. }),
             "{e}"
@@ -562,8 +565,8 @@ mod tests {
     fn invalid_image_rejected_on_read_and_write() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut img = sample_image();
-        img.vmas[1].start = 0x40_4000; // overlaps vmas[0]
-        let e = write_process_image(dir.path(), &img).unwrap_err();
+        img.tasks[0].vmas[1].start = 0x40_4000; // overlaps vmas[0]
+        let e = write_tree_image(dir.path(), &img).unwrap_err();
         assert!(matches!(e, ImageError::Invalid { .. }), "{e}");
         assert!(!dir.path().join(PROCESS_FILE).exists());
 
@@ -578,7 +581,7 @@ mod tests {
         let mut bytes = header.to_bytes().to_vec();
         bytes.extend_from_slice(&payload);
         rewrite(dir.path(), &bytes);
-        let e = read_process_image(dir.path()).unwrap_err();
+        let e = read_tree_image(dir.path()).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -607,7 +610,7 @@ mod tests {
             resign(&mut b);
             rewrite(dir.path(), &b);
             // Any outcome but a panic is acceptable; a success must be valid.
-            if let Ok(img) = read_process_image(dir.path()) {
+            if let Ok(img) = read_tree_image(dir.path()) {
                 assert_eq!(img.validate(), Ok(()));
             }
         }

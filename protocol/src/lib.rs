@@ -2,10 +2,12 @@
 //! captured or restored.
 //!
 //! - [`model`]: the image model, everything ferry records about a process
-//!   (address space layout, threads, fds, process-wide state), and
+//!   tree (processes with their address space layout, threads, fds and
+//!   process-wide state, over the open files, pipes and shared memory they
+//!   share by id), and
 //!   [`validate`]: the invariants every image must satisfy before it is used.
 //! - [`image`]: the process image file (`process.img`), a versioned,
-//!   checksummed container for a [`model::ProcessImage`].
+//!   checksummed container for a [`model::TreeImage`].
 //! - [`pages`]: the page store, memory contents keyed by virtual address,
 //!   zstd-compressed in batches with zero pages stored as markers; its batch
 //!   codec is meant to be reused on the wire.
@@ -24,6 +26,6 @@ pub mod pages;
 pub mod validate;
 pub mod wire;
 
-pub use image::{read_process_image, write_process_image, ImageError};
-pub use pages::{PageBatch, PageError, PageReader, PageRun, PageStats, PageWriter};
+pub use image::{read_tree_image, write_tree_image, ImageError};
+pub use pages::{PageBatch, PageError, PageReader, PageRun, PageSpace, PageStats, PageWriter};
 pub use validate::ValidationError;

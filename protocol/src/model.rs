@@ -1,24 +1,135 @@
-//! The image model: everything ferry captures about a process, independent of
-//! where it is stored (an image directory) or how it travels (the wire).
+//! The image model: everything ferry captures about a process tree,
+//! independent of where it is stored (an image directory) or how it travels
+//! (the wire).
 //!
-//! Memory *contents* are not part of this model: they live in a page store
-//! (see [`crate::pages`]) keyed by virtual address. This model describes the
-//! shape of the address space and all non-memory state.
+//! ```text
+//!  TreeImage ─┬─ host: HostInfo
+//!             ├─ tasks: [ProcessImage]  pid, ppid, pgid, sid, vmas, mm, threads,
+//!             │                         fds: [FdEntry {fd, cloexec, file: FileId}]
+//!             ├─ zombies: [Zombie]      pid, ppid, pgid, sid, wait status
+//!             ├─ files: [OpenFile]      open file descriptions by id (offset, flags, kind)
+//!             ├─ pipes: [PipeObject]    pipes by id (capacity, unread data)
+//!             └─ shmem: [ShmemObject]   shared memory objects by id (kind, size);
+//!                                       mapped by VmaKind::Shmem, opened by FileKind::Shmem
+//! ```
+//!
+//! Tasks refer to shared objects by id, never by copy: two fds (in one
+//! process or in two) with the same [`FileId`] share one open file
+//! description (offset, status flags), two areas with the same [`ShmemId`]
+//! share their memory. This is the shape of the reference tool's images
+//! (`pstree`, `fdinfo` + file entries by id).
+//!
+//! Memory *contents* are not part of this model: they live in page stores
+//! (see [`crate::pages`]), one per page space: a task's address space
+//! (keyed by virtual address) or a shared memory object (keyed by offset).
+//! This model describes the shape of the address spaces and all non-memory
+//! state.
 
 use serde::{Deserialize, Serialize};
 
 /// Size of a page on every architecture ferry supports today (x86-64).
 pub const PAGE_SIZE: u64 = 4096;
 
-/// A whole checkpointed process: one thread group.
+/// Id of an open file description ([`OpenFile`]) within one [`TreeImage`].
+pub type FileId = u32;
+/// Id of a pipe ([`PipeObject`]) within one [`TreeImage`].
+pub type PipeId = u32;
+/// Id of a shared memory object ([`ShmemObject`]) within one [`TreeImage`].
+pub type ShmemId = u32;
+
+/// A checkpointed process tree: the root process and all its descendants,
+/// over the objects they share.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessImage {
+pub struct TreeImage {
     /// Where the image was taken.
     pub host: HostInfo,
+    /// Live processes; the root comes first, every parent before its
+    /// children.
+    pub tasks: Vec<ProcessImage>,
+    /// Dead children not yet reaped by their parent.
+    pub zombies: Vec<Zombie>,
+    /// Open file descriptions, by id.
+    pub files: Vec<OpenFile>,
+    /// Pipes (and their unread data), by id.
+    pub pipes: Vec<PipeObject>,
+    /// Shared memory objects, by id (their contents are in page stores).
+    pub shmem: Vec<ShmemObject>,
+}
+
+impl TreeImage {
+    /// The root process of the tree.
+    pub fn root(&self) -> Option<&ProcessImage> {
+        self.tasks.first()
+    }
+    /// The PID of the root process (0 for an empty image, never valid).
+    pub fn root_pid(&self) -> i32 {
+        self.root().map_or(0, |t| t.pid)
+    }
+    /// Every PID and TID the tree needs, live tasks and zombies.
+    pub fn all_ids(&self) -> Vec<i32> {
+        let mut ids: Vec<i32> = Vec::new();
+        for t in &self.tasks {
+            ids.push(t.pid);
+            ids.extend(t.threads.iter().map(|th| th.tid).filter(|&tid| tid != t.pid));
+        }
+        ids.extend(self.zombies.iter().map(|z| z.pid));
+        ids
+    }
+    /// The task with PID `pid`.
+    pub fn task(&self, pid: i32) -> Option<&ProcessImage> {
+        self.tasks.iter().find(|t| t.pid == pid)
+    }
+    /// The open file description `id`.
+    pub fn file(&self, id: FileId) -> Option<&OpenFile> {
+        self.files.iter().find(|f| f.id == id)
+    }
+    /// The pipe `id`.
+    pub fn pipe(&self, id: PipeId) -> Option<&PipeObject> {
+        self.pipes.iter().find(|p| p.id == id)
+    }
+    /// The shared memory object `id`.
+    pub fn shmem_object(&self, id: ShmemId) -> Option<&ShmemObject> {
+        self.shmem.iter().find(|s| s.id == id)
+    }
+}
+
+/// Identity of a process in the tree: its PID, parent, process group and
+/// session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskIdentity {
+    pub pid: i32,
+    /// Parent PID at checkpoint time. For the root it names a process
+    /// outside the tree (informational only).
+    pub ppid: i32,
+    /// Process group id.
+    pub pgid: i32,
+    /// Session id.
+    pub sid: i32,
+}
+
+/// A child that has exited but was not reaped yet: restored as a zombie
+/// with the same wait status, so that its parent's `waitpid` still sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zombie {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// The status `waitpid` reports (exit code << 8, or the signal number).
+    pub wait_status: i32,
+}
+
+/// A checkpointed process (one thread group) of a [`TreeImage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessImage {
     /// Thread-group id (the PID the user sees).
     pub pid: i32,
-    /// Parent PID at checkpoint time (informational only).
+    /// Parent PID at checkpoint time (see [`TaskIdentity::ppid`]).
     pub ppid: i32,
+    /// Process group id.
+    pub pgid: i32,
+    /// Session id.
+    pub sid: i32,
     /// Memory areas, sorted by start address, non-overlapping.
     pub vmas: Vec<Vma>,
     /// The mm fields set with `PR_SET_MM_MAP`.
@@ -56,6 +167,10 @@ pub enum VmaKind {
     /// `[vdso]`, `[vvar]`, `[vvar_vclock]`, ... : kernel special areas that are
     /// moved into place, never written. `name` is as shown in /proc/PID/maps.
     Special { name: String },
+    /// A shared mapping of a shared memory object of the tree
+    /// (`MAP_SHARED|MAP_ANONYMOUS`, memfd, POSIX or SysV shared memory), at
+    /// `offset` bytes into it. Its contents live in the object's page store.
+    Shmem { id: ShmemId, offset: u64 },
 }
 
 /// A file mapped into memory.
@@ -252,38 +367,94 @@ pub struct ProcessMisc {
     pub personality: u32,
 }
 
-/// One open file descriptor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One open file descriptor of a process: a number in its fd table that
+/// refers to an open file description of the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdEntry {
     /// The fd number.
     pub fd: i32,
-    /// `O_*` status flags from /proc/PID/fdinfo (access mode, O_APPEND, ...).
-    pub flags: u32,
-    /// Close-on-exec.
+    /// Close-on-exec (a property of the fd, not of the description).
     pub cloexec: bool,
-    /// Position of the file.
-    pub pos: u64,
-    /// What it refers to.
-    pub kind: FdKind,
+    /// The open file description it refers to.
+    pub file: FileId,
 }
 
-/// The kinds of fd ferry knows how to restore.
+/// An open file description: what `open` (or `pipe`, `memfd_create`)
+/// returned, shared by every fd `dup`'d or inherited from it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FdKind {
+pub struct OpenFile {
+    pub id: FileId,
+    /// `O_*` status flags from /proc/PID/fdinfo (access mode, O_APPEND, ...),
+    /// without `O_CLOEXEC`.
+    pub flags: u32,
+    /// The file position.
+    pub pos: u64,
+    /// What it refers to.
+    pub kind: FileKind,
+}
+
+/// The kinds of open file ferry knows how to restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
     /// A regular file, reopened by path.
     Regular { path: String, dev: u64, ino: u64 },
     /// A directory, reopened by path.
     Directory { path: String },
     /// A character device (/dev/null, a tty), reopened by path.
     CharDevice { path: String, rdev: u64 },
-    /// One end of a pipe. `id` (the pipe inode) ties ends together; the
-    /// unread bytes are stored once, with the first fd of the pipe.
-    Pipe {
-        id: u64,
-        write_end: bool,
-        /// Unread contents; `Some` on exactly one fd per pipe.
-        data: Option<Vec<u8>>,
-        /// Pipe capacity (`F_GETPIPE_SZ`).
-        capacity: u32,
+    /// One end of a pipe of the tree.
+    Pipe { pipe: PipeId, write_end: bool },
+    /// A shared memory object of the tree opened as a file (a memfd, a file
+    /// in /dev/shm).
+    Shmem { id: ShmemId },
+    /// Standard input, output or error that reached outside the tree (a
+    /// pipe or socket of a shell, a supervisor or journald, a terminal).
+    /// `what` says what it was (the fd's link text). On restore it follows
+    /// the stdio policy: reads see end of file, writes go to a log file.
+    Outside { what: String },
+}
+
+/// A pipe whose ends are all inside the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipeObject {
+    pub id: PipeId,
+    /// Pipe capacity (`F_GETPIPE_SZ`).
+    pub capacity: u32,
+    /// Unread contents.
+    pub data: Vec<u8>,
+}
+
+/// A shared memory object of the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmemObject {
+    pub id: ShmemId,
+    /// Size in bytes (page aligned for SysV and anonymous memory).
+    pub size: u64,
+    pub kind: ShmemKind,
+}
+
+/// What a shared memory object is, with what recreating it needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShmemKind {
+    /// `mmap(MAP_SHARED|MAP_ANONYMOUS)`, shared across fork (`/dev/zero
+    /// (deleted)` in maps).
+    Anonymous,
+    /// `memfd_create(name)` with its seals (`F_GET_SEALS`).
+    Memfd { name: String, seals: u32 },
+    /// A file in `/dev/shm` (`shm_open`), which is local to each host: its
+    /// contents travel with the tree.
+    Posix {
+        path: String,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    /// A SysV segment (`shmget`), recreated with the same id and key.
+    SysV {
+        shmid: i32,
+        key: i32,
+        mode: u32,
+        uid: u32,
+        gid: u32,
     },
 }

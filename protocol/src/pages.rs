@@ -55,8 +55,37 @@ use crate::validate::is_page_aligned;
 #[cfg(test)]
 const PAGE: usize = PAGE_SIZE as usize;
 
-/// Name of the page store file inside an image directory.
+/// Name of the page store file inside an image directory (a page store of
+/// no particular space: tests and tools).
 pub const PAGES_FILE: &str = "pages.img";
+
+/// A page space: what the addresses of one page store are relative to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PageSpace {
+    /// The address space of the process with this PID (virtual addresses).
+    Task(i32),
+    /// A shared memory object of the tree (offsets into the object).
+    Shmem(crate::model::ShmemId),
+}
+
+impl PageSpace {
+    /// The page store file of this space inside an image directory.
+    pub fn file_name(self) -> String {
+        match self {
+            PageSpace::Task(pid) => format!("pages-{pid}.img"),
+            PageSpace::Shmem(id) => format!("shmem-{id}.img"),
+        }
+    }
+}
+
+impl std::fmt::Display for PageSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PageSpace::Task(pid) => write!(f, "memory of process {pid}"),
+            PageSpace::Shmem(id) => write!(f, "shared memory object {id}"),
+        }
+    }
+}
 /// Magic at the start of the page store file.
 pub const PAGES_MAGIC: [u8; 8] = *b"FERRYPGS";
 /// Current (and newest readable) page store version.
@@ -689,9 +718,18 @@ impl PageWriter {
 
     /// Creates `dir/`[`PAGES_FILE`] with the given options.
     pub fn create_with(dir: &Path, opts: PageWriterOptions) -> Result<Self, PageError> {
-        let path = dir.join(PAGES_FILE);
+        Self::create_named(dir, PAGES_FILE, opts)
+    }
+
+    /// Creates the page store of `space` in `dir` with default options.
+    pub fn create_space(dir: &Path, space: PageSpace) -> Result<Self, PageError> {
+        Self::create_named(dir, &space.file_name(), PageWriterOptions::default())
+    }
+
+    fn create_named(dir: &Path, name: &str, opts: PageWriterOptions) -> Result<Self, PageError> {
+        let path = dir.join(name);
         let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{PAGES_FILE}.tmp.{}.{seq}", std::process::id()));
+        let tmp = dir.join(format!(".{name}.tmp.{}.{seq}", std::process::id()));
         let file = File::create(&tmp).map_err(io_err(&tmp))?;
         let packer = PagePacker::new(opts);
         let batch_bytes = packer.options().batch_bytes;
@@ -842,7 +880,15 @@ impl PageReader {
 
     /// Opens `dir/`[`PAGES_FILE`] enforcing `limits` on every batch.
     pub fn open_with_limits(dir: &Path, limits: BatchLimits) -> Result<Self, PageError> {
-        let path = dir.join(PAGES_FILE);
+        Self::open_path(dir.join(PAGES_FILE), limits)
+    }
+
+    /// Opens the page store of `space` in `dir` with default [`BatchLimits`].
+    pub fn open_space(dir: &Path, space: PageSpace) -> Result<Self, PageError> {
+        Self::open_path(dir.join(space.file_name()), BatchLimits::default())
+    }
+
+    fn open_path(path: PathBuf, limits: BatchLimits) -> Result<Self, PageError> {
         let f = File::open(&path).map_err(io_err(&path))?;
         let mut file = BufReader::with_capacity(256 << 10, f);
         let mut h = [0u8; FILE_HEADER_LEN];

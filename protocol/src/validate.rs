@@ -1,17 +1,21 @@
-//! Semantic validation of a [`ProcessImage`].
+//! Semantic validation of a [`TreeImage`].
 //!
 //! Everything that comes from outside (an image file, the wire) goes through
-//! [`ProcessImage::validate`] before any of it is acted upon. The checks are
+//! [`TreeImage::validate`] before any of it is acted upon. The checks are
 //! about *shape* and *bounds*: they make sure later stages can rely on sorted,
-//! page-aligned VMAs, a sane thread list, bounded buffers and so on. They do
-//! not check that the image is restorable on a given host (that is the
+//! page-aligned VMAs, a sane thread list, bounded buffers, a consistent tree
+//! (every parent, group and session names a process the tree has, parents
+//! come before their children) and references by id that all resolve. They
+//! do not check that the image is restorable on a given host (that is the
 //! compatibility check's job).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use thiserror::Error;
 
-use crate::model::{FdKind, PendingSignal, ProcessImage, Vma, VmaKind, PAGE_SIZE};
+use crate::model::{
+    FileKind, HostInfo, PendingSignal, ProcessImage, ShmemKind, TreeImage, Vma, VmaKind, PAGE_SIZE,
+};
 
 /// One past the highest user-space address on x86-64 with 4-level paging.
 pub const TASK_SIZE: u64 = 0x0000_8000_0000_0000;
@@ -43,13 +47,19 @@ pub const MAX_GROUPS: usize = 65_536;
 pub const RLIM_NLIMITS: u32 = 16;
 /// Upper bound for pending signals per queue.
 pub const MAX_PENDING: usize = 1 << 16;
+/// Upper bound for the processes (live and zombie) of one tree.
+pub const MAX_TASKS: usize = 1 << 15;
+/// Upper bound for the open files, pipes or shared memory objects of a tree.
+pub const MAX_OBJECTS: usize = 1 << 20;
+/// Upper bound for the size of one shared memory object (1 TiB).
+pub const MAX_SHMEM_SIZE: u64 = 1 << 40;
 
 /// True if `x` is a multiple of [`PAGE_SIZE`].
 pub fn is_page_aligned(x: u64) -> bool {
     x & (PAGE_SIZE - 1) == 0
 }
 
-/// Why a [`ProcessImage`] was rejected.
+/// Why a [`TreeImage`] was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ValidationError {
     /// The thread-group id is outside `1..=PID_MAX_LIMIT`.
@@ -129,14 +139,47 @@ pub enum ValidationError {
     #[error("fd {fd} appears more than once")]
     DuplicateFd { fd: i32 },
     /// Pipe contents above [`MAX_PIPE_DATA`].
-    #[error("fd {fd}: {found} bytes of pipe data (at most {max})")]
-    PipeDataTooLarge { fd: i32, found: usize, max: usize },
+    #[error("pipe {id}: {found} bytes of pipe data (at most {max})")]
+    PipeDataTooLarge { id: u32, found: usize, max: usize },
     /// Pipe capacity above [`MAX_PIPE_DATA`].
-    #[error("fd {fd}: pipe capacity {found} is above {max}")]
-    PipeCapacityTooLarge { fd: i32, found: u32, max: usize },
+    #[error("pipe {id}: pipe capacity {found} is above {max}")]
+    PipeCapacityTooLarge { id: u32, found: u32, max: usize },
     /// More than one fd of a pipe carries the pipe's contents.
-    #[error("pipe {id}: contents stored on more than one fd (fd {fd} is the second)")]
-    PipeDataDuplicated { id: u64, fd: i32 },
+    /// The tree has no process.
+    #[error("the image holds no process")]
+    NoTasks,
+    /// Too many processes, files, pipes or shared memory objects.
+    #[error("too many {what}: {found} (at most {max})")]
+    TooMany {
+        what: &'static str,
+        found: usize,
+        max: usize,
+    },
+    /// A PID or TID appears twice in the tree.
+    #[error("PID/TID {0} appears twice in the tree")]
+    DuplicateId(i32),
+    /// A process's parent is not an earlier process of the tree.
+    #[error("process {pid}: its parent {ppid} is not a process of the tree listed before it")]
+    ParentMissing { pid: i32, ppid: i32 },
+    /// A process group or session names no process of the tree.
+    #[error("process {pid}: its {what} {id} names no process of the tree")]
+    GroupMissing { pid: i32, what: &'static str, id: i32 },
+    /// Two objects of one kind share an id.
+    #[error("{what} id {id} is defined twice")]
+    DuplicateObject { what: &'static str, id: u32 },
+    /// A reference to an object the tree does not define.
+    #[error("{user} refers to {what} {id}, which the image does not define")]
+    UndefinedObject {
+        user: String,
+        what: &'static str,
+        id: u32,
+    },
+    /// A stdio-only kind on another fd.
+    #[error("process {pid} fd {fd}: only fds 0-2 may reach outside the tree")]
+    OutsideNotStdio { pid: i32, fd: i32 },
+    /// A shared memory object or a mapping of it with impossible bounds.
+    #[error("shared memory object {id}: {why}")]
+    BadShmem { id: u32, why: String },
     /// A string longer than [`MAX_PATH_LEN`] bytes.
     #[error("{field}: string of {found} bytes is longer than {max}")]
     StringTooLong {
@@ -198,14 +241,15 @@ fn check_pending(
 impl ProcessImage {
     /// Checks the image's invariants and bounds (see the module
     /// [`crate::validate`]). Never panics, whatever the contents.
-    pub fn validate(&self) -> Result<(), ValidationError> {
+    /// The rules of one process, whose threads' XSAVE areas have the size
+    /// of `host`'s. References to shared objects are checked by
+    /// [`TreeImage::validate`].
+    pub fn validate(&self, host: &HostInfo) -> Result<(), ValidationError> {
         if !(1..=PID_MAX_LIMIT).contains(&self.pid) {
             return Err(ValidationError::BadPid(self.pid));
         }
-        check_str(|| "host.arch".into(), &self.host.arch)?;
-        check_str(|| "host.kernel".into(), &self.host.kernel)?;
         self.validate_vmas()?;
-        self.validate_threads()?;
+        self.validate_threads(host.xstate_size)?;
         self.validate_fds()?;
         self.validate_misc()?;
         Ok(())
@@ -215,19 +259,12 @@ impl ProcessImage {
         validate_vmas(&self.vmas)
     }
 
-    fn validate_threads(&self) -> Result<(), ValidationError> {
+    fn validate_threads(&self, xs: u32) -> Result<(), ValidationError> {
         let first = self.threads.first().ok_or(ValidationError::NoThreads)?;
         if first.tid != self.pid {
             return Err(ValidationError::FirstThreadNotLeader {
                 tid: first.tid,
                 pid: self.pid,
-            });
-        }
-        let xs = self.host.xstate_size;
-        if xs > MAX_XSTATE_SIZE {
-            return Err(ValidationError::XstateSizeTooLarge {
-                found: xs,
-                max: MAX_XSTATE_SIZE,
             });
         }
         let mut seen = HashSet::with_capacity(self.threads.len().min(1 << 16));
@@ -259,7 +296,6 @@ impl ProcessImage {
             });
         }
         let mut seen = HashSet::with_capacity(self.fds.len());
-        let mut pipe_data: HashMap<u64, i32> = HashMap::new();
         for e in &self.fds {
             let fd = e.fd;
             if !(0..=MAX_FD_NUMBER).contains(&fd) {
@@ -267,36 +303,6 @@ impl ProcessImage {
             }
             if !seen.insert(fd) {
                 return Err(ValidationError::DuplicateFd { fd });
-            }
-            match &e.kind {
-                FdKind::Regular { path, .. }
-                | FdKind::Directory { path }
-                | FdKind::CharDevice { path, .. } => {
-                    check_str(|| format!("fd {fd} path"), path)?;
-                }
-                FdKind::Pipe {
-                    id, data, capacity, ..
-                } => {
-                    if *capacity as usize > MAX_PIPE_DATA {
-                        return Err(ValidationError::PipeCapacityTooLarge {
-                            fd,
-                            found: *capacity,
-                            max: MAX_PIPE_DATA,
-                        });
-                    }
-                    if let Some(d) = data {
-                        if d.len() > MAX_PIPE_DATA {
-                            return Err(ValidationError::PipeDataTooLarge {
-                                fd,
-                                found: d.len(),
-                                max: MAX_PIPE_DATA,
-                            });
-                        }
-                        if pipe_data.insert(*id, fd).is_some() {
-                            return Err(ValidationError::PipeDataDuplicated { id: *id, fd });
-                        }
-                    }
-                }
             }
         }
         Ok(())
@@ -390,6 +396,211 @@ pub fn validate_vmas(vmas: &[Vma]) -> Result<(), ValidationError> {
             VmaKind::Special { name } => {
                 check_str(|| format!("VMA #{index} special name"), name)?;
             }
+            VmaKind::Shmem { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+impl TreeImage {
+    /// Checks the tree's invariants and bounds (see the module
+    /// [`crate::validate`]). Never panics, whatever the contents.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        check_str(|| "host.arch".into(), &self.host.arch)?;
+        check_str(|| "host.kernel".into(), &self.host.kernel)?;
+        if self.host.xstate_size > MAX_XSTATE_SIZE {
+            return Err(ValidationError::XstateSizeTooLarge {
+                found: self.host.xstate_size,
+                max: MAX_XSTATE_SIZE,
+            });
+        }
+        let n = self.tasks.len() + self.zombies.len();
+        bound("processes", n, MAX_TASKS)?;
+        bound("open files", self.files.len(), MAX_OBJECTS)?;
+        bound("pipes", self.pipes.len(), MAX_OBJECTS)?;
+        bound("shared memory objects", self.shmem.len(), MAX_OBJECTS)?;
+        let root = self.tasks.first().ok_or(ValidationError::NoTasks)?;
+        for t in &self.tasks {
+            t.validate(&self.host)?;
+        }
+        self.validate_tree(root)?;
+        self.validate_objects()
+    }
+
+    /// Parents before children, unique ids, groups and sessions that exist.
+    fn validate_tree(&self, root: &ProcessImage) -> Result<(), ValidationError> {
+        let mut ids: HashSet<i32> = HashSet::new();
+        for id in self.all_ids() {
+            if !ids.insert(id) {
+                return Err(ValidationError::DuplicateId(id));
+            }
+        }
+        let mut earlier: HashSet<i32> = HashSet::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            if i > 0 && !earlier.contains(&t.ppid) {
+                return Err(ValidationError::ParentMissing {
+                    pid: t.pid,
+                    ppid: t.ppid,
+                });
+            }
+            earlier.insert(t.pid);
+        }
+        let groups = self
+            .tasks
+            .iter()
+            .map(|t| (t.pid, t.ppid, t.pgid, t.sid))
+            .chain(self.zombies.iter().map(|z| (z.pid, z.ppid, z.pgid, z.sid)));
+        for (pid, ppid, pgid, sid) in groups {
+            if !(1..=PID_MAX_LIMIT).contains(&pid) {
+                return Err(ValidationError::BadPid(pid));
+            }
+            if self.zombies.iter().any(|z| z.pid == pid) && !earlier.contains(&ppid) {
+                return Err(ValidationError::ParentMissing { pid, ppid });
+            }
+            // The root's group and session may lie outside the tree (a
+            // shell's job): every process may share those.
+            if pgid != root.pgid && !ids.contains(&pgid) {
+                return Err(ValidationError::GroupMissing {
+                    pid,
+                    what: "process group",
+                    id: pgid,
+                });
+            }
+            if sid != root.sid && !ids.contains(&sid) {
+                return Err(ValidationError::GroupMissing {
+                    pid,
+                    what: "session",
+                    id: sid,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Objects defined once, bounded, and every reference resolves.
+    fn validate_objects(&self) -> Result<(), ValidationError> {
+        unique("open file", self.files.iter().map(|f| f.id))?;
+        unique("pipe", self.pipes.iter().map(|p| p.id))?;
+        unique("shared memory object", self.shmem.iter().map(|s| s.id))?;
+        for p in &self.pipes {
+            if p.capacity as usize > MAX_PIPE_DATA {
+                return Err(ValidationError::PipeCapacityTooLarge {
+                    id: p.id,
+                    found: p.capacity,
+                    max: MAX_PIPE_DATA,
+                });
+            }
+            if p.data.len() > MAX_PIPE_DATA {
+                return Err(ValidationError::PipeDataTooLarge {
+                    id: p.id,
+                    found: p.data.len(),
+                    max: MAX_PIPE_DATA,
+                });
+            }
+        }
+        for s in &self.shmem {
+            let bad = |why: &str| ValidationError::BadShmem {
+                id: s.id,
+                why: why.into(),
+            };
+            if s.size > MAX_SHMEM_SIZE {
+                return Err(bad("larger than 1 TiB"));
+            }
+            match &s.kind {
+                ShmemKind::Anonymous | ShmemKind::SysV { .. } if !is_page_aligned(s.size) => {
+                    return Err(bad("size not page aligned"));
+                }
+                ShmemKind::Memfd { name: path, .. } | ShmemKind::Posix { path, .. } => {
+                    check_str(|| format!("shared memory object {} name", s.id), path)?;
+                }
+                _ => {}
+            }
+        }
+        let undefined = |user: String, what: &'static str, id: u32| {
+            Err(ValidationError::UndefinedObject { user, what, id })
+        };
+        for f in &self.files {
+            match &f.kind {
+                FileKind::Regular { path, .. }
+                | FileKind::Directory { path }
+                | FileKind::CharDevice { path, .. } => {
+                    check_str(|| format!("open file {} path", f.id), path)?;
+                }
+                FileKind::Outside { what } => {
+                    check_str(|| format!("open file {} origin", f.id), what)?;
+                }
+                FileKind::Pipe { pipe, .. } => {
+                    if self.pipe(*pipe).is_none() {
+                        return undefined(format!("open file {}", f.id), "pipe", *pipe);
+                    }
+                }
+                FileKind::Shmem { id } => {
+                    if self.shmem_object(*id).is_none() {
+                        return undefined(
+                            format!("open file {}", f.id),
+                            "shared memory object",
+                            *id,
+                        );
+                    }
+                }
+            }
+        }
+        for t in &self.tasks {
+            for e in &t.fds {
+                let Some(f) = self.file(e.file) else {
+                    return undefined(
+                        format!("process {} fd {}", t.pid, e.fd),
+                        "open file",
+                        e.file,
+                    );
+                };
+                if matches!(f.kind, FileKind::Outside { .. }) && e.fd > 2 {
+                    return Err(ValidationError::OutsideNotStdio { pid: t.pid, fd: e.fd });
+                }
+            }
+            for (index, v) in t.vmas.iter().enumerate() {
+                let VmaKind::Shmem { id, offset } = v.kind else {
+                    continue;
+                };
+                let Some(s) = self.shmem_object(id) else {
+                    return undefined(
+                        format!("process {} VMA #{index}", t.pid),
+                        "shared memory object",
+                        id,
+                    );
+                };
+                let fits = offset
+                    .checked_add(v.len())
+                    .is_some_and(|end| end <= s.size.next_multiple_of(PAGE_SIZE));
+                if !is_page_aligned(offset) || !fits {
+                    return Err(ValidationError::BadShmem {
+                        id,
+                        why: format!(
+                            "process {} maps {:#x} bytes at offset {offset:#x} of an object of {:#x}",
+                            t.pid,
+                            v.len(),
+                            s.size
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bound(what: &'static str, found: usize, max: usize) -> Result<(), ValidationError> {
+    if found > max {
+        return Err(ValidationError::TooMany { what, found, max });
+    }
+    Ok(())
+}
+
+fn unique(what: &'static str, ids: impl Iterator<Item = u32>) -> Result<(), ValidationError> {
+    let mut seen = HashSet::new();
+    for id in ids {
+        if !seen.insert(id) {
+            return Err(ValidationError::DuplicateObject { what, id });
         }
     }
     Ok(())
@@ -401,7 +612,7 @@ pub(crate) mod tests {
     use crate::model::*;
 
     /// A small, valid image for tests.
-    pub(crate) fn sample_image() -> ProcessImage {
+    pub(crate) fn sample_image() -> TreeImage {
         let xstate_size = 1088;
         let thread = |tid: i32| ThreadState {
             tid,
@@ -433,15 +644,11 @@ pub(crate) mod tests {
             size: 40_000,
             mtime_ns: 1_700_000_000_000_000_000,
         };
-        ProcessImage {
-            host: HostInfo {
-                arch: "x86_64".into(),
-                kernel: "6.18.0".into(),
-                xstate_size,
-                xfeatures: 0x2e7,
-            },
+        let task = ProcessImage {
             pid: 4242,
             ppid: 1,
+            pgid: 4242,
+            sid: 100,
             vmas: vec![
                 Vma {
                     start: 0x40_0000,
@@ -481,37 +688,18 @@ pub(crate) mod tests {
             fds: vec![
                 FdEntry {
                     fd: 0,
-                    flags: 0,
                     cloexec: false,
-                    pos: 0,
-                    kind: FdKind::CharDevice {
-                        path: "/dev/null".into(),
-                        rdev: 0x103,
-                    },
+                    file: 1,
                 },
                 FdEntry {
                     fd: 3,
-                    flags: 0,
                     cloexec: true,
-                    pos: 0,
-                    kind: FdKind::Pipe {
-                        id: 77,
-                        write_end: false,
-                        data: Some(b"hello".to_vec()),
-                        capacity: 65536,
-                    },
+                    file: 2,
                 },
                 FdEntry {
                     fd: 4,
-                    flags: 1,
                     cloexec: true,
-                    pos: 0,
-                    kind: FdKind::Pipe {
-                        id: 77,
-                        write_end: true,
-                        data: None,
-                        capacity: 65536,
-                    },
+                    file: 3,
                 },
             ],
             misc: ProcessMisc {
@@ -530,15 +718,109 @@ pub(crate) mod tests {
                 }],
                 ..ProcessMisc::default()
             },
+        };
+        TreeImage {
+            host: HostInfo {
+                arch: "x86_64".into(),
+                kernel: "6.18.0".into(),
+                xstate_size,
+                xfeatures: 0x2e7,
+            },
+            tasks: vec![task],
+            zombies: vec![],
+            files: vec![
+                OpenFile {
+                    id: 1,
+                    flags: 0,
+                    pos: 0,
+                    kind: FileKind::CharDevice {
+                        path: "/dev/null".into(),
+                        rdev: 0x103,
+                    },
+                },
+                OpenFile {
+                    id: 2,
+                    flags: 0,
+                    pos: 0,
+                    kind: FileKind::Pipe {
+                        pipe: 77,
+                        write_end: false,
+                    },
+                },
+                OpenFile {
+                    id: 3,
+                    flags: 1,
+                    pos: 0,
+                    kind: FileKind::Pipe {
+                        pipe: 77,
+                        write_end: true,
+                    },
+                },
+            ],
+            pipes: vec![PipeObject {
+                id: 77,
+                capacity: 65536,
+                data: b"hello".to_vec(),
+            }],
+            shmem: vec![],
         }
     }
+
+    /// `sample_image` with a child, a grandchild in its own group, a zombie
+    /// and an anonymous shared area mapped by the root and the child.
+    pub(crate) fn sample_tree() -> TreeImage {
+        let mut img = sample_image();
+        let mut child = img.tasks[0].clone();
+        child.pid = 5000;
+        child.ppid = 4242;
+        child.threads.truncate(1);
+        child.threads[0].tid = 5000;
+        let mut grandchild = child.clone();
+        grandchild.pid = 5001;
+        grandchild.ppid = 5000;
+        grandchild.pgid = 5001;
+        grandchild.threads[0].tid = 5001;
+        img.tasks.push(child);
+        img.tasks.push(grandchild);
+        img.zombies.push(Zombie {
+            pid: 5002,
+            ppid: 4242,
+            pgid: 4242,
+            sid: 100,
+            wait_status: 7 << 8,
+        });
+        img.shmem.push(ShmemObject {
+            id: 1,
+            size: 0x4000,
+            kind: ShmemKind::Anonymous,
+        });
+        for t in [0, 1] {
+            img.tasks[t].vmas.insert(
+                2,
+                Vma {
+                    start: 0x7000_0000_0000,
+                    end: 0x7000_0000_4000,
+                    prot: 3,
+                    flags: libc_map_shared(),
+                    kind: VmaKind::Shmem { id: 1, offset: 0 },
+                    name: None,
+                },
+            );
+        }
+        img
+    }
+
+    fn libc_map_shared() -> u32 {
+        1
+    }
+
 
     #[test]
     fn sample_is_valid() {
         assert_eq!(sample_image().validate(), Ok(()));
     }
 
-    fn rejects(f: impl FnOnce(&mut ProcessImage)) -> ValidationError {
+    fn rejects(f: impl FnOnce(&mut TreeImage)) -> ValidationError {
         let mut img = sample_image();
         f(&mut img);
         match img.validate() {
@@ -550,15 +832,15 @@ pub(crate) mod tests {
     #[test]
     fn vma_rules() {
         assert!(matches!(
-            rejects(|i| i.vmas[1].start += 1),
+            rejects(|i| i.tasks[0].vmas[1].start += 1),
             ValidationError::VmaNotAligned { index: 1, .. }
         ));
         assert!(matches!(
-            rejects(|i| i.vmas[1].end = i.vmas[1].start),
+            rejects(|i| i.tasks[0].vmas[1].end = i.tasks[0].vmas[1].start),
             ValidationError::VmaEmpty { index: 1, .. }
         ));
         assert!(matches!(
-            rejects(|i| i.vmas[1].start = 0x40_4000),
+            rejects(|i| i.tasks[0].vmas[1].start = 0x40_4000),
             ValidationError::VmaOverlap {
                 index: 1,
                 start: 0x40_4000,
@@ -566,15 +848,15 @@ pub(crate) mod tests {
             }
         ));
         assert!(matches!(
-            rejects(|i| i.vmas.swap(0, 1)),
+            rejects(|i| i.tasks[0].vmas.swap(0, 1)),
             ValidationError::VmaOverlap { index: 1, .. }
         ));
         assert!(matches!(
-            rejects(|i| i.vmas[2].end = TASK_SIZE + PAGE_SIZE),
+            rejects(|i| i.tasks[0].vmas[2].end = TASK_SIZE + PAGE_SIZE),
             ValidationError::VmaAboveTaskSize { index: 2, .. }
         ));
         assert!(matches!(
-            rejects(|i| i.vmas.push(Vma {
+            rejects(|i| i.tasks[0].vmas.push(Vma {
                 start: VSYSCALL_ADDR,
                 end: VSYSCALL_ADDR + PAGE_SIZE,
                 prot: 4,
@@ -587,33 +869,33 @@ pub(crate) mod tests {
             ValidationError::VmaVsyscall { index: 3, .. }
         ));
         assert!(matches!(
-            rejects(|i| if let VmaKind::File(f) = &mut i.vmas[0].kind {
+            rejects(|i| if let VmaKind::File(f) = &mut i.tasks[0].vmas[0].kind {
                 f.offset = 12
             }),
             ValidationError::VmaBadOffset { index: 0, .. }
         ));
         // Touching VMAs are fine.
         let mut img = sample_image();
-        img.vmas[1].start = 0x40_5000;
+        img.tasks[0].vmas[1].start = 0x40_5000;
         assert_eq!(img.validate(), Ok(()));
     }
 
     #[test]
     fn thread_rules() {
-        assert_eq!(rejects(|i| i.threads.clear()), ValidationError::NoThreads);
+        assert_eq!(rejects(|i| i.tasks[0].threads.clear()), ValidationError::NoThreads);
         assert_eq!(
-            rejects(|i| i.threads.swap(0, 1)),
+            rejects(|i| i.tasks[0].threads.swap(0, 1)),
             ValidationError::FirstThreadNotLeader {
                 tid: 4243,
                 pid: 4242
             }
         );
         assert_eq!(
-            rejects(|i| i.threads[1].tid = 4242),
+            rejects(|i| i.tasks[0].threads[1].tid = 4242),
             ValidationError::DuplicateTid { tid: 4242 }
         );
         assert_eq!(
-            rejects(|i| i.threads[1].tid = PID_MAX_LIMIT + 1),
+            rejects(|i| i.tasks[0].threads[1].tid = PID_MAX_LIMIT + 1),
             ValidationError::BadTid {
                 index: 1,
                 tid: PID_MAX_LIMIT + 1
@@ -621,7 +903,7 @@ pub(crate) mod tests {
         );
         assert_eq!(
             rejects(|i| {
-                i.threads[1].xstate.pop();
+                i.tasks[0].threads[1].xstate.pop();
             }),
             ValidationError::XstateLength {
                 tid: 4243,
@@ -634,70 +916,169 @@ pub(crate) mod tests {
             ValidationError::XstateSizeTooLarge { .. }
         ));
         assert!(matches!(
-            rejects(|i| i.threads[1].pending.push(PendingSignal {
+            rejects(|i| i.tasks[0].threads[1].pending.push(PendingSignal {
                 signo: 65,
                 siginfo: vec![0; 128]
             })),
             ValidationError::BadPendingSignal { signo: 65, .. }
         ));
-        assert_eq!(rejects(|i| i.pid = 0), ValidationError::BadPid(0));
+        assert_eq!(rejects(|i| i.tasks[0].pid = 0), ValidationError::BadPid(0));
     }
 
     #[test]
     fn fd_and_misc_rules() {
         assert_eq!(
-            rejects(|i| i.fds[2].fd = 3),
+            rejects(|i| i.tasks[0].fds[2].fd = 3),
             ValidationError::DuplicateFd { fd: 3 }
         );
         assert_eq!(
-            rejects(|i| i.fds[0].fd = -1),
+            rejects(|i| i.tasks[0].fds[0].fd = -1),
             ValidationError::BadFd { fd: -1 }
         );
         assert!(matches!(
-            rejects(|i| if let FdKind::Pipe { data, .. } = &mut i.fds[1].kind {
-                *data = Some(vec![0; MAX_PIPE_DATA + 1])
-            }),
-            ValidationError::PipeDataTooLarge { fd: 3, .. }
+            rejects(|i| i.pipes[0].data = vec![0; MAX_PIPE_DATA + 1]),
+            ValidationError::PipeDataTooLarge { id: 77, .. }
         ));
         assert_eq!(
-            rejects(|i| if let FdKind::Pipe { data, .. } = &mut i.fds[2].kind {
-                *data = Some(vec![])
-            }),
-            ValidationError::PipeDataDuplicated { id: 77, fd: 4 }
-        );
-        assert_eq!(
-            rejects(|i| i.misc.sigactions.truncate(63)),
+            rejects(|i| i.tasks[0].misc.sigactions.truncate(63)),
             ValidationError::SigactionCount { found: 63 }
         );
         let mut img = sample_image();
-        img.misc.sigactions.clear();
+        img.tasks[0].misc.sigactions.clear();
         assert_eq!(img.validate(), Ok(()));
         assert!(matches!(
-            rejects(|i| i.misc.cwd = "/".repeat(MAX_PATH_LEN + 1)),
+            rejects(|i| i.tasks[0].misc.cwd = "/".repeat(MAX_PATH_LEN + 1)),
             ValidationError::StringTooLong { found: 4097, .. }
         ));
         assert!(matches!(
-            rejects(
-                |i| if let FdKind::CharDevice { path, .. } = &mut i.fds[0].kind {
-                    *path = "a".repeat(5000)
-                }
-            ),
+            rejects(|i| if let FileKind::CharDevice { path, .. } = &mut i.files[0].kind {
+                *path = "a".repeat(5000)
+            }),
             ValidationError::StringTooLong { found: 5000, .. }
         ));
         assert!(matches!(
-            rejects(|i| i.mm.exe_path = "/bin/\0x".into()),
+            rejects(|i| i.tasks[0].mm.exe_path = "/bin/\0x".into()),
             ValidationError::StringHasNul { .. }
         ));
         assert_eq!(
-            rejects(|i| i.mm.auxv.push(1)),
+            rejects(|i| i.tasks[0].mm.auxv.push(1)),
             ValidationError::BadAuxv { found: 5 }
         );
         assert_eq!(
-            rejects(|i| i.misc.rlimits.push(i.misc.rlimits[0])),
+            rejects(|i| {
+                let r = i.tasks[0].misc.rlimits[0];
+                i.tasks[0].misc.rlimits.push(r)
+            }),
             ValidationError::BadRlimit {
                 index: 1,
                 resource: 7
             }
+        );
+    }
+
+    #[test]
+    fn tree_rules() {
+        let tree = || sample_tree();
+        assert_eq!(tree().validate(), Ok(()));
+        let rejects_tree = |f: &dyn Fn(&mut TreeImage)| {
+            let mut t = tree();
+            f(&mut t);
+            t.validate().expect_err("tree should have been rejected")
+        };
+        assert_eq!(
+            rejects_tree(&|t| t.tasks[2].ppid = 9999),
+            ValidationError::ParentMissing {
+                pid: 5001,
+                ppid: 9999
+            }
+        );
+        // A child listed before its parent.
+        assert_eq!(
+            rejects_tree(&|t| t.tasks.swap(1, 2)),
+            ValidationError::ParentMissing {
+                pid: 5001,
+                ppid: 5000
+            }
+        );
+        assert_eq!(
+            rejects_tree(&|t| t.zombies[0].ppid = 77),
+            ValidationError::ParentMissing {
+                pid: 5002,
+                ppid: 77
+            }
+        );
+        assert_eq!(
+            rejects_tree(&|t| t.tasks[2].pgid = 6000),
+            ValidationError::GroupMissing {
+                pid: 5001,
+                what: "process group",
+                id: 6000
+            }
+        );
+        assert_eq!(
+            rejects_tree(&|t| t.zombies[0].sid = 6001),
+            ValidationError::GroupMissing {
+                pid: 5002,
+                what: "session",
+                id: 6001
+            }
+        );
+        assert_eq!(
+            rejects_tree(&|t| t.zombies[0].pid = 5001),
+            ValidationError::DuplicateId(5001)
+        );
+        assert_eq!(
+            rejects_tree(&|t| t.tasks[1].fds[0].file = 42),
+            ValidationError::UndefinedObject {
+                user: "process 5000 fd 0".into(),
+                what: "open file",
+                id: 42
+            }
+        );
+        assert_eq!(
+            rejects_tree(&|t| t.files[1].kind = FileKind::Pipe {
+                pipe: 78,
+                write_end: false
+            }),
+            ValidationError::UndefinedObject {
+                user: "open file 2".into(),
+                what: "pipe",
+                id: 78
+            }
+        );
+        assert_eq!(
+            rejects_tree(&|t| t.shmem.clear()),
+            ValidationError::UndefinedObject {
+                user: "process 4242 VMA #2".into(),
+                what: "shared memory object",
+                id: 1
+            }
+        );
+        assert!(matches!(
+            rejects_tree(&|t| t.tasks[0].vmas[2].kind = VmaKind::Shmem {
+                id: 1,
+                offset: 0x1000
+            }),
+            ValidationError::BadShmem { id: 1, .. }
+        ));
+        assert_eq!(
+            rejects_tree(&|t| t.files[2].id = 2),
+            ValidationError::DuplicateObject {
+                what: "open file",
+                id: 2
+            }
+        );
+        assert_eq!(
+            rejects_tree(&|t| {
+                t.files[1].kind = FileKind::Outside {
+                    what: "pipe:[1]".into(),
+                }
+            }),
+            ValidationError::OutsideNotStdio { pid: 4242, fd: 3 }
+        );
+        assert_eq!(
+            rejects_tree(&|t| t.tasks.clear()),
+            ValidationError::NoTasks
         );
     }
 }

@@ -32,7 +32,7 @@
 //!        │── PassEnd {pass: n, batches: k, pages, bytes} ──────────────▶│ tally
 //!        │ ╚═════════════════════════════════════════════════════════════╝ │
 //!        │ freeze; the last pass (PassStart … PassEnd) sends the final delta│
-//!        │── Switchover {image: ProcessImage} ─────────────────────────────▶│ wait for all batches,
+//!        │── Switchover {image: TreeImage} ────────────────────────────────▶│ wait for all batches,
 //!        │                                                               │ restore, resume
 //!        │◀──────────────────────────── Running {pid, restore_us} ────────│
 //!        │   or ◀────────────────────────────── Failed {reason}; close ───│ (source resumes)
@@ -48,7 +48,7 @@
 //!  ────────────────                                         ────────────────────────
 //!        │   … passes as above; after the last pass's PassEnd:            │
 //!        │── LazyPlan {owed: [PageSpan]} ────────────────────────────────▶│ check owed spans
-//!        │── Switchover {image: ProcessImage} ───────────────────────────▶│ restore without the
+//!        │── Switchover {image: TreeImage} ──────────────────────────────▶│ restore without the
 //!        │                                                                │ owed pages, resume
 //!        │◀────────────────────────────────── Running {pid, restore_us} ──│ (Phase::Lazy)
 //!        │ serve pages; never resume                                      │ a thread faults on an
@@ -85,7 +85,7 @@
 //!   bytes (encoded batch bytes) the pass sent, so the destination knows when
 //!   it has all of them (page streams and the control stream are not ordered
 //!   relative to each other).
-//! * **Switchover** carries the final [`ProcessImage`] (threads' registers,
+//! * **Switchover** carries the final [`TreeImage`] (threads' registers,
 //!   fds, signals, …); its VMAs equal the last pass's layout. It follows the
 //!   `PassEnd` of the last pass, and at least one pass precedes it.
 //! * **Running** means: the process runs on the destination, `restore_us`
@@ -252,7 +252,7 @@
 //! stream and of the kind (*before* reading or allocating the payload), the
 //! complete payload, the checksum, the decoding with no byte left over, and
 //! the message's semantic rules ([`ControlMsg::validate`], which includes
-//! [`ProcessImage::validate`] for the image; for pages the batch codec's own
+//! [`TreeImage::validate`] for the image; for pages the batch codec's own
 //! checks under [`PAGE_BATCH_LIMITS`] and [`check_runs_within`], for lazy
 //! pages the same codec checks and [`check_runs_owed`]). A sender
 //! runs the same checks before sending: what would be refused is not sent.
@@ -273,6 +273,10 @@
 //!   message, or its meaning, requires a new major version.
 //! * An unknown kind byte is [`WireError::UnknownKind`] and closes the
 //!   connection with an error: there is no "skip what you don't know".
+//!
+//! Major versions: **1** carried one process in `Switchover`; **2** carries
+//! a process tree ([`TreeImage`]: processes over open files, pipes and
+//! shared memory objects by id).
 //!
 //! Minor versions:
 //!
@@ -312,9 +316,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::model::{HostInfo, ProcessImage, Vma, VmaKind, PAGE_SIZE};
+use crate::model::{HostInfo, TreeImage, Vma, VmaKind, PAGE_SIZE};
 use crate::pages::{BatchDecoder, BatchError, BatchLimits, PageBatch, BATCH_HEADER_LEN, RUN_LEN};
-/// Checks a declared memory layout (re-exported: the same rules as [`ProcessImage::validate`]).
+/// Checks a declared memory layout (re-exported: the same rules as [`TreeImage::validate`]).
 pub use crate::validate::validate_vmas;
 use crate::validate::{
     is_page_aligned, ValidationError, MAX_PATH_LEN, MAX_XSTATE_SIZE, PID_MAX_LIMIT,
@@ -326,7 +330,7 @@ pub use state::{DestState, PageAdmit, Phase};
 /// Magic at the start of every frame.
 pub const WIRE_MAGIC: u16 = 0xFE77;
 /// Major protocol version: must be equal on both sides.
-pub const WIRE_MAJOR: u8 = 1;
+pub const WIRE_MAJOR: u8 = 2;
 /// Minor protocol version of this build; the lower of both sides' is used.
 pub const WIRE_MINOR: u16 = 1;
 /// The minor version that introduced the lazy pages (post-copy) messages
@@ -799,7 +803,7 @@ pub enum ControlMsg {
     /// here is the rest of its state.
     Switchover {
         /// The final image; its VMAs are the last pass's layout.
-        image: Box<ProcessImage>,
+        image: Box<TreeImage>,
     },
     /// Destination → source: the process runs.
     Running {
@@ -1682,6 +1686,7 @@ pub fn check_spans_in_anonymous(spans: &[PageSpan], vmas: &[Vma]) -> Result<(), 
             VmaKind::File(m) => format!("a private mapping of {}", m.path),
             VmaKind::SharedFile(m) => format!("a shared mapping of {}", m.path),
             VmaKind::Special { name } => format!("the special area {name}"),
+            VmaKind::Shmem { id, .. } => format!("shared memory object {id}"),
         };
         return Err(invalid(format!(
             "lazy span #{i} at {:#x} ({} pages) lies in VMA {:#x}-{:#x}, {what}: only anonymous memory is restored lazily",
@@ -1706,6 +1711,13 @@ pub fn check_runs_within(batch: &PageBatch, vmas: &[Vma]) -> Result<(), WireErro
                 if let VmaKind::Special { name } = &v.kind {
                     return Err(invalid(format!(
                         "page run #{i} at {:#x} ({} pages) lies in special area {name}",
+                        r.addr, r.pages
+                    )));
+                }
+                if let VmaKind::Shmem { id, .. } = &v.kind {
+                    return Err(invalid(format!(
+                        "page run #{i} at {:#x} ({} pages) lies in shared memory object {id}: \
+                         its pages are not part of a process's memory",
                         r.addr, r.pages
                     )));
                 }

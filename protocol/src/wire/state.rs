@@ -267,10 +267,11 @@ impl DestState {
                         "Switchover before any pass was sent".into(),
                     ));
                 }
-                if self.pid != Some(image.pid) {
+                if self.pid != Some(image.root_pid()) {
                     return Err(WireError::Invalid(format!(
                         "Switchover image has pid {}, Prepare announced {:?}",
-                        image.pid, self.pid
+                        image.root_pid(),
+                        self.pid
                     )));
                 }
                 if self.source_host.as_ref() != Some(&image.host) {

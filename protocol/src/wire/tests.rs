@@ -39,7 +39,7 @@ fn prepare() -> ControlMsg {
 fn pass_start(pass: u32) -> ControlMsg {
     ControlMsg::PassStart {
         pass,
-        vmas: sample_image().vmas,
+        vmas: sample_image().tasks[0].vmas.clone(),
     }
 }
 
@@ -553,13 +553,13 @@ fn semantic_checks() {
         assert!(matches!(bad(m), WireError::Invalid(_)));
     }
     // Layouts: unsorted, unaligned.
-    let mut vmas = sample_image().vmas;
+    let mut vmas = sample_image().tasks[0].vmas.clone();
     vmas.swap(0, 1);
     assert!(matches!(
         bad(ControlMsg::PassStart { pass: 0, vmas }),
         WireError::Invalid(_)
     ));
-    let mut vmas = sample_image().vmas;
+    let mut vmas = sample_image().tasks[0].vmas.clone();
     vmas[1].end += 1;
     assert!(matches!(
         bad(ControlMsg::PassStart { pass: 0, vmas }),
@@ -567,7 +567,7 @@ fn semantic_checks() {
     ));
     // The image goes through ProcessImage::validate.
     let mut img = sample_image();
-    img.threads[1].tid = img.pid;
+    img.tasks[0].threads[1].tid = img.tasks[0].pid;
     assert!(matches!(
         bad(ControlMsg::Switchover {
             image: Box::new(img)
@@ -579,10 +579,10 @@ fn semantic_checks() {
 #[test]
 fn validate_vmas_agrees_with_image_validation() {
     let mut img = sample_image();
-    assert_eq!(validate_vmas(&img.vmas), Ok(()));
-    img.vmas[2].start = img.vmas[1].start;
+    assert_eq!(validate_vmas(&img.tasks[0].vmas), Ok(()));
+    img.tasks[0].vmas[2].start = img.tasks[0].vmas[1].start;
     assert_eq!(
-        validate_vmas(&img.vmas).err(),
+        validate_vmas(&img.tasks[0].vmas).err(),
         img.validate().err(),
         "same error as ProcessImage::validate"
     );
@@ -602,7 +602,7 @@ fn batch(runs: &[(u64, u32, bool)]) -> PageBatch {
 
 #[test]
 fn page_frames_round_trip_and_stay_inside_the_vmas() {
-    let vmas = sample_image().vmas; // file 0x400000-0x405000, heap 0x600000-0x621000, vdso
+    let vmas = sample_image().tasks[0].vmas.clone(); // file 0x400000-0x405000, heap 0x600000-0x621000, vdso
     let b = batch(&[
         (0x40_0000, 2, false),
         (0x60_0000, 0x21, true),
@@ -667,7 +667,7 @@ fn page_frame_rejections() {
     assert!(matches!(
         pf.decode_batch(
             &mut page_decoder(),
-            &sample_image().vmas,
+            &sample_image().tasks[0].vmas.clone(),
             &mut PageBatch::default()
         ),
         Err(WireError::Batch(_))
@@ -948,8 +948,8 @@ fn switchover_must_match_the_handshake() {
     st.accept(&pass_start(0)).unwrap();
     st.accept(&pass_end(0, 0, 0, 0)).unwrap();
     let mut img = sample_image();
-    img.pid = 4243;
-    img.threads.swap(0, 1);
+    img.tasks[0].pid = 4243;
+    img.tasks[0].threads.swap(0, 1);
     assert!(matches!(
         st.clone().accept(&ControlMsg::Switchover {
             image: Box::new(img)
@@ -994,7 +994,7 @@ fn random_mutations_never_panic() {
     samples.push(encode_lazy_frame(LazyOrigin::Requested, &encode_batch(&lb, 1)).unwrap());
     samples.push(encode_lazy_frame(LazyOrigin::Pushed, &encode_batch(&lb, 0)).unwrap());
     let owed = owed();
-    let vmas = sample_image().vmas;
+    let vmas = sample_image().tasks[0].vmas.clone();
     let mut dec = page_decoder();
     let mut out = PageBatch::default();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
@@ -1178,7 +1178,7 @@ fn page_request_rules() {
 
 #[test]
 fn spans_must_lie_in_anonymous_vmas() {
-    let vmas = sample_image().vmas; // file 0x400000-0x405000, anon heap 0x600000-0x621000, vdso
+    let vmas = sample_image().tasks[0].vmas.clone(); // file 0x400000-0x405000, anon heap 0x600000-0x621000, vdso
     check_spans_in_anonymous(&owed(), &vmas).unwrap();
     check_spans_in_anonymous(&[span(0x60_0000, 0x21)], &vmas).unwrap();
     check_spans_in_anonymous(&[], &vmas).unwrap();
