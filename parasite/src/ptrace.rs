@@ -135,6 +135,21 @@ impl Tracee {
         })
     }
 
+    /// Also trace processes this thread forks (`PTRACE_O_TRACEFORK` on top
+    /// of the seize options): a child it forks starts traced by us, in an
+    /// event stop. Used on restore stubs, which fork the restored tree.
+    pub fn trace_forks(&self) -> Result<()> {
+        let opts = SEIZE_OPTIONS | libc::PTRACE_O_TRACEFORK as c_long;
+        raw_ptrace(
+            libc::PTRACE_SETOPTIONS,
+            self.tid,
+            std::ptr::null_mut(),
+            opts as *mut c_void,
+        )
+        .map(drop)
+        .map_err(|e| Error::sys("PTRACE_SETOPTIONS", self.tid, e))
+    }
+
     /// Wrap a thread that the kernel auto-attached to us (a clone child).
     pub fn adopt(tid: pid_t) -> Tracee {
         Tracee {

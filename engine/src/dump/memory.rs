@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::procfs::{self, MapsEntry};
+use crate::shmem::ShmemCollector;
 use ferry_protocol::model::{FileMapping, Vma, VmaKind, PAGE_SIZE};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -17,17 +18,24 @@ const READ_CHUNK_PAGES: usize = 1024;
 pub const SPECIAL_AREAS: [&str; 3] = ["[vvar]", "[vvar_vclock]", "[vdso]"];
 
 /// Turn the maps of `pid` into image areas, refusing what cannot be restored.
+/// Shared memory areas get ids of their own (see [`collect_vmas_with`]).
 pub fn collect_vmas(pid: i32) -> Result<Vec<Vma>> {
+    collect_vmas_with(pid, &mut ShmemCollector::new())
+}
+
+/// [`collect_vmas`] with the shared memory objects of a tree: areas that map
+/// one get its id in `shmem`.
+pub fn collect_vmas_with(pid: i32, shmem: &mut ShmemCollector) -> Result<Vec<Vma>> {
     let mut out = Vec::new();
     for m in procfs::maps(pid)? {
-        if let Some(v) = classify(pid, &m)? {
+        if let Some(v) = classify(pid, &m, shmem)? {
             out.push(v);
         }
     }
     Ok(out)
 }
 
-fn classify(pid: i32, m: &MapsEntry) -> Result<Option<Vma>> {
+fn classify(pid: i32, m: &MapsEntry, shmem: &mut ShmemCollector) -> Result<Option<Vma>> {
     let unsupported = |what: String| Error::Unsupported { pid, what };
     let flags = if m.shared {
         libc::MAP_SHARED
@@ -42,6 +50,10 @@ fn classify(pid: i32, m: &MapsEntry) -> Result<Option<Vma>> {
         kind: VmaKind::Anonymous,
         name: None,
     };
+    if let Some((id, offset)) = shmem.vma_object(pid, m)? {
+        vma.kind = VmaKind::Shmem { id, offset };
+        return Ok(Some(vma));
+    }
     match m.path.as_deref() {
         Some("[vsyscall]") => return Ok(None),
         Some(name) if SPECIAL_AREAS.contains(&name) => {

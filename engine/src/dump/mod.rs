@@ -1,18 +1,29 @@
-//! Checkpoint: freeze a process, capture its whole state into an image
+//! Checkpoint: freeze a process tree, capture its whole state into an image
 //! directory, then kill it or let it run on.
+//!
+//! ```text
+//!  tree::FrozenTree::freeze   the root, then each child once its parent is frozen
+//!  per process: memory (areas; shared ones name a shmem object), threads,
+//!               mm, misc, files (fds naming open files by id)
+//!  files::FileCollector::finish   pipes' data, outside stdio
+//!  pages: one page store per process, one per shared memory object
+//! ```
 
-pub mod fds;
 pub mod memory;
 pub mod misc;
 pub mod mm;
 pub mod threads;
+pub mod tree;
 
 use crate::error::{Error, Result};
+use crate::files::FileCollector;
 use crate::freeze::Frozen;
+use crate::shmem::ShmemCollector;
 use ferry_parasite::remote::{find_syscall_insn, Injector};
-use ferry_protocol::image::write_process_image;
-use ferry_protocol::model::{ProcessImage, VmaKind, PAGE_SIZE};
-use ferry_protocol::pages::{PageStats, PageWriter};
+use ferry_protocol::image::write_tree_image;
+use ferry_protocol::model::{ProcessImage, TaskIdentity, TreeImage, VmaKind, PAGE_SIZE};
+use ferry_protocol::pages::{PageSpace, PageStats, PageWriter};
+use tree::FrozenTree;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -27,6 +38,9 @@ pub struct CheckpointOptions {
 #[derive(Debug, Clone)]
 pub struct CheckpointSummary {
     pub pid: i32,
+    /// Live processes of the tree (zombies not counted).
+    pub processes: usize,
+    /// Threads of all processes.
     pub threads: usize,
     pub pages: PageStats,
     /// Bytes of the process image file.
@@ -65,18 +79,19 @@ impl PageSink for PageWriter {
     }
 }
 
-/// A frozen process with its captured state, waiting for the caller's
+/// A frozen process tree with its captured state, waiting for the caller's
 /// decision: [`Captured::kill`] once the image has taken over (written to
-/// disk, or running elsewhere), or [`Captured::thaw`] to let the process go
-/// on untouched. Dropping it thaws the process (ptrace detach).
+/// disk, or running elsewhere), or [`Captured::thaw`] to let the tree go
+/// on untouched. Dropping it thaws the tree (ptrace detach).
 ///
 /// ptrace binds a tracee to the OS thread that seized it: create, kill and
 /// thaw a `Captured` on the same thread.
 pub struct Captured {
-    frozen: Frozen,
-    /// The captured state (memory contents go to a [`PageSink`]).
-    pub image: ProcessImage,
-    /// What the page store holds (for [`Captured::capture`]).
+    frozen: FrozenTree,
+    /// The captured state (memory contents go to [`PageSink`]s).
+    pub tree: TreeImage,
+    shmem: ShmemCollector,
+    /// What the page stores hold (for [`Captured::capture`]).
     pub pages: PageStats,
     /// Bytes of the process image file (for [`Captured::capture`]).
     pub image_bytes: u64,
@@ -84,36 +99,45 @@ pub struct Captured {
 }
 
 impl Captured {
-    /// Freeze `pid` and capture everything but memory contents; read those
-    /// with [`Captured::dump_pages`] while it stays frozen. On error the
-    /// process is resumed untouched.
+    /// Freeze `pid` and its descendants and capture everything but memory
+    /// contents; read those with [`Captured::dump_pages`] while they stay
+    /// frozen. On error the tree is resumed untouched.
     pub fn freeze(pid: i32) -> Result<Captured> {
-        let mut frozen = Frozen::freeze(pid)?;
+        let mut frozen = FrozenTree::freeze(pid)?;
         let frozen_at = Instant::now();
-        match capture_state(&mut frozen) {
-            Ok(image) => Ok(Captured {
+        let mut shmem = ShmemCollector::new();
+        match capture_tree(&mut frozen, &mut shmem) {
+            Ok(tree) => Ok(Captured {
                 frozen,
-                image,
+                tree,
+                shmem,
                 pages: PageStats::default(),
                 image_bytes: 0,
                 frozen_at,
             }),
             Err(e) => {
                 if let Err(te) = frozen.thaw() {
-                    tracing::error!("resuming {pid} after a failed checkpoint: {te}");
+                    tracing::error!("resuming the tree of {pid} after a failed checkpoint: {te}");
                 }
                 Err(e)
             }
         }
     }
 
-    /// Send every saved page of the frozen process to `sink`.
-    pub fn dump_pages(&self, sink: &mut dyn PageSink) -> Result<()> {
-        memory::dump_pages(self.image.pid, &self.image.vmas, sink)
+    /// The root process (the only one of a single-process tree).
+    pub fn task(&self) -> &ProcessImage {
+        &self.tree.tasks[0]
     }
 
-    /// Freeze `pid` and write its image into `dir`. On any error the
-    /// process is resumed untouched and the partial image files are removed.
+    /// Send every saved page of the frozen root process to `sink`.
+    pub fn dump_pages(&self, sink: &mut dyn PageSink) -> Result<()> {
+        let t = self.task();
+        memory::dump_pages(t.pid, &t.vmas, sink)
+    }
+
+    /// Freeze `pid` and its descendants and write their image into `dir`.
+    /// On any error the tree is resumed untouched and the partial image
+    /// files are removed.
     pub fn capture(pid: i32, dir: &Path) -> Result<Captured> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
@@ -131,7 +155,7 @@ impl Captured {
             Err(e) => {
                 remove_image_files(dir);
                 if let Err(te) = c.frozen.thaw() {
-                    tracing::error!("resuming {pid} after a failed checkpoint: {te}");
+                    tracing::error!("resuming the tree of {pid} after a failed checkpoint: {te}");
                 }
                 Err(e)
             }
@@ -139,33 +163,52 @@ impl Captured {
     }
 
     fn write_to(&mut self, dir: &Path) -> Result<()> {
-        let mut writer = PageWriter::create(dir)?;
-        self.dump_pages(&mut writer)?;
-        self.pages = writer.finish()?;
-        self.image_bytes = write_process_image(dir, &self.image)?;
+        let mut total = PageStats::default();
+        let mut add = |s: PageStats| {
+            total.batches += s.batches;
+            total.pages += s.pages;
+            total.zero_pages += s.zero_pages;
+            total.data_pages += s.data_pages;
+            total.raw_bytes += s.raw_bytes;
+            total.bytes_written += s.bytes_written;
+        };
+        for t in &self.tree.tasks {
+            let mut writer = PageWriter::create_space(dir, PageSpace::Task(t.pid))?;
+            memory::dump_pages(t.pid, &t.vmas, &mut writer)?;
+            add(writer.finish()?);
+        }
+        for obj in &self.tree.shmem {
+            let mut writer = PageWriter::create_space(dir, PageSpace::Shmem(obj.id))?;
+            self.shmem.dump_contents(obj.id, &mut writer)?;
+            add(writer.finish()?);
+        }
+        self.pages = total;
+        self.image_bytes = write_tree_image(dir, &self.tree)?;
         Ok(())
     }
 
-    /// Kill the process; returns how long it was frozen.
+    /// Kill the tree; returns how long it was frozen.
     pub fn kill(self) -> Result<Duration> {
         self.frozen.kill()?;
         Ok(self.frozen_at.elapsed())
     }
 
-    /// Let the process continue; returns how long it was frozen.
+    /// Let the tree continue; returns how long it was frozen.
     pub fn thaw(self) -> Result<Duration> {
         self.frozen.thaw()?;
         Ok(self.frozen_at.elapsed())
     }
 }
 
-/// Checkpoint `pid` into `dir`, then kill it or let it run on
-/// (`opts.leave_running`). On any error the process is resumed untouched
-/// and the partial image files are removed.
+/// Checkpoint `pid` and its descendants into `dir`, then kill them or let
+/// them run on (`opts.leave_running`). On any error the tree is resumed
+/// untouched and the partial image files are removed.
 pub fn checkpoint(pid: i32, dir: &Path, opts: &CheckpointOptions) -> Result<CheckpointSummary> {
     let t0 = Instant::now();
     let c = Captured::capture(pid, dir)?;
-    let (threads, pages, image_bytes) = (c.image.threads.len(), c.pages, c.image_bytes);
+    let processes = c.tree.tasks.len();
+    let threads = c.tree.tasks.iter().map(|t| t.threads.len()).sum();
+    let (pages, image_bytes) = (c.pages, c.image_bytes);
     let frozen = if opts.leave_running {
         c.thaw()?
     } else {
@@ -173,6 +216,7 @@ pub fn checkpoint(pid: i32, dir: &Path, opts: &CheckpointOptions) -> Result<Chec
     };
     Ok(CheckpointSummary {
         pid,
+        processes,
         threads,
         pages,
         image_bytes,
@@ -181,21 +225,53 @@ pub fn checkpoint(pid: i32, dir: &Path, opts: &CheckpointOptions) -> Result<Chec
     })
 }
 
+/// Remove the image files of a failed checkpoint from `dir`.
 fn remove_image_files(dir: &Path) {
-    for f in [
-        ferry_protocol::image::PROCESS_FILE,
-        ferry_protocol::pages::PAGES_FILE,
-    ] {
-        let _ = std::fs::remove_file(dir.join(f));
+    let _ = std::fs::remove_file(dir.join(ferry_protocol::image::PROCESS_FILE));
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let ours = (name.starts_with("pages-") || name.starts_with("shmem-"))
+            && name.ends_with(".img");
+        if ours {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
-/// Everything but memory contents, from a frozen process.
-fn capture_state(frozen: &mut Frozen) -> Result<ProcessImage> {
-    let pid = frozen.pid();
+/// Everything but memory contents, from a frozen tree.
+fn capture_tree(frozen: &mut FrozenTree, shmem: &mut ShmemCollector) -> Result<TreeImage> {
     let host = crate::host::host_info();
-    let fds = fds::collect(pid)?;
-    let vmas = memory::collect_vmas(pid)?;
+    let mut files = FileCollector::new();
+    let mut tasks = Vec::with_capacity(frozen.tasks.len());
+    for (id, f) in frozen.tasks.iter_mut() {
+        tasks.push(capture_task(*id, f, host.xstate_size, &mut files, shmem)?);
+    }
+    let (files, pipes) = files.finish()?;
+    Ok(TreeImage {
+        host,
+        tasks,
+        zombies: frozen.zombies.clone(),
+        files,
+        pipes,
+        shmem: shmem.objects(),
+    })
+}
+
+/// Everything but memory contents, from one frozen process.
+fn capture_task(
+    id: TaskIdentity,
+    frozen: &mut Frozen,
+    xstate_size: u32,
+    files: &mut FileCollector,
+    shmem: &mut ShmemCollector,
+) -> Result<ProcessImage> {
+    let pid = frozen.pid();
+    let fds = files.task(pid, shmem)?;
+    let vmas = memory::collect_vmas_with(pid, shmem)?;
     let vdso = vmas
         .iter()
         .find(|v| matches!(&v.kind, VmaKind::Special { name } if name == "[vdso]"))
@@ -208,7 +284,7 @@ fn capture_state(frozen: &mut Frozen) -> Result<ProcessImage> {
             pid,
             what: "a vDSO without a syscall instruction".into(),
         })?;
-    let xsize = host.xstate_size as usize;
+    let xsize = xstate_size as usize;
     let mut threads = Vec::new();
     for t in frozen.threads().iter_mut() {
         threads.push(threads::dump_thread(pid, t, syscall_ip, xsize)?);
@@ -222,22 +298,17 @@ fn capture_state(frozen: &mut Frozen) -> Result<ProcessImage> {
     let misc = misc::collect(pid, &mut inj);
     inj.finish()?;
     let (mm, misc) = (mm?, misc?);
-
-    let status = crate::procfs::read(pid, "status")?;
-    let ppid = crate::procfs::status_field(&status, "PPid")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let image = ProcessImage {
-        host,
+    Ok(ProcessImage {
         pid,
-        ppid,
+        ppid: id.ppid,
+        pgid: id.pgid,
+        sid: id.sid,
         vmas,
         mm,
         threads,
         fds,
         misc,
-    };
-    Ok(image)
+    })
 }
 
 fn ms(d: Duration) -> f64 {

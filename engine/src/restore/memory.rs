@@ -1,6 +1,7 @@
 //! Rebuilding the address space: vDSO areas moved into place, every area
 //! mapped, pages written, final protections set.
 
+use crate::shmem::{MapSource, ShmemHandles};
 use crate::error::{Error, Result};
 use crate::procfs;
 use ferry_parasite::remote::Injector;
@@ -78,13 +79,24 @@ pub fn place_special(inj: &mut Injector, pid: i32, vmas: &[Vma], tramp: (u64, u6
     Ok(())
 }
 
-/// Map every non-special area at its address, writable for now.
-pub fn map_areas(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
+/// Map every non-special area at its address, writable for now; shared
+/// memory areas map the objects the agent made (`shmem`).
+pub fn map_areas(inj: &mut Injector, vmas: &[Vma], shmem: &ShmemHandles) -> Result<()> {
     let mut fds: HashMap<(String, bool), u64> = HashMap::new();
     let result = (|| {
         for v in vmas {
             let (fd, off, mut flags, prot) = match &v.kind {
                 VmaKind::Special { .. } => continue,
+                VmaKind::Shmem { id, offset } => match shmem.map_source(*id)? {
+                    MapSource::SysV(shmid) => {
+                        attach_sysv(inj, v, shmid, *offset)?;
+                        continue;
+                    }
+                    MapSource::Path(p) => {
+                        let w = v.prot & libc::PROT_WRITE as u32 != 0;
+                        (open_in(inj, &mut fds, &p, w)?, *offset, libc::MAP_SHARED, v.prot)
+                    }
+                },
                 VmaKind::Anonymous => (
                     u64::MAX,
                     0,
@@ -129,6 +141,32 @@ pub fn map_areas(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
         let _ = inj.call("close", libc::SYS_close, &[fd]);
     }
     result
+}
+
+/// `shmat` SysV segment `shmid` at `v.start`: the whole segment only.
+fn attach_sysv(inj: &mut Injector, v: &Vma, shmid: i32, offset: u64) -> Result<()> {
+    if offset != 0 {
+        return Err(Error::Incompatible(format!(
+            "area {:#x}-{:#x} maps SysV segment {shmid} from offset {offset:#x}: only whole \
+             attachments can be restored",
+            v.start, v.end
+        )));
+    }
+    let mut flg = 0u64;
+    if v.prot & libc::PROT_WRITE as u32 == 0 {
+        flg |= libc::SHM_RDONLY as u64;
+    }
+    if v.prot & libc::PROT_EXEC as u32 != 0 {
+        flg |= 0o100000; // SHM_EXEC
+    }
+    let got = inj.call("shmat", libc::SYS_shmat, &[shmid as u64, v.start, flg])?;
+    if got != v.start {
+        return Err(Error::Incompatible(format!(
+            "SysV segment {shmid} attached at {got:#x} instead of {:#x}",
+            v.start
+        )));
+    }
+    Ok(())
 }
 
 fn open_in(
@@ -300,7 +338,7 @@ pub fn relayout(inj: &mut Injector, old: &[Vma], new: &[Vma]) -> Result<()> {
     for v in old.iter().filter(|v| !special(v) && !new.contains(v)) {
         inj.call("munmap(area)", libc::SYS_munmap, &[v.start, v.len()])?;
     }
-    map_areas(inj, &remapped(old, new))
+    map_areas(inj, &remapped(old, new), &ShmemHandles::default())
 }
 
 /// Give every area its final protection.

@@ -1,66 +1,88 @@
-//! Restore: rebuild a process from an image by remote control of a stub.
+//! Restore: rebuild a process tree from an image by remote control of
+//! stubs.
 //!
 //! ```text
-//!  preflight (host, PID/TIDs free, files unchanged)
-//!  stub::Stub::create      clone3(set_tid=PID), trampoline, tear down
-//!  memory::place_special   vvar/vdso to the recorded addresses
-//!  memory::map_areas/fill/protect
-//!  mm::apply               PR_SET_MM_MAP + exe
-//!  fds::install, misc::apply
-//!  threads::create/setup   clone3(set_tid=TID) per thread
-//!  signals, credentials, trampoline removed, registers, detach
+//!  preflight (host, PIDs/TIDs free, files unchanged)
+//!  shmem::ShmemHandles::create/fill   shared memory objects, once each
+//!  stub::Stub::create(root)           clone3(set_tid=PID), trampoline, tear down
+//!  tree::Builder::fork_all            every child forked from its parent's
+//!                                     empty stub (clone3 set_tid), sessions
+//!                                     and groups set, zombies made to exit
+//!  files::Opened::open_all            every open file once, in the agent
+//!  per process (build_task):
+//!    memory::place_special            vvar/vdso to the recorded addresses
+//!    memory::map_areas/fill/protect   private areas, shared objects mapped
+//!    mm::apply                        PR_SET_MM_MAP + exe
+//!    files::install, misc::apply
+//!    threads::create/setup            clone3(set_tid=TID) per thread
+//!    signals, credentials, trampoline removed, registers
+//!  shmem finish (seals), then every process resumes
 //! ```
+//!
+//! The tree's order is the kernel's: a session is made (`setsid`) by its
+//! leader before it forks the rest of the session, a process group is
+//! joined (`setpgid`) once its leader exists, parents come before their
+//! children (a child can only be forked by its parent), shared objects
+//! before the processes that use them, and zombies last (they exit as soon
+//! as they exist, with their recorded status, and their parent's SIGCHLD is
+//! taken back unless it was pending at the checkpoint).
+//!
+//! [`Restorer`] builds a single process as its pages arrive (pre-copy
+//! migration); [`restore`] builds a whole tree from an image directory.
 
-pub mod fds;
 pub mod memory;
 pub mod misc;
 pub mod mm;
 pub mod stub;
 pub mod threads;
+pub mod tree;
 
 use crate::error::{Error, Result};
+use crate::files::{Opened, StdioPolicy};
+use crate::shmem::ShmemHandles;
 use ferry_parasite::Tracee;
-use ferry_protocol::image::read_process_image;
-use ferry_protocol::model::{HostInfo, ProcessImage, Vma, VmaKind};
-use ferry_protocol::pages::{PageBatch, PageReader};
+use ferry_protocol::model::{HostInfo, ProcessImage, TreeImage, Vma, VmaKind};
+use ferry_protocol::pages::PageBatch;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+pub use tree::restore;
 
 /// Top of the user address space on x86-64.
 pub const TASK_SIZE: u64 = 0x0000_7fff_ffff_f000;
 
+/// How to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Where stdio that reached outside the tree goes.
+    pub stdio: StdioPolicy,
+}
+
 /// What a restore did.
 #[derive(Debug, Clone)]
 pub struct RestoreSummary {
+    /// The root's PID.
     pub pid: i32,
+    /// Live processes restored.
+    pub processes: usize,
+    /// Threads of all processes.
     pub threads: usize,
     pub pages: u64,
     pub duration: Duration,
-}
-
-/// Recreate the process saved in `dir` with its PID and TIDs, and let it run.
-pub fn restore(dir: &Path) -> Result<RestoreSummary> {
-    let img = read_process_image(dir)?;
-    check_executable(&img)?;
-    let tids: Vec<i32> = img.threads.iter().map(|t| t.tid).collect();
-    let mut r = Restorer::begin(img.pid, &tids, &img.host, &img.vmas)?;
-    let mut reader = PageReader::open(dir)?;
-    let mut batch = PageBatch::default();
-    while reader.read_batch_into(&mut batch)? {
-        r.write_batch(&batch)?;
-    }
-    r.complete(&img)
+    /// The log file that took the place of stdio reaching outside the tree.
+    pub stdio_log: Option<PathBuf>,
 }
 
 /// Refuse early, with the reason, what cannot work here: another kind of
-/// host, a PID or TID in use, a mapped file changed, the executable missing.
-pub fn preflight(img: &ProcessImage) -> Result<()> {
+/// host, a PID or TID in use, a mapped file changed, an executable missing.
+pub fn preflight(img: &TreeImage) -> Result<()> {
     check_host(&img.host)?;
-    let tids: Vec<i32> = img.threads.iter().map(|t| t.tid).collect();
-    check_ids_free(img.pid, &tids)?;
-    check_files(&img.vmas)?;
-    check_executable(img)
+    check_ids_free(&img.all_ids())?;
+    for t in &img.tasks {
+        check_files(&t.vmas)?;
+        check_executable(t)?;
+    }
+    Ok(())
 }
 
 /// The image's host must be compatible with this one.
@@ -71,13 +93,12 @@ pub fn check_host(host: &HostInfo) -> Result<()> {
     }
 }
 
-/// The PID and every TID must be free here.
-pub fn check_ids_free(pid: i32, tids: &[i32]) -> Result<()> {
-    for &t in std::iter::once(&pid).chain(tids) {
+/// Every PID and TID must be free here.
+pub fn check_ids_free(ids: &[i32]) -> Result<()> {
+    for &t in ids {
         if crate::procfs::exists(t) {
-            let what = if t == pid { "PID" } else { "TID" };
             return Err(Error::Incompatible(format!(
-                "{what} {t} is already in use on this host"
+                "PID/TID {t} is already in use on this host"
             )));
         }
     }
@@ -116,17 +137,18 @@ pub fn check_files(vmas: &[Vma]) -> Result<()> {
 fn check_executable(img: &ProcessImage) -> Result<()> {
     if !Path::new(&img.mm.exe_path).exists() {
         return Err(Error::Incompatible(format!(
-            "executable {} is missing",
-            img.mm.exe_path
+            "executable {} of process {} is missing",
+            img.mm.exe_path, img.pid
         )));
     }
     Ok(())
 }
 
-/// A restore in progress: the stub runs with the image's PID, its address
-/// space is mapped (writable for now), and pages can be written into it as
-/// they arrive; [`Restorer::complete`] applies the rest of the state and
-/// lets the process run. Dropping it kills the stub.
+/// A single-process restore in progress (the pre-copy migration's): the
+/// stub runs with the image's PID, its address space is mapped (writable
+/// for now), and pages can be written into it as they arrive;
+/// [`Restorer::complete`] applies the rest of the state and lets the
+/// process run. Dropping it kills the stub.
 ///
 /// ptrace binds the stub to the OS thread that created it: call every
 /// method on that thread.
@@ -137,6 +159,7 @@ pub struct Restorer {
     /// A pass after the first: zero pages must drop earlier contents.
     later_pass: bool,
     t0: Instant,
+    stdio: StdioPolicy,
 }
 
 impl Restorer {
@@ -145,7 +168,9 @@ impl Restorer {
     pub fn begin(pid: i32, tids: &[i32], host: &HostInfo, vmas: &[Vma]) -> Result<Restorer> {
         let t0 = Instant::now();
         check_host(host)?;
-        check_ids_free(pid, tids)?;
+        let mut ids = vec![pid];
+        ids.extend(tids.iter().filter(|&&t| t != pid));
+        check_ids_free(&ids)?;
         check_files(vmas)?;
         let mut stub = stub::Stub::create(pid, vmas)?;
         let tramp = stub.tramp_range();
@@ -153,7 +178,7 @@ impl Restorer {
             let stub_pid = stub.pid;
             let mut inj = stub.injector()?;
             memory::place_special(&mut inj, stub_pid, vmas, tramp)?;
-            memory::map_areas(&mut inj, vmas)?;
+            memory::map_areas(&mut inj, vmas, &ShmemHandles::default())?;
         }
         Ok(Restorer {
             filler: memory::PageFiller::new(stub.pid, vmas),
@@ -161,7 +186,14 @@ impl Restorer {
             vmas: vmas.to_vec(),
             later_pass: false,
             t0,
+            stdio: StdioPolicy::in_dir(Path::new("/var/log/ferry"), pid),
         })
+    }
+
+    /// Where stdio that reached outside the process goes (default:
+    /// `/var/log/ferry/ferry-PID.log`).
+    pub fn set_stdio(&mut self, stdio: StdioPolicy) {
+        self.stdio = stdio;
     }
 
     /// The PID of the process being built.
@@ -202,9 +234,10 @@ impl Restorer {
         Ok(())
     }
 
-    /// Apply everything else from `img` (whose memory layout must be the
-    /// one given to [`Restorer::begin`]) and let the process run.
-    pub fn complete(self, img: &ProcessImage) -> Result<RestoreSummary> {
+    /// Apply everything else from `img` (a tree of this one process, whose
+    /// memory layout must be the one given to [`Restorer::begin`]) and let
+    /// the process run.
+    pub fn complete(self, img: &TreeImage) -> Result<RestoreSummary> {
         let ready = self.finish(img)?;
         ready.resume()
     }
@@ -214,7 +247,7 @@ impl Restorer {
     /// dropped instead, or this program dies first, the process is killed
     /// (ptrace's exit-kill), so a migration that is not confirmed leaves
     /// nothing running here.
-    pub fn finish(self, img: &ProcessImage) -> Result<Ready> {
+    pub fn finish(self, img: &TreeImage) -> Result<Ready> {
         self.finish_with(img, None)
     }
 
@@ -222,29 +255,42 @@ impl Restorer {
     /// (spans `(addr, pages)` inside private anonymous areas) are dropped
     /// and registered with a userfaultfd instead; [`Ready::take_uffd`] hands
     /// it over, to be served before the process resumes.
-    pub fn finish_lazy(self, img: &ProcessImage, owed: &[(u64, u64)]) -> Result<Ready> {
+    pub fn finish_lazy(self, img: &TreeImage, owed: &[(u64, u64)]) -> Result<Ready> {
         self.finish_with(img, Some(owed))
     }
 
-    fn finish_with(mut self, img: &ProcessImage, owed: Option<&[(u64, u64)]>) -> Result<Ready> {
-        if img.pid != self.stub.pid || img.vmas != self.vmas {
+    fn finish_with(mut self, img: &TreeImage, owed: Option<&[(u64, u64)]>) -> Result<Ready> {
+        let task = match (img.tasks.as_slice(), img.zombies.is_empty(), img.shmem.is_empty()) {
+            ([t], true, true) => t,
+            _ => {
+                return Err(Error::Incompatible(
+                    "this restore builds one process; the image holds a process tree or \
+                     shared memory"
+                        .into(),
+                ))
+            }
+        };
+        if task.pid != self.stub.pid || task.vmas != self.vmas {
             return Err(Error::Incompatible(
                 "the image's PID or memory layout differs from the one being built".into(),
             ));
         }
         if owed.is_some() {
             crate::lazy::uffd::kernel_support().map_err(|what| Error::Unsupported {
-                pid: img.pid,
+                pid: task.pid,
                 what: format!("lazy pages: {what}"),
             })?;
         }
-        let uffd = build(&mut self.stub, img, owed)?;
+        let opened = Opened::open_all(img, &ShmemHandles::default(), &self.stdio)?;
+        let uffd = build_task(&mut self.stub, task, &opened, owed)?;
         Ok(Ready {
             summary: RestoreSummary {
-                pid: img.pid,
-                threads: img.threads.len(),
+                pid: task.pid,
+                processes: 1,
+                threads: task.threads.len(),
                 pages: self.filler.pages,
                 duration: self.t0.elapsed(),
+                stdio_log: opened.stdio_log.clone(),
             },
             stub: self.stub,
             uffd,
@@ -284,13 +330,14 @@ impl Ready {
 /// Everything after the pages: protections, mm, fds, signals, threads,
 /// credentials, registers. Threads stay stopped. With `owed` (lazy), those
 /// pages are dropped and a userfaultfd is armed over them.
-fn build(
+pub(crate) fn build_task(
     stub: &mut stub::Stub,
     img: &ProcessImage,
+    opened: &Opened,
     owed: Option<&[(u64, u64)]>,
 ) -> Result<Option<userfaultfd::Uffd>> {
     let mut others = Vec::new();
-    let r = apply_state(stub, img, owed, &mut others);
+    let r = apply_state(stub, img, opened, owed, &mut others);
     // Tracked by the stub in every case: killed with it on failure.
     stub.others.append(&mut others);
     let Some(fd) = r? else {
@@ -320,6 +367,7 @@ fn merged_spans(spans: &[(u64, u64)]) -> Vec<(u64, u64)> {
 fn apply_state(
     stub: &mut stub::Stub,
     img: &ProcessImage,
+    opened: &Opened,
     owed: Option<&[(u64, u64)]>,
     others: &mut Vec<Tracee>,
 ) -> Result<Option<std::os::fd::OwnedFd>> {
@@ -330,7 +378,7 @@ fn apply_state(
         let mut inj = stub.injector()?;
         memory::protect(&mut inj, &img.vmas)?;
         mm::apply(&mut inj, &img.mm)?;
-        fds::install(&mut inj, &img.fds)?;
+        crate::files::install(&mut inj, &img.fds, opened)?;
         misc::apply(&mut inj, &img.misc)?;
         if owed.is_some() {
             // Before the credentials drop: see lazy::uffd.

@@ -134,6 +134,57 @@ impl Stub {
         Ok(stub)
     }
 
+    /// Fork a child of this stub (which must be torn down already) with PID
+    /// `pid`: a copy of the empty shell, trampoline included, stopped and
+    /// traced by us. With `exit_signal` SIGCHLD, as `fork` does.
+    pub fn fork_child(&mut self, pid: i32) -> Result<Stub> {
+        let parent = self.pid;
+        let mut inj = self.injector()?;
+        inj.tracee().trace_forks()?;
+        let pid_addr = inj.put(1024, &(pid as u32).to_le_bytes())?;
+        // struct clone_args: flags, pidfd, child_tid, parent_tid,
+        // exit_signal, stack, stack_size, tls, set_tid, set_tid_size, cgroup
+        let args: [u64; 11] = [0, 0, 0, 0, libc::SIGCHLD as u64, 0, 0, 0, pid_addr, 1, 0];
+        let bytes: Vec<u8> = args.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let args_addr = inj.put(0, &bytes)?;
+        let (r, ev) = inj.call_raw(libc::SYS_clone3, &[args_addr, bytes.len() as u64])?;
+        if r == -(libc::EEXIST as i64) {
+            return Err(Error::Incompatible(format!(
+                "PID {pid} is already in use on this host"
+            )));
+        }
+        let new = ferry_parasite::remote::check(parent, "clone3(child)", r)? as i32;
+        if new != pid || ev.new_child != Some(pid) {
+            return Err(Error::Incompatible(format!(
+                "child of {parent} created with PID {new} instead of {pid}"
+            )));
+        }
+        let mut child = Stub {
+            pid,
+            main: None,
+            others: Vec::new(),
+            tramp: self.tramp,
+            armed: true,
+        };
+        let mut t = Tracee::adopt(pid);
+        t.wait_event_stop()?;
+        child.main = Some(t);
+        Ok(child)
+    }
+
+    /// Let the main thread go from `regs` (e.g. at the trampoline's
+    /// `syscall` with an `exit_group`), untraced: the stub is no longer ours.
+    pub fn release_at(mut self, regs: &libc::user_regs_struct) -> Result<()> {
+        let t = self
+            .main
+            .take()
+            .ok_or_else(|| Error::Incompatible("stub has no main thread".into()))?;
+        self.armed = false;
+        t.set_regs(regs)?;
+        t.detach()?;
+        Ok(())
+    }
+
     /// The address range of the trampoline (code page and scratch pages).
     pub fn tramp_range(&self) -> (u64, u64) {
         (self.tramp, self.tramp + (1 + SCRATCH_PAGES) * PAGE_SIZE)

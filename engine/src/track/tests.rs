@@ -241,7 +241,7 @@ static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 
 impl Drop for Target {
     fn drop(&mut self) {
-        crate::dump::fds::testkit::kill_and_reap(self.pid);
+        crate::files::testkit::kill_and_reap(self.pid);
         let _ = std::fs::remove_file(&self._tmp);
     }
 }

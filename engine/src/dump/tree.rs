@@ -1,0 +1,188 @@
+//! Freezing a whole process tree: the root and every descendant.
+//!
+//! The tree is walked from the root down, each process frozen (every
+//! thread in a ptrace stop) *before* its children are read from
+//! `/proc/PID/task/TID/children`: a frozen process cannot fork, so no child
+//! is missed. Children that already exited but were not reaped (zombies)
+//! are recorded, not frozen. Anything the tree cannot be restored with is
+//! refused here, before any state is read, and everything frozen so far is
+//! let go.
+
+use crate::error::{Error, Result};
+use crate::freeze::Frozen;
+use crate::procfs;
+use ferry_protocol::model::{TaskIdentity, Zombie};
+use std::collections::VecDeque;
+
+/// `kcmp` types for the resources a clone may share.
+const KCMP_VM: i64 = 1;
+const KCMP_FILES: i64 = 2;
+const KCMP_FS: i64 = 3;
+const KCMP_SIGHAND: i64 = 4;
+
+/// A frozen tree: live processes (parents before children) and zombies.
+pub struct FrozenTree {
+    /// Live processes, root first, each after its parent.
+    pub tasks: Vec<(TaskIdentity, Frozen)>,
+    pub zombies: Vec<Zombie>,
+}
+
+impl FrozenTree {
+    /// Freeze `root` and all its descendants. On error every process frozen
+    /// so far is resumed untouched.
+    pub fn freeze(root: i32) -> Result<FrozenTree> {
+        let mut tree = FrozenTree {
+            tasks: Vec::new(),
+            zombies: Vec::new(),
+        };
+        match tree.walk(root) {
+            Ok(()) => Ok(tree),
+            Err(e) => {
+                if let Err(te) = tree.thaw() {
+                    tracing::error!("resuming the tree of {root} after a failed freeze: {te}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn walk(&mut self, root: i32) -> Result<()> {
+        let mut queue = VecDeque::from([root]);
+        while let Some(pid) = queue.pop_front() {
+            let frozen = Frozen::freeze(pid)?;
+            let id = identity(pid)?;
+            self.tasks.push((id, frozen));
+            for child in children(pid)? {
+                let st = procfs::stat(child)?;
+                if st.state() == 'Z' || st.state() == 'X' {
+                    self.zombies.push(Zombie {
+                        pid: child,
+                        ppid: pid,
+                        pgid: st.field(5)? as i32,
+                        sid: st.field(6)? as i32,
+                        wait_status: st.field(52)? as i32,
+                    });
+                } else {
+                    queue.push_back(child);
+                }
+            }
+        }
+        self.check()
+    }
+
+    /// Refuse what a restore cannot give back: resources shared between
+    /// processes (not threads) by `clone` flags, and sessions a child
+    /// cannot get again (neither its parent's nor its own).
+    fn check(&self) -> Result<()> {
+        for (i, (a, _)) in self.tasks.iter().enumerate() {
+            for (b, _) in &self.tasks[i + 1..] {
+                for (ty, what) in [
+                    (KCMP_VM, "its address space (vfork or CLONE_VM)"),
+                    (KCMP_FILES, "its fd table (CLONE_FILES)"),
+                    (KCMP_FS, "its cwd/root/umask (CLONE_FS)"),
+                    (KCMP_SIGHAND, "its signal handlers (CLONE_SIGHAND)"),
+                ] {
+                    if kcmp(a.pid, b.pid, ty).map_err(|e| {
+                        Error::io(format!("kcmp of processes {} and {}", a.pid, b.pid), e)
+                    })? {
+                        return Err(Error::Unsupported {
+                            pid: b.pid,
+                            what: format!("a process that shares {what} with process {}", a.pid),
+                        });
+                    }
+                }
+            }
+        }
+        let ids = self
+            .tasks
+            .iter()
+            .map(|(t, _)| (t.pid, t.ppid, t.sid))
+            .chain(self.zombies.iter().map(|z| (z.pid, z.ppid, z.sid)));
+        for (pid, ppid, sid) in ids.skip(1) {
+            let parent_sid = self.tasks.iter().find(|(t, _)| t.pid == ppid).map(|(t, _)| t.sid);
+            if sid != pid && Some(sid) != parent_sid {
+                return Err(Error::Unsupported {
+                    pid,
+                    what: format!(
+                        "a process in session {sid}, which is neither its own nor its parent's"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The root's PID.
+    pub fn root(&self) -> i32 {
+        self.tasks.first().map_or(0, |(t, _)| t.pid)
+    }
+
+    /// Let every process run on, untouched (children first, the root last).
+    pub fn thaw(self) -> Result<()> {
+        let mut first = None;
+        for (_, f) in self.tasks.into_iter().rev() {
+            if let Err(e) = f.thaw() {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Kill every process of the tree (children first) and wait until each
+    /// is gone.
+    pub fn kill(self) -> Result<()> {
+        let mut first = None;
+        for (_, f) in self.tasks.into_iter().rev() {
+            if let Err(e) = f.kill() {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// PID, parent, process group and session of `pid` (from its stat).
+pub fn identity(pid: i32) -> Result<TaskIdentity> {
+    let st = procfs::stat(pid)?;
+    Ok(TaskIdentity {
+        pid,
+        ppid: st.field(4)? as i32,
+        pgid: st.field(5)? as i32,
+        sid: st.field(6)? as i32,
+    })
+}
+
+/// The children of every thread of `pid`.
+pub fn children(pid: i32) -> Result<Vec<i32>> {
+    let mut out = Vec::new();
+    for tid in procfs::tasks(pid)? {
+        let path = format!("/proc/{pid}/task/{tid}/children");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            // A thread that exited meanwhile has no children.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(Error::io(format!("reading {path}"), e)),
+        };
+        for w in text.split_whitespace() {
+            let c = w
+                .parse::<i32>()
+                .map_err(|_| Error::parse(path.clone(), w.to_string()))?;
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// `kcmp(a, b, ty, 0, 0) == 0`: the two processes share that resource.
+fn kcmp(a: i32, b: i32, ty: i64) -> std::io::Result<bool> {
+    // SAFETY: integer arguments only; kcmp reads no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, a, b, ty, 0, 0) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r == 0)
+    }
+}

@@ -1,0 +1,149 @@
+//! Thin wrappers around the system calls the file kinds need; each owns
+//! the fds it returns.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// `pidfd_open(pid, 0)`.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers; on success it returns a new
+    // fd that nothing else owns, which we wrap exactly once.
+    unsafe {
+        let r = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(r as RawFd))
+    }
+}
+
+/// `pidfd_getfd(pidfd, fd, 0)`: a copy (close-on-exec) of another
+/// process's fd.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: integer arguments only; a successful call returns a new fd
+    // that nothing else owns, which we wrap exactly once.
+    unsafe {
+        let r = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(r as RawFd))
+    }
+}
+
+/// `fcntl(fd, cmd, arg)` for commands taking and returning an int.
+pub fn fcntl(fd: BorrowedFd<'_>, cmd: libc::c_int, arg: libc::c_int) -> io::Result<i32> {
+    // SAFETY: only called with commands whose argument is an int.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, arg) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Bytes waiting in a pipe (`FIONREAD`).
+pub fn fionread(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into `n`, a valid local.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n.max(0) as usize)
+    }
+}
+
+/// `pipe2(flags)`: `(read end, write end)`.
+pub fn pipe2(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two ints into `fds`; on success both are new
+    // fds that nothing else owns, wrapped exactly once.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), flags) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
+/// `tee(fd_in, fd_out, len, flags)`: bytes copied.
+pub fn tee(
+    fd_in: BorrowedFd<'_>,
+    fd_out: BorrowedFd<'_>,
+    len: usize,
+    flags: libc::c_uint,
+) -> io::Result<usize> {
+    // SAFETY: integer arguments only.
+    let r = unsafe { libc::tee(fd_in.as_raw_fd(), fd_out.as_raw_fd(), len, flags) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// `open(path, flags)` (no mode: never creates).
+pub fn open(path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: `path` is a valid NUL-terminated string; a successful call
+    // returns a new fd that nothing else owns, wrapped exactly once.
+    unsafe {
+        let r = libc::open(path.as_ptr(), flags);
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(r))
+    }
+}
+
+/// `lseek(fd, pos, SEEK_SET)`.
+pub fn seek_set(fd: BorrowedFd<'_>, pos: u64) -> io::Result<()> {
+    let pos = i64::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: integer arguments only.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), pos, libc::SEEK_SET) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `fstat(fd)`.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    // SAFETY: `struct stat` is plain old data (all-zero is valid) and
+    // fstat writes at most one of them into `st`.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd.as_raw_fd(), &mut st) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st)
+    }
+}
+
+/// `kcmp(pid1, pid2, KCMP_FILE, fd1, fd2) == 0`: the two fds refer to the
+/// same open file description.
+pub fn same_file(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: integer arguments only; kcmp reads no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r == 0)
+    }
+}
+
+/// `open(path, flags, mode)` that may create the file.
+pub fn open_mode(path: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    // SAFETY: `path` is a valid NUL-terminated string; a successful call
+    // returns a new fd that nothing else owns, wrapped exactly once.
+    unsafe {
+        let r = libc::open(path.as_ptr(), flags, mode);
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(r))
+    }
+}
