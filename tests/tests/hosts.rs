@@ -1,8 +1,9 @@
 //! `scripts/hosts`: two hosts on one machine. Host A (a network namespace,
-//! root pid namespace) and host B (a network namespace plus its own pid
-//! namespace with its own /proc) are joined by a veth pair in 198.18.0.0/15;
-//! `down` removes everything, also what a failed `up` left, and may be run
-//! any number of times.
+//! root pid and IPC namespaces, the host's /dev/shm) and host B (a network
+//! namespace plus its own pid namespace with its own /proc, its own IPC
+//! namespace and its own /dev/shm) are joined by a veth pair in
+//! 198.18.0.0/15; `down` removes everything, also what a failed `up` left,
+//! and may be run any number of times.
 mod common;
 
 use std::collections::BTreeSet;
@@ -530,4 +531,383 @@ fn down_is_idempotent_and_up_cleans_up_after_a_failure() {
     hosts.exec("exec-b", &["true"]);
     hosts.down();
     hosts.assert_gone();
+}
+
+/// The host's mounts (this test process's mount namespace, as `findmnt`
+/// shows it) on /dev/shm or below: "ID PARENT FSTYPE SOURCE TARGET" each.
+fn host_shm_mounts() -> Vec<String> {
+    let out = Command::new("findmnt")
+        .args([
+            "--noheadings",
+            "--raw",
+            "--output",
+            "ID,PARENT,FSTYPE,SOURCE,TARGET",
+        ])
+        .output()
+        .expect("run findmnt");
+    assert!(
+        out.status.success(),
+        "findmnt failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            let target = l.split_whitespace().nth(4).unwrap_or("");
+            target == "/dev/shm" || target.starts_with("/dev/shm/")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every PID in /proc (of our pid namespace).
+fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .collect()
+}
+
+/// Processes that have mount source `source` in their mount namespace.
+fn pids_seeing_mount(source: &str) -> Vec<i32> {
+    let needle = format!(" - tmpfs {source} ");
+    all_pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+                .is_ok_and(|m| m.contains(&needle))
+        })
+        .collect()
+}
+
+/// Processes that are in namespace `id` ("ipc:[INODE]") or hold an fd on it.
+fn pids_holding_ns(kind: &str, id: &str) -> Vec<i32> {
+    all_pids()
+        .into_iter()
+        .filter(|pid| {
+            let own = std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+                .is_ok_and(|l| l.as_os_str() == id);
+            own || std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|rd| {
+                rd.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .any(|l| l.as_os_str() == id)
+            })
+        })
+        .collect()
+}
+
+/// (key, shmid) of every SysV segment `ipcs -m` printed.
+fn parse_ipcs_m(out: &str) -> Vec<(u32, i32)> {
+    out.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let key = u32::from_str_radix(it.next()?.strip_prefix("0x")?, 16).ok()?;
+            Some((key, it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// What the IPC test made on A and on B. Drop removes all of it, also
+/// when the test fails half-way: A's from this process (which is in A's IPC
+/// namespace and sees A's /dev/shm), B's through exec-b while B is up.
+struct IpcMade<'a> {
+    hosts: &'a Hosts,
+    /// SysV shmids in A's (the host's) IPC namespace.
+    a_shm: Vec<i32>,
+    /// Files in the host's /dev/shm.
+    a_files: Vec<PathBuf>,
+    /// (key, shmid) of SysV segments made on B.
+    b_shm: Vec<(u32, i32)>,
+    /// Paths (in B's /dev/shm) of files made on B.
+    b_files: Vec<String>,
+}
+
+impl IpcMade<'_> {
+    /// Remove everything recorded; returns what could not be removed.
+    fn clean(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for id in self.a_shm.drain(..) {
+            // SAFETY: IPC_RMID on a segment id this test created; no buffer.
+            if unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) } != 0 {
+                errors.push(format!(
+                    "shmctl({id}, IPC_RMID) on A: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        for f in self.a_files.drain(..) {
+            if let Err(e) = std::fs::remove_file(&f) {
+                errors.push(format!("remove {} on A: {e}", f.display()));
+            }
+        }
+        let b_up = self.hosts.run(&["exec-b", "true"], &[]).status.success();
+        for (key, id) in self.b_shm.drain(..) {
+            if b_up {
+                let out = self
+                    .hosts
+                    .run(&["exec-b", "ipcrm", "-m", &id.to_string()], &[]);
+                if !out.status.success() {
+                    errors.push(format!("ipcrm -m {id} on B: {}", out.stderr.trim()));
+                }
+            } else {
+                // B is gone and its segments with it, unless it shared our
+                // IPC namespace after all: then remove it here, if both its
+                // key and its id are still the ones B reported.
+                let seen = std::fs::read_to_string("/proc/sysvipc/shm").unwrap_or_default();
+                let ours = seen.lines().skip(1).any(|l| {
+                    let mut it = l.split_whitespace();
+                    it.next().and_then(|k| k.parse::<i64>().ok()) == Some(key as i32 as i64)
+                        && it.next().and_then(|i| i.parse::<i32>().ok()) == Some(id)
+                });
+                // SAFETY: IPC_RMID on the segment B made; no buffer.
+                if ours && unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) } != 0 {
+                    errors.push(format!("shmctl({id}, IPC_RMID) of B's segment on the host"));
+                }
+            }
+        }
+        for f in self.b_files.drain(..) {
+            if b_up {
+                let out = self.hosts.run(&["exec-b", "rm", "--", &f], &[]);
+                if !out.status.success() {
+                    errors.push(format!("rm {f} on B: {}", out.stderr.trim()));
+                }
+            } else {
+                // Only there if B's /dev/shm was the host's; the name is ours.
+                let _ = std::fs::remove_file(&f);
+            }
+        }
+        errors
+    }
+}
+
+impl Drop for IpcMade<'_> {
+    fn drop(&mut self) {
+        let _ = self.clean();
+    }
+}
+
+/// A new SysV segment of `size` bytes in this process's IPC namespace,
+/// under a key of its own; returns (key, shmid).
+fn shm_create_here(size: usize) -> (u32, i32) {
+    for i in 0..256u32 {
+        let key = 0x4600_0000 | ((std::process::id() & 0xffff) << 8) | i;
+        // SAFETY: shmget with integer arguments.
+        let id = unsafe {
+            libc::shmget(
+                key as libc::key_t,
+                size,
+                libc::IPC_CREAT | libc::IPC_EXCL | 0o600,
+            )
+        };
+        if id >= 0 {
+            return (key, id);
+        }
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "shmget: {e}");
+    }
+    panic!("no free SysV key for this test");
+}
+
+/// "present" or "absent": whether `path` exists where `cmd` (exec-a or
+/// exec-b) runs.
+fn exists_on(hosts: &Hosts, cmd: &str, path: &str) -> bool {
+    let out = hosts.exec(
+        cmd,
+        &[
+            "sh",
+            "-c",
+            "if [ -e \"$1\" ]; then echo present; else echo absent; fi",
+            "sh",
+            path,
+        ],
+    );
+    match out.trim() {
+        "present" => true,
+        "absent" => false,
+        o => panic!("{cmd} printed {o:?} for the existence of {path}"),
+    }
+}
+
+#[test]
+fn b_has_its_own_ipc_namespace_and_dev_shm() {
+    use std::os::unix::fs::MetadataExt;
+    let _serial = common::setup();
+    let hosts = Hosts::new("i");
+    let shm_mounts = host_shm_mounts();
+    let host_shm_dev = std::fs::metadata("/dev/shm").expect("stat /dev/shm").dev();
+    let source = format!("shm-{}", hosts.netns_b());
+
+    hosts.up();
+    assert_eq!(
+        host_shm_mounts(),
+        shm_mounts,
+        "up changed the host's mounts on /dev/shm"
+    );
+    let env = hosts.run(&["env"], &[]).ok("env").stdout;
+    let b_init: i32 = env
+        .lines()
+        .find_map(|l| l.strip_prefix("FERRY_HOST_B_INIT_PID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no FERRY_HOST_B_INIT_PID in `env`:\n{env}"));
+    let mut made = IpcMade {
+        hosts: &hosts,
+        a_shm: Vec::new(),
+        a_files: Vec::new(),
+        b_shm: Vec::new(),
+        b_files: Vec::new(),
+    };
+
+    // exec-a is in our IPC namespace; every exec-b in B's, not ours.
+    let ipc_a = hosts.exec("exec-a", &["readlink", "/proc/self/ns/ipc"]);
+    assert_eq!(
+        ipc_a.trim(),
+        own_ns("ipc"),
+        "exec-a is not in the host's IPC namespace"
+    );
+    let ipc_b = std::fs::read_link(format!("/proc/{b_init}/ns/ipc"))
+        .expect("readlink B's init ipc ns")
+        .to_string_lossy()
+        .into_owned();
+    assert_ne!(
+        ipc_b,
+        own_ns("ipc"),
+        "B's init is in the host's IPC namespace"
+    );
+    for _ in 0..2 {
+        let ipc = hosts.exec("exec-b", &["readlink", "/proc/self/ns/ipc"]);
+        assert_eq!(ipc.trim(), ipc_b, "exec-b is not in B's IPC namespace");
+    }
+    let mnt_b = std::fs::read_link(format!("/proc/{b_init}/ns/mnt"))
+        .expect("readlink B's init mnt ns")
+        .to_string_lossy()
+        .into_owned();
+
+    // B's /dev/shm: a tmpfs of its own, mode 1777, seen by B only; A's is
+    // the host's.
+    let st = hosts.exec("exec-b", &["stat", "-f", "-c", "%T", "/dev/shm"]);
+    assert_eq!(st.trim(), "tmpfs", "B's /dev/shm");
+    let st = hosts.exec("exec-b", &["stat", "-c", "%a %d", "/dev/shm"]);
+    assert_eq!(
+        st.split_whitespace().next(),
+        Some("1777"),
+        "mode of B's /dev/shm: {st}"
+    );
+    assert_ne!(
+        st.split_whitespace().nth(1),
+        Some(host_shm_dev.to_string().as_str()),
+        "B's /dev/shm is the host's"
+    );
+    let st = hosts.exec("exec-a", &["stat", "-c", "%d", "/dev/shm"]);
+    assert_eq!(
+        st.trim(),
+        host_shm_dev.to_string(),
+        "A's /dev/shm is not the host's"
+    );
+    assert!(
+        pids_seeing_mount(&source).contains(&b_init),
+        "B's init does not see its {source} mount"
+    );
+    let me = std::process::id() as i32;
+    assert!(
+        !pids_seeing_mount(&source).contains(&me),
+        "B's {source} mount is visible on the host"
+    );
+
+    // B's IPC namespace starts empty: none of the host's segments is there.
+    let on_b = parse_ipcs_m(&hosts.exec("exec-b", &["ipcs", "-m"]));
+    assert_eq!(on_b, vec![], "B's ipcs -m lists segments it did not make");
+
+    // A SysV segment made on A is on A only.
+    let (key_a, id_a) = shm_create_here(4096);
+    made.a_shm.push(id_a);
+    let on_a = parse_ipcs_m(&hosts.exec("exec-a", &["ipcs", "-m"]));
+    assert!(
+        on_a.contains(&(key_a, id_a)),
+        "A's ipcs -m lacks the segment made on A ({key_a:#x}, {id_a}): {on_a:?}"
+    );
+    let on_b = parse_ipcs_m(&hosts.exec("exec-b", &["ipcs", "-m"]));
+    assert_eq!(on_b, vec![], "B's ipcs -m lists A's segment {key_a:#x}");
+
+    // A SysV segment made on B is on B only.
+    let out = hosts.exec("exec-b", &["ipcmk", "-M", "4096"]);
+    let id_b: i32 = out
+        .trim()
+        .strip_prefix("Shared memory id: ")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("ipcmk on B printed {out:?}"));
+    let on_b = parse_ipcs_m(&hosts.exec("exec-b", &["ipcs", "-m"]));
+    let key_b = on_b
+        .iter()
+        .find(|&&(_, id)| id == id_b)
+        .map(|&(k, _)| k)
+        .unwrap_or_else(|| panic!("B's ipcs -m lacks its segment {id_b}: {on_b:?}"));
+    made.b_shm.push((key_b, id_b));
+    assert_eq!(on_b, vec![(key_b, id_b)], "B's segments");
+    let on_a = parse_ipcs_m(&hosts.exec("exec-a", &["ipcs", "-m"]));
+    assert!(
+        !on_a.iter().any(|&(k, _)| k == key_b),
+        "A's ipcs -m lists B's segment {key_b:#x}: {on_a:?}"
+    );
+    assert!(
+        on_a.contains(&(key_a, id_a)),
+        "A's segment is gone: {on_a:?}"
+    );
+
+    // A file in /dev/shm made on A is on A only, one made on B on B only.
+    let tag = format!("ferry-hosts-test-{me}");
+    let file_a = PathBuf::from(format!("/dev/shm/{tag}-a"));
+    made.a_files.push(file_a.clone());
+    std::fs::write(&file_a, "from A\n").expect("write a file in /dev/shm on A");
+    let file_a = file_a.to_str().unwrap();
+    assert!(
+        exists_on(&hosts, "exec-a", file_a),
+        "A does not see {file_a}"
+    );
+    assert!(!exists_on(&hosts, "exec-b", file_a), "B sees A's {file_a}");
+    let file_b = format!("/dev/shm/{tag}-b");
+    made.b_files.push(file_b.clone());
+    hosts.exec(
+        "exec-b",
+        &["sh", "-c", "echo from B > \"$1\"", "sh", &file_b],
+    );
+    assert_eq!(hosts.exec("exec-b", &["cat", &file_b]), "from B\n");
+    assert!(!Path::new(&file_b).exists(), "B's {file_b} is on the host");
+    assert!(!exists_on(&hosts, "exec-a", &file_b), "A sees B's {file_b}");
+
+    // Everything made is removed, on both sides.
+    let errors = made.clean();
+    assert!(errors.is_empty(), "clean-up failed: {errors:?}");
+    assert!(!Path::new(file_a).exists(), "{file_a} is still there");
+    assert!(
+        !exists_on(&hosts, "exec-b", &file_b),
+        "{file_b} is still on B"
+    );
+    let on_a = parse_ipcs_m(&hosts.exec("exec-a", &["ipcs", "-m"]));
+    assert!(!on_a.contains(&(key_a, id_a)), "A's segment is still there");
+    let on_b = parse_ipcs_m(&hosts.exec("exec-b", &["ipcs", "-m"]));
+    assert_eq!(on_b, vec![], "B's segment is still there");
+
+    // down leaves nothing of B: no namespace, no mount of its /dev/shm.
+    hosts.down();
+    reap_zombie_children();
+    hosts.assert_gone();
+    assert_eq!(
+        host_shm_mounts(),
+        shm_mounts,
+        "the host's mounts on /dev/shm after down"
+    );
+    assert_eq!(
+        pids_seeing_mount(&source),
+        Vec::<i32>::new(),
+        "processes still see B's {source} mount after down"
+    );
+    assert_eq!(
+        pids_holding_ns("ipc", &ipc_b),
+        Vec::<i32>::new(),
+        "processes still hold B's IPC namespace {ipc_b} after down"
+    );
+    assert_eq!(
+        pids_holding_ns("mnt", &mnt_b),
+        Vec::<i32>::new(),
+        "processes still hold B's mount namespace {mnt_b} after down"
+    );
 }
