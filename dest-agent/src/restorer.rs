@@ -6,7 +6,7 @@
 //! restorer and the ready process are dropped with the thread's state).
 
 use ferry_engine::restore::{Ready, RestoreSummary, Restorer};
-use ferry_protocol::model::{HostInfo, ProcessImage, Vma};
+use ferry_protocol::model::{HostInfo, TreeImage, Vma};
 use ferry_protocol::pages::PageBatch;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -27,7 +27,7 @@ pub enum Command {
     /// Apply the rest of the state; the threads stay stopped. With `owed`
     /// (a lazy switchover) those pages are left to a userfaultfd.
     Finish {
-        image: Box<ProcessImage>,
+        image: Box<TreeImage>,
         owed: Option<Arc<Vec<(u64, u64)>>>,
     },
     /// Let the restored process run.

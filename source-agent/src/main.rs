@@ -9,7 +9,8 @@ mod remote;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ferry_engine::dump::{checkpoint, CheckpointOptions};
-use ferry_engine::restore::restore;
+use ferry_engine::files::StdioPolicy;
+use ferry_engine::restore::{restore, RestoreOptions};
 use std::path::PathBuf;
 
 /// ferry: move running Linux processes between hosts, or to disk and back.
@@ -81,13 +82,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Freeze a process, write its image to a directory, then kill it
-    /// (or let it continue with --leave-running).
+    /// Freeze a process and all its descendants, write their image to a
+    /// directory, then kill them (or let them continue with --leave-running).
     ///
-    /// The process must be one ferry can capture: regular files, pipes,
-    /// directories and character devices as fds (no sockets yet), private
-    /// memory and file mappings. If anything cannot be captured the
-    /// checkpoint fails, names the reason, and the process keeps running.
+    /// The tree comes back as it was: every process with its PID, parent,
+    /// process group and session, zombies included; fds shared across fork
+    /// and dup stay shared; pipes between the processes keep their unread
+    /// data; shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS) stays
+    /// shared. Stdin, stdout and stderr that reach outside the tree (a
+    /// shell's pipe, a terminal, journald's socket) cannot come along: on
+    /// restore stdin reads end of file and output goes to a log file (see
+    /// `restore --stdio-log`). Not supported yet (the checkpoint fails,
+    /// names the reason, and every process keeps running): sockets,
+    /// event fds, deleted files, and processes sharing an fd table or
+    /// address space (vfork, CLONE_FILES).
     Checkpoint {
         /// PID of the process to checkpoint.
         pid: i32,
@@ -98,15 +106,21 @@ enum Command {
         #[arg(long)]
         leave_running: bool,
     },
-    /// Recreate a process from an image directory, with the same PID and
-    /// thread ids, and let it run. Prints the PID on stdout.
+    /// Recreate a process tree from an image directory, every process with
+    /// the same PID and thread ids, and let it run. Prints the root's PID on
+    /// stdout.
     ///
-    /// The PID and TIDs must be free on this host, and the executable and
+    /// The PIDs and TIDs must be free on this host, and the executables and
     /// mapped files must be the same as at checkpoint time.
     Restore {
         /// Directory holding the image written by `migrate checkpoint`.
         #[arg(long)]
         dir: PathBuf,
+        /// Where output that went outside the tree (a shell's pipe, a
+        /// terminal, a socket) is appended after the restore; stdin that
+        /// came from outside reads end of file. Default: DIR/stdio.log.
+        #[arg(long, value_name = "PATH")]
+        stdio_log: Option<PathBuf>,
     },
     /// Show what this kernel offers ferry; exits non-zero if something
     /// required is missing.
@@ -185,8 +199,9 @@ fn run(cmd: Command, config_dir: &std::path::Path) -> Result<i32> {
             let s = checkpoint(pid, &dir, &CheckpointOptions { leave_running })
                 .with_context(|| format!("checkpoint of process {pid} failed"))?;
             println!(
-                "checkpoint pid={} threads={} pages={} zero_pages={} bytes={} frozen_ms={:.2} total_ms={:.2} dir={} {}",
+                "checkpoint pid={} processes={} threads={} pages={} zero_pages={} bytes={} frozen_ms={:.2} total_ms={:.2} dir={} {}",
                 s.pid,
+                s.processes,
                 s.threads,
                 s.pages.pages,
                 s.pages.zero_pages,
@@ -198,16 +213,28 @@ fn run(cmd: Command, config_dir: &std::path::Path) -> Result<i32> {
             );
             Ok(0)
         }
-        Command::Restore { dir } => {
-            let s =
-                restore(&dir).with_context(|| format!("restore from {} failed", dir.display()))?;
+        Command::Restore { dir, stdio_log } => {
+            let opts = RestoreOptions {
+                stdio: StdioPolicy {
+                    log: stdio_log.unwrap_or_else(|| dir.join("stdio.log")),
+                },
+            };
+            let s = restore(&dir, &opts)
+                .with_context(|| format!("restore from {} failed", dir.display()))?;
             eprintln!(
-                "restored pid={} threads={} pages={} restore_ms={:.2}",
+                "restored pid={} processes={} threads={} pages={} restore_ms={:.2}",
                 s.pid,
+                s.processes,
                 s.threads,
                 s.pages,
                 s.duration.as_secs_f64() * 1e3
             );
+            if let Some(log) = &s.stdio_log {
+                eprintln!(
+                    "output that went outside the tree now goes to {}",
+                    log.display()
+                );
+            }
             println!("{}", s.pid);
             Ok(0)
         }

@@ -24,7 +24,7 @@ use ferry_engine::freeze::Frozen;
 use ferry_engine::lazy;
 use ferry_engine::restore::memory::remapped;
 use ferry_engine::track::{self, DirtyTracker, PageRange};
-use ferry_protocol::model::{ProcessImage, Vma};
+use ferry_protocol::model::{TreeImage, Vma};
 use ferry_protocol::packer::{PackError, PagePacker};
 use ferry_protocol::pages::PageWriterOptions;
 use std::sync::mpsc::Receiver;
@@ -49,7 +49,7 @@ pub enum Event {
     LazyPlan { owed: Vec<(u64, u64)> },
     /// The process is frozen, all pages are sent; here is its state.
     Frozen {
-        image: Box<ProcessImage>,
+        image: Box<TreeImage>,
         reason: SwitchReason,
     },
 }
@@ -375,12 +375,17 @@ pub fn run(
             return Err(format!("checkpoint of process {pid} failed: {e}"));
         }
     };
-    let vmas = c.image.vmas.clone();
+    if let Some(why) = network_refusal(&c) {
+        src.stop_tracker();
+        let _ = c.thaw();
+        return Err(format!("process {pid} cannot be migrated: {why}"));
+    }
+    let vmas = c.task().vmas.clone();
     let mut owed = None;
     let last = src.final_dirty(&vmas).and_then(|dirty| {
         // Lazy: only what must go now; the rest stays owed.
         let eager = if lazy {
-            let plan = lazy::plan::plan(pid, &vmas, dirty.as_deref(), &c.image.threads)?;
+            let plan = lazy::plan::plan(pid, &vmas, dirty.as_deref(), &c.task().threads)?;
             owed = Some(plan.owed);
             Some(plan.eager)
         } else {
@@ -401,7 +406,7 @@ pub fn run(
         let _ = c.thaw();
         return Err(format!("final pass of process {pid} failed: {e}"));
     }
-    let image = Box::new(c.image.clone());
+    let image = Box::new(c.tree.clone());
     let plan_sent = match owed {
         Some(owed) => src.tx.blocking_send(Event::LazyPlan { owed }).is_ok(),
         None => true,
@@ -524,4 +529,20 @@ mod tests {
         assert!(!known(&mut hashes, 0x12), "area gone forgotten");
         assert_eq!(layout, back);
     }
+}
+
+/// What the frozen tree holds that live migration cannot move yet (it may
+/// have forked or mapped shared memory since the check before Prepare).
+fn network_refusal(c: &Captured) -> Option<String> {
+    let t = &c.tree;
+    if t.tasks.len() > 1 || !t.zombies.is_empty() {
+        return Some(format!(
+            "it has {} child process(es) now: live migration of a process tree is not supported yet",
+            t.tasks.len() - 1 + t.zombies.len()
+        ));
+    }
+    if !t.shmem.is_empty() {
+        return Some("it maps shared memory now: live migration of shared memory is not supported yet".into());
+    }
+    None
 }

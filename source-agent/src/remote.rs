@@ -13,7 +13,7 @@ use crate::lazy::{self, LazyOptions, LazyReport, OwedPages};
 use crate::passes::{self, Decision, Event, PassEnd};
 use crate::precopy::{Policy, SwitchReason};
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_protocol::model::ProcessImage;
+use ferry_protocol::model::TreeImage;
 use ferry_protocol::wire::{ControlMsg, FileFacts, PageSpan, ProtocolVersion, LAZY_MINOR};
 use ferry_transport::frames::{recv_control, send_control, send_page};
 use ferry_transport::{Identity, TrustStore, DEFAULT_PORT};
@@ -91,6 +91,9 @@ pub fn run(
     let addr = resolve(to)?;
     if pid <= 0 || !ferry_engine::procfs::exists(pid) {
         bail!("no process with PID {pid}");
+    }
+    if let Some(why) = ferry_engine::dump::tree::single_process_refusal(pid)? {
+        bail!("{why}; process {pid} was not touched");
     }
     let id = Identity::load_or_create(config_dir)?;
     let trust = TrustStore::load(config_dir)?;
@@ -739,7 +742,7 @@ async fn stream(
     let mut freeze_at = None;
     let mut next = 0usize;
     let mut owed = None;
-    let fed: Result<Option<(Box<ProcessImage>, SwitchReason)>> = async {
+    let fed: Result<Option<(Box<TreeImage>, SwitchReason)>> = async {
         while let Some(ev) = events.recv().await {
             match ev {
                 Event::Tracker(name) => {

@@ -36,7 +36,7 @@ use crate::restorer::{Command, Decoded, Event, RestorerThread};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_engine::lazy::pager::{Origin, Pager};
 use ferry_protocol::model::PAGE_SIZE;
-use ferry_protocol::model::{HostInfo, ProcessImage, Vma};
+use ferry_protocol::model::{HostInfo, TreeImage, Vma};
 use ferry_protocol::pages::{BatchDecoder, PageBatch};
 use ferry_protocol::wire::{
     check_spans_in_anonymous, find_owed_span, page_decoder, ControlMsg, DestState, LazyFrame,
@@ -441,7 +441,7 @@ struct Migration<'a> {
     /// `layouts`, for the stream readers that decode frames.
     shared_layouts: Arc<RwLock<Vec<Arc<Vec<Vma>>>>>,
     /// The Switchover image, until the restore is finished with it.
-    image: Option<Box<ProcessImage>>,
+    image: Option<Box<TreeImage>>,
     finishing: bool,
     switchover_at: Option<Instant>,
     first_batch_seen: bool,

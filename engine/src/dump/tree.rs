@@ -186,3 +186,37 @@ fn kcmp(a: i32, b: i32, ty: i64) -> std::io::Result<bool> {
         Ok(r == 0)
     }
 }
+
+/// Why `pid` cannot go over the network yet, if it cannot: live migration
+/// moves one process without shared memory today (checkpoint and restore on
+/// one host move whole trees).
+pub fn single_process_refusal(pid: i32) -> Result<Option<String>> {
+    let kids = children(pid)?;
+    if !kids.is_empty() {
+        return Ok(Some(format!(
+            "process {pid} has {} child process(es) ({}): live migration of a process tree \
+             is not supported yet (checkpoint and restore on one host are)",
+            kids.len(),
+            kids.iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    for m in procfs::maps(pid)? {
+        let shmem = matches!(m.path.as_deref(), Some(p) if m.shared
+            && (p == crate::shmem::anon::MAPS_NAME
+                || p.starts_with("/memfd:")
+                || p.starts_with("/SYSV")
+                || p.starts_with("/dev/shm/")));
+        if shmem {
+            return Ok(Some(format!(
+                "process {pid} maps shared memory ({}) at {:#x}: live migration of shared \
+                 memory is not supported yet (checkpoint and restore on one host are)",
+                m.path.as_deref().unwrap_or("?"),
+                m.start
+            )));
+        }
+    }
+    Ok(None)
+}
