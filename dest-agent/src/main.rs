@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use ferry_dest_agent::session::{self, PausePoint, Shared, PAUSE_ENV};
+use ferry_dest_agent::session::{self, PausePoint, Shared, DEFAULT_STDIO_DIR, PAUSE_ENV};
 use ferry_transport::{Fingerprint, Identity, TrustStore, DEFAULT_PORT};
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -48,6 +48,9 @@ struct Cli {
     /// The same as `listen --lazy-timeout`.
     #[arg(long, value_name = "SECS")]
     lazy_timeout: Option<u64>,
+    /// The same as `listen --stdio-dir`.
+    #[arg(long, value_name = "DIR")]
+    stdio_dir: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Option<Command>,
 }
@@ -72,6 +75,13 @@ enum Command {
         /// as long: the source reconnects and the lazy phase resumes.
         #[arg(long, value_name = "SECS")]
         lazy_timeout: Option<u64>,
+        /// Where the output of a migrated tree goes when its stdout or
+        /// stderr reached outside it on the source (a shell's pipe, a
+        /// terminal, journald's socket): appended to DIR/ferry-PID.log
+        /// (PID: the tree's root), whose path is logged. Stdin that came
+        /// from outside reads end of file. Default: /var/log/ferry.
+        #[arg(long, value_name = "DIR")]
+        stdio_dir: Option<PathBuf>,
     },
     /// Print this agent's fingerprint (creating its identity if needed).
     Identity,
@@ -126,13 +136,21 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             work_dir,
             lazy_timeout,
+            stdio_dir,
         }) => listen_cmd(
             &config_dir,
             listen.or(cli.listen),
             work_dir.or(cli.work_dir),
             lazy_timeout.or(cli.lazy_timeout),
+            stdio_dir.or(cli.stdio_dir),
         ),
-        None => listen_cmd(&config_dir, cli.listen, cli.work_dir, cli.lazy_timeout),
+        None => listen_cmd(
+            &config_dir,
+            cli.listen,
+            cli.work_dir,
+            cli.lazy_timeout,
+            cli.stdio_dir,
+        ),
     }
 }
 
@@ -165,6 +183,7 @@ fn listen_cmd(
     listen: Option<String>,
     work_dir: Option<PathBuf>,
     lazy_timeout: Option<u64>,
+    stdio_dir: Option<PathBuf>,
 ) -> Result<()> {
     if lazy_timeout == Some(0) {
         bail!("--lazy-timeout must be at least 1 second");
@@ -191,6 +210,7 @@ fn listen_cmd(
     let shared = Arc::new(Shared {
         pause_at,
         lazy_timeout: lazy_timeout.map(Duration::from_secs),
+        stdio_dir: stdio_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STDIO_DIR)),
         ..Shared::default()
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

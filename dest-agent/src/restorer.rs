@@ -1,27 +1,28 @@
-//! The per-migration restorer thread. ptrace binds the stub being built to
-//! the OS thread that created it, so every [`Restorer`] and [`Ready`] call
+//! The per-migration restorer thread. ptrace binds the stubs being built to
+//! the OS thread that created them, so every [`TreeRestorer`] and [`Ready`] call
 //! of one migration runs on one dedicated thread, driven by commands; its
 //! answers come back as [`Event`]s. Dropping the [`RestorerThread`] (or the
 //! agent dying) before [`Command::Resume`] kills what was built (the
 //! restorer and the ready process are dropped with the thread's state).
 
-use ferry_engine::restore::{Ready, RestoreSummary, Restorer};
-use ferry_protocol::model::{HostInfo, TreeImage, Vma};
-use ferry_protocol::pages::PageBatch;
+use ferry_engine::files::StdioPolicy;
+use ferry_engine::restore::{Ready, RestoreSummary, TreeRestorer};
+use ferry_protocol::model::{HostInfo, TreeImage, TreeLayout};
+use ferry_protocol::pages::{PageBatch, PageSpace};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// What the restorer thread is asked to do, in order.
 pub enum Command {
-    /// Create the stub with `pid` and map `vmas` (pass 0's layout).
+    /// Create the tree's stubs and map their areas (pass 0's layout);
+    /// stdio that reached outside the tree goes by `stdio`.
     Begin {
-        pid: i32,
-        tids: Vec<i32>,
         host: HostInfo,
-        vmas: Arc<Vec<Vma>>,
+        layout: Arc<TreeLayout>,
+        stdio: StdioPolicy,
     },
     /// Apply the layout of a later pass.
-    Relayout { vmas: Arc<Vec<Vma>> },
+    Relayout { layout: Arc<TreeLayout> },
     /// Write the pages of a decoded (and validated) page frame.
     Pages(Decoded),
     /// Apply the rest of the state; the threads stay stopped. With `owed`
@@ -40,6 +41,8 @@ pub enum Command {
 pub struct Decoded {
     /// Its pass.
     pub pass: u32,
+    /// Whose pages.
+    pub space: PageSpace,
     /// Its pages.
     pub batch: PageBatch,
     /// Length of the encoded batch.
@@ -99,7 +102,7 @@ impl RestorerThread {
 
 enum State {
     Empty,
-    Building(Restorer),
+    Building(TreeRestorer),
     Ready(Ready),
     Gone,
 }
@@ -111,28 +114,30 @@ fn run(rx: std::sync::mpsc::Receiver<Command>, events: mpsc::UnboundedSender<Eve
     while let Ok(cmd) = rx.recv() {
         let ev = match cmd {
             Command::Begin {
-                pid,
-                tids,
                 host,
-                vmas,
+                layout,
+                stdio,
             } => {
                 let r = match state {
-                    State::Empty => Restorer::begin(pid, &tids, &host, &vmas)
-                        .map(|r| state = State::Building(r))
+                    State::Empty => TreeRestorer::begin(&layout, &host)
+                        .map(|mut r| {
+                            r.set_stdio(stdio);
+                            state = State::Building(r)
+                        })
                         .map_err(|e| format!("preparing the restore: {e}")),
                     _ => Err("Begin twice".to_string()),
                 };
                 Event::Layout(r)
             }
-            Command::Relayout { vmas } => Event::Layout(match &mut state {
+            Command::Relayout { layout } => Event::Layout(match &mut state {
                 State::Building(r) => r
-                    .relayout(&vmas)
+                    .relayout(&layout)
                     .map_err(|e| format!("applying a new layout: {e}")),
                 _ => Err("no restore in progress".to_string()),
             }),
             Command::Pages(d) => Event::Batch(match &mut state {
                 State::Building(r) => r
-                    .write_batch(&d.batch)
+                    .write_batch(d.space, &d.batch)
                     .map_err(|e| format!("writing pages: {e}"))
                     .map(|()| (d.pass, d.batch.total_pages(), d.bytes)),
                 _ => Err("pages with no restore in progress".to_string()),

@@ -93,6 +93,74 @@ impl TreeImage {
     }
 }
 
+/// The shape of a tree without its state: who is who, the areas of every
+/// address space and the shared memory objects. Pre-copy sends it with
+/// every pass; the destination builds the tree from it before the freeze.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeLayout {
+    /// Live processes, root first, each after its parent.
+    pub tasks: Vec<TaskLayout>,
+    pub zombies: Vec<Zombie>,
+    pub shmem: Vec<ShmemObject>,
+}
+
+/// One process of a [`TreeLayout`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskLayout {
+    pub id: TaskIdentity,
+    /// Its memory areas, sorted, non-overlapping.
+    pub vmas: Vec<Vma>,
+}
+
+impl TreeLayout {
+    /// The root's PID (0 for an empty layout, never valid).
+    pub fn root_pid(&self) -> i32 {
+        self.tasks.first().map_or(0, |t| t.id.pid)
+    }
+    /// The layout of process `pid`.
+    pub fn task(&self, pid: i32) -> Option<&TaskLayout> {
+        self.tasks.iter().find(|t| t.id.pid == pid)
+    }
+    /// The same processes, zombies and shared memory objects as `other`
+    /// (areas may differ).
+    pub fn same_members(&self, other: &TreeLayout) -> bool {
+        self.zombies == other.zombies
+            && self.shmem == other.shmem
+            && self.tasks.len() == other.tasks.len()
+            && self.tasks.iter().zip(&other.tasks).all(|(a, b)| a.id == b.id)
+    }
+}
+
+impl TreeImage {
+    /// The layout of this tree.
+    pub fn layout(&self) -> TreeLayout {
+        TreeLayout {
+            tasks: self
+                .tasks
+                .iter()
+                .map(|t| TaskLayout {
+                    id: t.identity(),
+                    vmas: t.vmas.clone(),
+                })
+                .collect(),
+            zombies: self.zombies.clone(),
+            shmem: self.shmem.clone(),
+        }
+    }
+}
+
+impl ProcessImage {
+    /// PID, parent, group and session.
+    pub fn identity(&self) -> TaskIdentity {
+        TaskIdentity {
+            pid: self.pid,
+            ppid: self.ppid,
+            pgid: self.pgid,
+            sid: self.sid,
+        }
+    }
+}
+
 /// Identity of a process in the tree: its PID, parent, process group and
 /// session.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

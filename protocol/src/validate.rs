@@ -14,7 +14,8 @@ use std::collections::HashSet;
 use thiserror::Error;
 
 use crate::model::{
-    FileKind, HostInfo, PendingSignal, ProcessImage, ShmemKind, TreeImage, Vma, VmaKind, PAGE_SIZE,
+    FileKind, HostInfo, PendingSignal, ProcessImage, ShmemKind, TaskIdentity, TreeImage,
+    TreeLayout, Vma, VmaKind, Zombie, PAGE_SIZE,
 };
 
 /// One past the highest user-space address on x86-64 with 4-level paging.
@@ -428,53 +429,9 @@ impl TreeImage {
     }
 
     /// Parents before children, unique ids, groups and sessions that exist.
-    fn validate_tree(&self, root: &ProcessImage) -> Result<(), ValidationError> {
-        let mut ids: HashSet<i32> = HashSet::new();
-        for id in self.all_ids() {
-            if !ids.insert(id) {
-                return Err(ValidationError::DuplicateId(id));
-            }
-        }
-        let mut earlier: HashSet<i32> = HashSet::new();
-        for (i, t) in self.tasks.iter().enumerate() {
-            if i > 0 && !earlier.contains(&t.ppid) {
-                return Err(ValidationError::ParentMissing {
-                    pid: t.pid,
-                    ppid: t.ppid,
-                });
-            }
-            earlier.insert(t.pid);
-        }
-        let groups = self
-            .tasks
-            .iter()
-            .map(|t| (t.pid, t.ppid, t.pgid, t.sid))
-            .chain(self.zombies.iter().map(|z| (z.pid, z.ppid, z.pgid, z.sid)));
-        for (pid, ppid, pgid, sid) in groups {
-            if !(1..=PID_MAX_LIMIT).contains(&pid) {
-                return Err(ValidationError::BadPid(pid));
-            }
-            if self.zombies.iter().any(|z| z.pid == pid) && !earlier.contains(&ppid) {
-                return Err(ValidationError::ParentMissing { pid, ppid });
-            }
-            // The root's group and session may lie outside the tree (a
-            // shell's job): every process may share those.
-            if pgid != root.pgid && !ids.contains(&pgid) {
-                return Err(ValidationError::GroupMissing {
-                    pid,
-                    what: "process group",
-                    id: pgid,
-                });
-            }
-            if sid != root.sid && !ids.contains(&sid) {
-                return Err(ValidationError::GroupMissing {
-                    pid,
-                    what: "session",
-                    id: sid,
-                });
-            }
-        }
-        Ok(())
+    fn validate_tree(&self, _root: &ProcessImage) -> Result<(), ValidationError> {
+        let tasks: Vec<TaskIdentity> = self.tasks.iter().map(ProcessImage::identity).collect();
+        validate_family(&tasks, &self.zombies, self.all_ids())
     }
 
     /// Objects defined once, bounded, and every reference resolves.
@@ -558,35 +515,128 @@ impl TreeImage {
                     return Err(ValidationError::OutsideNotStdio { pid: t.pid, fd: e.fd });
                 }
             }
-            for (index, v) in t.vmas.iter().enumerate() {
-                let VmaKind::Shmem { id, offset } = v.kind else {
-                    continue;
-                };
-                let Some(s) = self.shmem_object(id) else {
-                    return undefined(
-                        format!("process {} VMA #{index}", t.pid),
-                        "shared memory object",
-                        id,
-                    );
-                };
-                let fits = offset
-                    .checked_add(v.len())
-                    .is_some_and(|end| end <= s.size.next_multiple_of(PAGE_SIZE));
-                if !is_page_aligned(offset) || !fits {
-                    return Err(ValidationError::BadShmem {
-                        id,
-                        why: format!(
-                            "process {} maps {:#x} bytes at offset {offset:#x} of an object of {:#x}",
-                            t.pid,
-                            v.len(),
-                            s.size
-                        ),
-                    });
-                }
-            }
+            check_shmem_areas(t.pid, &t.vmas, &self.shmem)?;
         }
         Ok(())
     }
+}
+
+/// The rules of a tree's shape: unique PIDs and TIDs (`ids`), every parent
+/// listed before its children, every zombie's parent live, groups and
+/// sessions that name a process of the tree (or the root's, which may lie
+/// outside it).
+pub fn validate_family(
+    tasks: &[TaskIdentity],
+    zombies: &[Zombie],
+    ids: Vec<i32>,
+) -> Result<(), ValidationError> {
+    let root = tasks.first().ok_or(ValidationError::NoTasks)?;
+    let mut all: HashSet<i32> = HashSet::new();
+    for id in ids {
+        if !(1..=PID_MAX_LIMIT).contains(&id) {
+            return Err(ValidationError::BadPid(id));
+        }
+        if !all.insert(id) {
+            return Err(ValidationError::DuplicateId(id));
+        }
+    }
+    let mut earlier: HashSet<i32> = HashSet::new();
+    for (i, t) in tasks.iter().enumerate() {
+        if i > 0 && !earlier.contains(&t.ppid) {
+            return Err(ValidationError::ParentMissing {
+                pid: t.pid,
+                ppid: t.ppid,
+            });
+        }
+        earlier.insert(t.pid);
+    }
+    let groups = tasks
+        .iter()
+        .map(|t| (t.pid, t.pgid, t.sid))
+        .chain(zombies.iter().map(|z| (z.pid, z.pgid, z.sid)));
+    for z in zombies {
+        if !earlier.contains(&z.ppid) {
+            return Err(ValidationError::ParentMissing {
+                pid: z.pid,
+                ppid: z.ppid,
+            });
+        }
+    }
+    for (pid, pgid, sid) in groups {
+        if pgid != root.pgid && !all.contains(&pgid) {
+            return Err(ValidationError::GroupMissing {
+                pid,
+                what: "process group",
+                id: pgid,
+            });
+        }
+        if sid != root.sid && !all.contains(&sid) {
+            return Err(ValidationError::GroupMissing {
+                pid,
+                what: "session",
+                id: sid,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl TreeLayout {
+    /// The rules of [`TreeImage::validate`] that a layout can break:
+    /// bounds, the tree's shape, areas, shared memory objects and their
+    /// mappings. Never panics.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        bound("processes", self.tasks.len() + self.zombies.len(), MAX_TASKS)?;
+        bound("shared memory objects", self.shmem.len(), MAX_OBJECTS)?;
+        let tasks: Vec<TaskIdentity> = self.tasks.iter().map(|t| t.id).collect();
+        let ids = tasks
+            .iter()
+            .map(|t| t.pid)
+            .chain(self.zombies.iter().map(|z| z.pid))
+            .collect();
+        validate_family(&tasks, &self.zombies, ids)?;
+        unique("shared memory object", self.shmem.iter().map(|s| s.id))?;
+        for t in &self.tasks {
+            validate_vmas(&t.vmas)?;
+            check_shmem_areas(t.id.pid, &t.vmas, &self.shmem)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every shared memory area of `vmas` maps an object of `shmem` within its
+/// size.
+fn check_shmem_areas(
+    pid: i32,
+    vmas: &[Vma],
+    shmem: &[crate::model::ShmemObject],
+) -> Result<(), ValidationError> {
+    for (index, v) in vmas.iter().enumerate() {
+        let VmaKind::Shmem { id, offset } = v.kind else {
+            continue;
+        };
+        let Some(s) = shmem.iter().find(|s| s.id == id) else {
+            return Err(ValidationError::UndefinedObject {
+                user: format!("process {pid} VMA #{index}"),
+                what: "shared memory object",
+                id,
+            });
+        };
+        let fits = offset
+            .checked_add(v.len())
+            .is_some_and(|end| end <= s.size.next_multiple_of(PAGE_SIZE));
+        if !is_page_aligned(offset) || !fits {
+            return Err(ValidationError::BadShmem {
+                id,
+                why: format!(
+                    "process {pid} maps {:#x} bytes at offset {offset:#x} of an object of {:#x}",
+                    v.len(),
+                    s.size
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn bound(what: &'static str, found: usize, max: usize) -> Result<(), ValidationError> {

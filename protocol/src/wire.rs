@@ -27,8 +27,8 @@
 //!        │   or ◀─────────────────────── Refuse {code, reason}; close ────│ PID/TIDs free
 //!        │                                                               │
 //!        │ ╔═ pre-copy pass n = 0, 1, 2, … (process keeps running) ═════╗ │
-//!        │── PassStart {pass: n, vmas} ────────────────────────────────▶│ apply layout n
-//!        │══ page streams: PageFrame {pass: n, batch} × k ════════════════▶│ write pages
+//!        │── PassStart {pass: n, layout: TreeLayout} ──────────────────▶│ apply layout n
+//!        │══ page streams: PageFrame {pass: n, space, batch} × k ═════════▶│ write pages
 //!        │── PassEnd {pass: n, batches: k, pages, bytes} ──────────────▶│ tally
 //!        │ ╚═════════════════════════════════════════════════════════════╝ │
 //!        │ freeze; the last pass (PassStart … PassEnd) sends the final delta│
@@ -79,9 +79,16 @@
 //! * **Passes**. Pass 0 sends every populated page, each later pass the pages
 //!   written since the previous one; the last pass is sent after the freeze.
 //!   Passes are numbered 0, 1, 2, … without gaps. `PassStart` declares the
-//!   address-space layout of the pass (sorted, non-overlapping VMAs); every
-//!   page run of the pass must lie inside one non-special VMA of that layout
-//!   ([`check_runs_within`]). `PassEnd` declares how many batches, pages and
+//!   layout of the pass ([`TreeLayout`]): the processes of the tree with
+//!   their identities (PID, parent, group, session) and address-space
+//!   layouts (sorted, non-overlapping VMAs), its zombies and its shared
+//!   memory objects; the members are the same in every pass (a tree that
+//!   forks or loses a process during pre-copy aborts the migration). Every
+//!   page frame names its page space: a process of the layout, or a shared
+//!   memory object (pages keyed by offset into it); every page run must lie
+//!   inside one non-special, non-shared VMA of that process's layout, or
+//!   inside the object ([`space_areas`], [`check_runs_within`]). Shared
+//!   memory is written once, not once per process that maps it. `PassEnd` declares how many batches, pages and
 //!   bytes (encoded batch bytes) the pass sent, so the destination knows when
 //!   it has all of them (page streams and the control stream are not ordered
 //!   relative to each other).
@@ -241,8 +248,9 @@
 //! A control payload is the postcard encoding of the message's fields in
 //! declaration order (exactly as a struct with those fields); the kind byte
 //! is the only discriminant, and unit messages (`Ready`, `Done`) have an
-//! empty payload. A page payload (`Pages`) is the pass number (u32) followed
-//! by one batch in the page batch codec of [`crate::pages`] (runs, zero-page
+//! empty payload. A page payload (`Pages`) is the pass number (u32) and the
+//! page space (u32: a process's PID, or a shared memory object's id with bit
+//! 31 set; [`encode_space`]) followed by one batch in the page batch codec of [`crate::pages`] (runs, zero-page
 //! markers, zstd, its own checksum). A lazy page payload (`LazyPages`) is the
 //! origin ([`LazyOrigin`] as a u32: 0 pushed, 1 requested) followed by one
 //! batch in the same codec.
@@ -316,7 +324,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::model::{HostInfo, TreeImage, Vma, VmaKind, PAGE_SIZE};
+use crate::model::{HostInfo, TreeImage, TreeLayout, Vma, VmaKind, PAGE_SIZE};
+use crate::pages::PageSpace;
 use crate::pages::{BatchDecoder, BatchError, BatchLimits, PageBatch, BATCH_HEADER_LEN, RUN_LEN};
 /// Checks a declared memory layout (re-exported: the same rules as [`TreeImage::validate`]).
 pub use crate::validate::validate_vmas;
@@ -346,9 +355,35 @@ pub const PAGE_BATCH_LIMITS: BatchLimits = BatchLimits {
     max_raw: 16 << 20,
     max_runs: 1 << 16,
 };
-/// Size of the prefix in front of the batch in a page frame's payload: the
-/// pass number of a `Pages` frame, the [`LazyOrigin`] of a `LazyPages` frame.
-pub const PAGE_PREFIX_LEN: usize = 4;
+/// Size of the prefix in front of the batch in a `Pages` frame's payload:
+/// the pass number and the page space ([`encode_space`]).
+pub const PAGE_PREFIX_LEN: usize = 8;
+/// Size of the prefix in front of the batch in a `LazyPages` frame's
+/// payload: the [`LazyOrigin`].
+pub const LAZY_PREFIX_LEN: usize = 4;
+/// High bit of an encoded page space: a shared memory object (else a PID).
+const SPACE_SHMEM_BIT: u32 = 1 << 31;
+
+/// A page space as the u32 of a page frame: a process's PID, or a shared
+/// memory object's id with the high bit set.
+pub fn encode_space(space: PageSpace) -> u32 {
+    match space {
+        PageSpace::Task(pid) => pid as u32,
+        PageSpace::Shmem(id) => id | SPACE_SHMEM_BIT,
+    }
+}
+
+/// The page space of a page frame's u32 (see [`encode_space`]).
+pub fn decode_space(v: u32) -> Result<PageSpace, WireError> {
+    if v & SPACE_SHMEM_BIT != 0 {
+        return Ok(PageSpace::Shmem(v & !SPACE_SHMEM_BIT));
+    }
+    let pid = v as i32;
+    if !(1..=PID_MAX_LIMIT).contains(&pid) {
+        return Err(invalid(format!("page frame for PID {pid}, out of range")));
+    }
+    Ok(PageSpace::Task(pid))
+}
 /// Largest payload of a page frame (`Pages` or `LazyPages`): prefix, batch
 /// header, a full run table and the zstd bound of [`PAGE_BATCH_LIMITS`]'s raw
 /// size.
@@ -761,13 +796,14 @@ pub enum ControlMsg {
     /// Source → destination: the facts the destination checks before
     /// anything is frozen.
     Prepare {
-        /// The thread-group id, to be given back on the destination.
+        /// The root's PID, to be given back on the destination.
         pid: i32,
-        /// All TIDs, `tids[0] == pid`.
+        /// Every PID and TID of the tree (zombies included), `tids[0] == pid`.
         tids: Vec<i32>,
-        /// The executable.
+        /// The root's executable.
         exe: FileFacts,
-        /// Every file mapped into the process (each path once).
+        /// Every other executable and file mapped into a process of the tree
+        /// (each path once).
         files: Vec<FileFacts>,
     },
     /// Destination → source: compatible; the PID is reserved.
@@ -779,12 +815,15 @@ pub enum ControlMsg {
         /// Precise reason for the user (which file, which PID, ...).
         reason: String,
     },
-    /// Source → destination: pass `pass` begins; its pages lie in `vmas`.
+    /// Source → destination: pass `pass` begins; its pages lie in the
+    /// areas of `layout`.
     PassStart {
         /// Pass number: 0, then one more each time.
         pass: u32,
-        /// Address-space layout of this pass: sorted, non-overlapping.
-        vmas: Vec<Vma>,
+        /// The tree's layout in this pass: its processes (each with its
+        /// sorted, non-overlapping areas), zombies and shared memory
+        /// objects. The members are the same in every pass.
+        layout: Box<TreeLayout>,
     },
     /// Source → destination: pass `pass` sent these totals on the page
     /// streams.
@@ -1037,13 +1076,15 @@ impl ControlMsg {
             }
             ControlMsg::Failed { reason } => check_text("Failed reason", reason, MAX_REASON_LEN),
             ControlMsg::Abort { reason } => check_text("Abort reason", reason, MAX_REASON_LEN),
-            ControlMsg::PassStart { pass, vmas } => {
+            ControlMsg::PassStart { pass, layout } => {
                 if *pass >= MAX_PASSES {
                     return Err(invalid(format!(
                         "PassStart: pass {pass} is beyond the limit of {MAX_PASSES} passes"
                     )));
                 }
-                validate_vmas(vmas).map_err(|e| invalid(format!("PassStart {pass}: layout: {e}")))
+                layout
+                    .validate()
+                    .map_err(|e| invalid(format!("PassStart {pass}: layout: {e}")))
             }
             ControlMsg::PassEnd {
                 pass,
@@ -1118,7 +1159,7 @@ impl ControlMsg {
             } => enc(&(pid, tids, exe, files)),
             ControlMsg::Ready | ControlMsg::Done => Ok(Vec::new()),
             ControlMsg::Refuse { code, reason } => enc(&(code, reason)),
-            ControlMsg::PassStart { pass, vmas } => enc(&(pass, vmas)),
+            ControlMsg::PassStart { pass, layout } => enc(&(pass, layout)),
             ControlMsg::PassEnd {
                 pass,
                 batches,
@@ -1192,8 +1233,8 @@ impl ControlMsg {
                 ControlMsg::Refuse { code, reason }
             }
             MsgKind::PassStart => {
-                let (pass, vmas) = dec(kind, p)?;
-                ControlMsg::PassStart { pass, vmas }
+                let (pass, layout) = dec(kind, p)?;
+                ControlMsg::PassStart { pass, layout }
             }
             MsgKind::PassEnd => {
                 let (pass, batches, pages, bytes) = dec(kind, p)?;
@@ -1461,23 +1502,29 @@ fn decode_checked(
     Ok(())
 }
 
-/// A page frame: one encoded page batch of pass `pass`.
+/// A page frame: one encoded page batch of pass `pass`, for the pages of
+/// `space` (a process's address space, or a shared memory object).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageFrame {
     /// The pass the batch belongs to.
     pub pass: u32,
+    /// Whose pages these are.
+    pub space: PageSpace,
     /// The batch, in the page batch codec ([`crate::pages::encode_batch`]).
     pub batch: Vec<u8>,
 }
 
 /// Encodes a page frame for an already encoded batch (complete frame).
-pub fn encode_page_frame(pass: u32, batch: &[u8]) -> Result<Vec<u8>, WireError> {
-    encode_prefixed_frame(MsgKind::Pages, pass, batch)
+pub fn encode_page_frame(pass: u32, space: PageSpace, batch: &[u8]) -> Result<Vec<u8>, WireError> {
+    let mut prefix = [0u8; PAGE_PREFIX_LEN];
+    prefix[..4].copy_from_slice(&pass.to_le_bytes());
+    prefix[4..].copy_from_slice(&encode_space(space).to_le_bytes());
+    encode_prefixed_frame(MsgKind::Pages, &prefix, batch)
 }
 
 /// A complete page frame of `kind`: `prefix`, then `batch`.
-fn encode_prefixed_frame(kind: MsgKind, prefix: u32, batch: &[u8]) -> Result<Vec<u8>, WireError> {
-    let len = PAGE_PREFIX_LEN + batch.len();
+fn encode_prefixed_frame(kind: MsgKind, prefix: &[u8], batch: &[u8]) -> Result<Vec<u8>, WireError> {
+    let len = prefix.len() + batch.len();
     if len > MAX_PAGE_FRAME as usize {
         return Err(WireError::TooLarge {
             kind,
@@ -1487,7 +1534,7 @@ fn encode_prefixed_frame(kind: MsgKind, prefix: u32, batch: &[u8]) -> Result<Vec
     }
     let mut out = Vec::with_capacity(HEADER_LEN + len);
     out.extend_from_slice(&[0u8; HEADER_LEN]);
-    out.extend_from_slice(&prefix.to_le_bytes());
+    out.extend_from_slice(prefix);
     out.extend_from_slice(batch);
     let h = FrameHeader::for_payload(kind, &out[HEADER_LEN..])?;
     out[..HEADER_LEN].copy_from_slice(&h.to_bytes());
@@ -1497,11 +1544,11 @@ fn encode_prefixed_frame(kind: MsgKind, prefix: u32, batch: &[u8]) -> Result<Vec
 impl PageFrame {
     /// Encodes this page frame (complete frame).
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
-        encode_page_frame(self.pass, &self.batch)
+        encode_page_frame(self.pass, self.space, &self.batch)
     }
 
-    /// Splits a checked frame into pass number and batch bytes. The batch
-    /// itself is checked by [`PageFrame::decode_batch`].
+    /// Splits a checked frame into pass number, page space and batch bytes.
+    /// The batch itself is checked by [`PageFrame::decode_batch`].
     pub fn from_frame(frame: Frame) -> Result<Self, WireError> {
         if frame.kind != MsgKind::Pages {
             return Err(WireError::WrongStream { kind: frame.kind });
@@ -1509,7 +1556,7 @@ impl PageFrame {
         let mut p = frame.payload;
         if p.len() < PAGE_PREFIX_LEN {
             return Err(invalid(format!(
-                "page frame of {} bytes has no pass number",
+                "page frame of {} bytes has no pass number and page space",
                 p.len()
             )));
         }
@@ -1519,13 +1566,18 @@ impl PageFrame {
                 "page frame for pass {pass}, beyond the limit of {MAX_PASSES} passes"
             )));
         }
+        let space = decode_space(u32::from_le_bytes([p[4], p[5], p[6], p[7]]))?;
         p.drain(..PAGE_PREFIX_LEN);
-        Ok(Self { pass, batch: p })
+        Ok(Self {
+            pass,
+            space,
+            batch: p,
+        })
     }
 
     /// Decodes the batch with `decoder` (make it with [`page_decoder`]) into
-    /// `out` and checks that every run lies inside `vmas`, the layout of this
-    /// frame's pass.
+    /// `out` and checks that every run lies inside `vmas`, the areas of this
+    /// frame's space in its pass ([`space_areas`]).
     pub fn decode_batch(
         &self,
         decoder: &mut BatchDecoder,
@@ -1557,7 +1609,7 @@ pub struct LazyFrame {
 
 /// Encodes a lazy page frame for an already encoded batch (complete frame).
 pub fn encode_lazy_frame(origin: LazyOrigin, batch: &[u8]) -> Result<Vec<u8>, WireError> {
-    encode_prefixed_frame(MsgKind::LazyPages, origin as u32, batch)
+    encode_prefixed_frame(MsgKind::LazyPages, &(origin as u32).to_le_bytes(), batch)
 }
 
 impl LazyFrame {
@@ -1573,7 +1625,7 @@ impl LazyFrame {
             return Err(WireError::WrongStream { kind: frame.kind });
         }
         let mut p = frame.payload;
-        if p.len() < PAGE_PREFIX_LEN {
+        if p.len() < LAZY_PREFIX_LEN {
             return Err(invalid(format!(
                 "lazy page frame of {} bytes has no origin",
                 p.len()
@@ -1582,7 +1634,7 @@ impl LazyFrame {
         let raw = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
         let origin = LazyOrigin::from_u32(raw)
             .ok_or_else(|| invalid(format!("lazy page frame with unknown origin {raw}")))?;
-        p.drain(..PAGE_PREFIX_LEN);
+        p.drain(..LAZY_PREFIX_LEN);
         Ok(Self { origin, batch: p })
     }
 
@@ -1731,6 +1783,25 @@ pub fn check_runs_within(batch: &PageBatch, vmas: &[Vma]) -> Result<(), WireErro
         }
     }
     Ok(())
+}
+
+/// The areas the runs of a page frame of `space` must lie in, in `layout`:
+/// a process's areas, or a shared memory object as one area from offset 0
+/// to its size. `None` if the layout has no such space.
+pub fn space_areas(layout: &TreeLayout, space: PageSpace) -> Option<Vec<Vma>> {
+    match space {
+        PageSpace::Task(pid) => layout.task(pid).map(|t| t.vmas.clone()),
+        PageSpace::Shmem(id) => layout.shmem.iter().find(|s| s.id == id).map(|s| {
+            vec![Vma {
+                start: 0,
+                end: s.size.next_multiple_of(PAGE_SIZE).max(PAGE_SIZE),
+                prot: 3,
+                flags: 1,
+                kind: VmaKind::Anonymous,
+                name: None,
+            }]
+        }),
+    }
 }
 
 #[cfg(test)]

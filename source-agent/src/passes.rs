@@ -1,32 +1,40 @@
-//! The source's ptrace thread: pre-copy passes while the process runs,
-//! then the freeze and the final pass, reported as [`Event`]s for the
+//! The source's ptrace thread: pre-copy passes while the process tree
+//! runs, then the freeze and the final pass, reported as [`Event`]s for the
 //! network side to send, and the kill-or-thaw decision at the end.
 //!
 //! ```text
-//!  freeze ─ tracker on ─ thaw
-//!  pass 0: PassStart(layout) Batch.. PassEnd      (process running)
-//!  pass n: PassStart(layout) Batch.. PassEnd      (written pages, and areas
-//!          the new layout remaps on the destination, whole: pass_ranges)
+//!  freeze the tree ─ a tracker on in each process ─ thaw
+//!  pass 0: PassStart(layout) Batch.. PassEnd      (tree running)
+//!  pass n: PassStart(layout) Batch.. PassEnd      (per process: written
+//!          pages, and areas the new layout remaps on the destination,
+//!          whole: pass_ranges; shared memory: every page that changed)
 //!  … until Policy::decide says switch …
-//!  freeze ─ capture state ─ last written pages ─ tracker off
+//!  freeze ─ capture state ─ last written pages ─ trackers off
 //!  pass N: PassStart Batch.. PassEnd, Frozen(image)
-//!     (lazy: pass N sends only the eager pages, then LazyPlan(owed))
+//!     (lazy, one process only: pass N sends only the eager pages, then
+//!     LazyPlan(owed))
 //!  wait for Decision: Kill (the destination runs it) or Thaw (abort);
 //!     lazy: the network side serves the owed pages from the frozen
 //!     process meanwhile, then decides Kill
 //! ```
 //!
+//! Each batch belongs to one page space: a process's memory, or a shared
+//! memory object's, which goes once however many processes map it. A tree
+//! whose members change during pre-copy (a process forks or exits) aborts
+//! the migration: the tree keeps running here.
+//!
 //! Everything that needs ptrace happens on this one thread (a ptrace rule).
 
 use crate::precopy::{DedupSink, PageHashes, PassStats, Policy, SwitchReason};
+use ferry_engine::dump::tree::{live_layout, FrozenTree};
 use ferry_engine::dump::{memory, Captured, PageSink};
-use ferry_engine::freeze::Frozen;
 use ferry_engine::lazy;
 use ferry_engine::restore::memory::remapped;
 use ferry_engine::track::{self, DirtyTracker, PageRange};
-use ferry_protocol::model::{TreeImage, Vma};
+use ferry_protocol::model::{ShmemId, TreeImage, TreeLayout, Vma};
 use ferry_protocol::packer::{PackError, PagePacker};
-use ferry_protocol::pages::PageWriterOptions;
+use ferry_protocol::pages::{PageSpace, PageWriterOptions};
+use std::collections::HashMap;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::Sender;
@@ -36,18 +44,22 @@ use tokio::sync::mpsc::Sender;
 pub enum Event {
     /// The dirty-tracking backend in use (before pass 0).
     Tracker(&'static str),
-    /// A pass begins; its pages lie in `vmas`.
-    PassStart { pass: u32, vmas: Vec<Vma> },
-    /// One encoded page batch of the current pass.
-    Batch { pass: u32, bytes: Vec<u8> },
+    /// A pass begins; its pages lie in `layout`.
+    PassStart { pass: u32, layout: Box<TreeLayout> },
+    /// One encoded page batch of `space` in the current pass.
+    Batch {
+        pass: u32,
+        space: PageSpace,
+        bytes: Vec<u8>,
+    },
     /// The pass is complete.
     PassEnd { stats: PassEnd },
-    /// The process was frozen just now (the final pass follows).
+    /// The tree was frozen just now (the final pass follows).
     FreezeStarted,
     /// Lazy switchover: after the final pass, the spans `(addr, pages)` the
     /// source still owes (served from the frozen process).
     LazyPlan { owed: Vec<(u64, u64)> },
-    /// The process is frozen, all pages are sent; here is its state.
+    /// The tree is frozen, all pages are sent; here is its state.
     Frozen {
         image: Box<TreeImage>,
         reason: SwitchReason,
@@ -68,24 +80,25 @@ pub struct PassEnd {
     /// Pages skipped because they held what was already sent.
     pub unchanged: u64,
     pub duration: Duration,
-    /// Whether the process was frozen during this pass.
+    /// Whether the tree was frozen during this pass.
     pub frozen: bool,
 }
 
 /// What the network side decides once the destination answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// The destination runs the process: kill this copy.
+    /// The destination runs the tree: kill this copy.
     Kill,
-    /// Abort: the process continues here untouched.
+    /// Abort: the tree continues here untouched.
     Thaw,
 }
 
-/// Sends packed batches of one pass as events.
+/// Sends packed batches of one page space in one pass as events.
 struct EventSink<'a> {
     packer: PagePacker,
     tx: &'a Sender<Event>,
     pass: u32,
+    space: PageSpace,
     batches: u64,
     bytes: u64,
 }
@@ -97,6 +110,7 @@ impl EventSink<'_> {
             self.bytes += e.bytes.len() as u64;
             let ev = Event::Batch {
                 pass: self.pass,
+                space: self.space,
                 bytes: std::mem::take(&mut e.bytes),
             };
             self.packer.recycle(e);
@@ -129,44 +143,97 @@ impl PageSink for EventSink<'_> {
     }
 }
 
-/// One pass: PassStart, the pages (all of them, or those in `dirty`), PassEnd.
-fn send_pass(
-    pid: i32,
+/// Totals of the spaces of one pass.
+#[derive(Default)]
+struct Tally {
+    batches: u64,
+    pages: u64,
+    zero_pages: u64,
+    bytes: u64,
+    sent: u64,
+    unchanged: u64,
+}
+
+/// Send the pages of one space through the unchanged-page filter of its
+/// hashes: `fill` puts them into the sink it is given.
+fn send_space(
     pass: u32,
-    vmas: &[Vma],
-    dirty: Option<&[PageRange]>,
+    space: PageSpace,
     hashes: &mut PageHashes,
+    tx: &Sender<Event>,
+    tally: &mut Tally,
+    fill: &mut dyn FnMut(&mut dyn PageSink) -> ferry_engine::Result<()>,
+) -> ferry_engine::Result<()> {
+    let mut sink = EventSink {
+        packer: PagePacker::new(PageWriterOptions::default()),
+        tx,
+        pass,
+        space,
+        batches: 0,
+        bytes: 0,
+    };
+    {
+        let mut dedup = DedupSink::new(&mut sink, hashes);
+        fill(&mut dedup)?;
+        tally.sent += dedup.sent;
+        tally.unchanged += dedup.unchanged;
+    }
+    let r = sink.packer.finish();
+    sink.packed(r)?;
+    tally.batches += sink.batches;
+    tally.bytes += sink.bytes;
+    tally.pages += sink.packer.stats().pages;
+    tally.zero_pages += sink.packer.stats().zero_pages;
+    Ok(())
+}
+
+/// One pass: PassStart, the pages of every process (all of them, or those
+/// in its `dirty` ranges; `dirty[i]` for `layout.tasks[i]`) and of every
+/// shared memory object (read by `shmem`), PassEnd.
+fn send_pass(
+    pass: u32,
+    layout: &TreeLayout,
+    dirty: &[Option<Vec<PageRange>>],
+    hashes: &mut HashMap<PageSpace, PageHashes>,
+    shmem: &mut dyn FnMut(ShmemId, &mut dyn PageSink) -> ferry_engine::Result<()>,
     tx: &Sender<Event>,
     frozen: bool,
 ) -> ferry_engine::Result<PassEnd> {
     let t = Instant::now();
     tx.blocking_send(Event::PassStart {
         pass,
-        vmas: vmas.to_vec(),
+        layout: Box::new(layout.clone()),
     })
     .map_err(|_| gone())?;
-    let mut sink = EventSink {
-        packer: PagePacker::new(PageWriterOptions::default()),
-        tx,
-        pass,
-        batches: 0,
-        bytes: 0,
-    };
-    let (sent, unchanged) = {
-        let mut dedup = DedupSink::new(&mut sink, hashes);
-        memory::dump_pages_in(pid, vmas, dirty, &mut dedup)?;
-        (dedup.sent, dedup.unchanged)
-    };
-    let r = sink.packer.finish();
-    sink.packed(r)?;
+    let mut tally = Tally::default();
+    let mut dirty_pages = 0;
+    for (task, d) in layout.tasks.iter().zip(dirty) {
+        let pid = task.id.pid;
+        let space = PageSpace::Task(pid);
+        let h = hashes.entry(space).or_default();
+        let before = tally.sent + tally.unchanged;
+        send_space(pass, space, h, tx, &mut tally, &mut |sink| {
+            memory::dump_pages_in(pid, &task.vmas, d.as_deref(), sink)
+        })?;
+        dirty_pages += d.as_ref().map_or(tally.sent + tally.unchanged - before, |d| {
+            d.iter().map(PageRange::pages).sum()
+        });
+    }
+    for obj in &layout.shmem {
+        let space = PageSpace::Shmem(obj.id);
+        let h = hashes.entry(space).or_default();
+        let before = tally.sent;
+        send_space(pass, space, h, tx, &mut tally, &mut |sink| shmem(obj.id, sink))?;
+        dirty_pages += tally.sent - before;
+    }
     let end = PassEnd {
         pass,
-        batches: sink.batches,
-        pages: sink.packer.stats().pages,
-        zero_pages: sink.packer.stats().zero_pages,
-        bytes: sink.bytes,
-        dirty_pages: dirty.map_or(sent + unchanged, |d| d.iter().map(PageRange::pages).sum()),
-        unchanged,
+        batches: tally.batches,
+        pages: tally.pages,
+        zero_pages: tally.zero_pages,
+        bytes: tally.bytes,
+        dirty_pages,
+        unchanged: tally.unchanged,
         duration: t.elapsed(),
         frozen,
     };
@@ -220,26 +287,106 @@ fn pass_ranges(
     Some(d)
 }
 
-/// The state of the source side between passes.
-struct Source {
+/// Pre-copy state of one process of the tree.
+struct TaskSource {
     pid: i32,
-    policy: Policy,
-    tx: Sender<Event>,
-    hashes: PageHashes,
-    history: Vec<PassStats>,
     tracker: Option<Box<dyn DirtyTracker>>,
     /// Written pages collected but not sent yet (go into the final pass).
     carried: Vec<PageRange>,
     /// The layout of the last pass sent (empty before pass 0): what the
     /// destination has mapped.
     layout: Vec<Vma>,
+}
+
+/// The state of the source side between passes.
+struct Source {
+    root: i32,
+    policy: Policy,
+    tx: Sender<Event>,
+    /// Per page space: what was sent.
+    hashes: HashMap<PageSpace, PageHashes>,
+    history: Vec<PassStats>,
+    /// In the layout's order; empty until the trackers start.
+    tasks: Vec<TaskSource>,
+    /// The layout of pass 0: its members must not change.
+    members: Option<TreeLayout>,
     pass: u32,
     /// A lazy switchover follows the passes.
     lazy: bool,
 }
 
+/// Why the layout's members differ from pass 0's.
+fn changed_members(first: &TreeLayout, now: &TreeLayout) -> Option<String> {
+    if first.same_members(now) {
+        return None;
+    }
+    let pids = |l: &TreeLayout| -> Vec<i32> {
+        l.tasks
+            .iter()
+            .map(|t| t.id.pid)
+            .chain(l.zombies.iter().map(|z| z.pid))
+            .collect()
+    };
+    Some(format!(
+        "the process tree changed during pre-copy (processes {:?}, now {:?}; or a group, \
+         session or shared memory object changed): try again, or migrate with --max-passes 0",
+        pids(first),
+        pids(now)
+    ))
+}
+
 impl Source {
-    /// Passes while the process runs, until the policy says switch.
+    /// The trackers and pass 0's members, with the tree frozen only while
+    /// the userfaultfds are taken.
+    fn start_trackers(&mut self) -> ferry_engine::Result<()> {
+        let mut tree = FrozenTree::freeze(self.root)?;
+        let mut r = Ok(());
+        for (id, f) in tree.tasks.iter_mut() {
+            match track::start(id.pid, f) {
+                Ok(t) => self.tasks.push(TaskSource {
+                    pid: id.pid,
+                    tracker: Some(t),
+                    carried: Vec::new(),
+                    layout: Vec::new(),
+                }),
+                Err(e) => {
+                    r = Err(e);
+                    break;
+                }
+            }
+        }
+        tree.thaw()?;
+        r?;
+        for t in &mut self.tasks {
+            if let Some(tr) = t.tracker.as_mut() {
+                tr.arm()?;
+            }
+        }
+        if let Some(tr) = self.tasks.first().and_then(|t| t.tracker.as_ref()) {
+            let _ = self.tx.blocking_send(Event::Tracker(tr.backend()));
+        }
+        Ok(())
+    }
+
+    /// The running tree's layout, checked against pass 0's members.
+    fn layout(&mut self) -> ferry_engine::Result<(TreeLayout, ferry_engine::shmem::ShmemCollector)> {
+        let (layout, shmem) = live_layout(self.root)?;
+        let first = self.members.get_or_insert_with(|| layout.clone());
+        let same_pids = layout.tasks.len() == self.tasks.len()
+            && layout.tasks.iter().zip(&self.tasks).all(|(l, t)| l.id.pid == t.pid);
+        if let Some(why) = changed_members(first, &layout).or_else(|| {
+            (!same_pids && !self.tasks.is_empty())
+                .then(|| "the process tree changed while dirty tracking started".to_string())
+        }) {
+            return Err(ferry_engine::Error::Unsupported {
+                pid: self.root,
+                what: why,
+            });
+        }
+        Ok((layout, shmem))
+    }
+
+    /// Passes while the tree runs, until the policy says switch.
     fn live_passes(&mut self) -> ferry_engine::Result<SwitchReason> {
         if let Some(r) = self.policy.decide(&[], 0) {
             if self.lazy {
@@ -247,24 +394,23 @@ impl Source {
             }
             return Ok(r);
         }
-        // Only taking the userfaultfd needs the process stopped; protecting
+        // Only taking the userfaultfds needs the tree stopped; protecting
         // its memory happens while it runs, before pass 0 reads it.
-        let mut f = Frozen::freeze(self.pid)?;
-        let started = track::start(self.pid, &mut f);
-        f.thaw()?;
-        let tracker = self.tracker.insert(started?);
-        tracker.arm()?;
-        let _ = self.tx.blocking_send(Event::Tracker(tracker.backend()));
-        let mut dirty: Option<Vec<PageRange>> = None;
+        self.start_trackers()?;
+        let mut dirty: Vec<Option<Vec<PageRange>>> = vec![None; self.tasks.len()];
         loop {
-            let vmas = memory::collect_vmas(self.pid)?;
-            let ranges = pass_ranges(&mut self.layout, &mut self.hashes, &vmas, dirty.take());
+            let (layout, shmem) = self.layout()?;
+            let mut ranges = Vec::with_capacity(self.tasks.len());
+            for ((t, l), d) in self.tasks.iter_mut().zip(&layout.tasks).zip(dirty.iter_mut()) {
+                let h = self.hashes.entry(PageSpace::Task(t.pid)).or_default();
+                ranges.push(pass_ranges(&mut t.layout, h, &l.vmas, d.take()));
+            }
             let end = send_pass(
-                self.pid,
                 self.pass,
-                &vmas,
-                ranges.as_deref(),
+                &layout,
+                &ranges,
                 &mut self.hashes,
+                &mut |id, sink| shmem.dump_contents(id, sink),
                 &self.tx,
                 false,
             )?;
@@ -276,15 +422,24 @@ impl Source {
                 duration: end.duration,
             });
             self.pass += 1;
-            let vmas = memory::collect_vmas(self.pid)?;
-            let mut d = Vec::new();
-            tracker.collect(&vmas, &mut d)?;
-            let waiting: u64 = d.iter().map(PageRange::pages).sum();
+            let mut waiting = 0;
+            let mut found = Vec::with_capacity(self.tasks.len());
+            for t in &mut self.tasks {
+                let vmas = memory::collect_vmas(t.pid)?;
+                let mut d = Vec::new();
+                if let Some(tr) = t.tracker.as_mut() {
+                    tr.collect(&vmas, &mut d)?;
+                }
+                waiting += d.iter().map(PageRange::pages).sum::<u64>();
+                found.push(d);
+            }
             if let Some(r) = self.policy.decide(&self.history, waiting) {
-                self.carried = d;
+                for (t, d) in self.tasks.iter_mut().zip(found) {
+                    t.carried = d;
+                }
                 return Ok(r);
             }
-            dirty = Some(d);
+            dirty = found.into_iter().map(Some).collect();
         }
     }
 
@@ -293,52 +448,85 @@ impl Source {
     /// freeze rather than during it; the frozen pass then only adjusts the
     /// layout.
     fn layout_pass(&mut self) -> ferry_engine::Result<()> {
-        let vmas = memory::collect_vmas(self.pid)?;
+        let (layout, shmem) = self.layout()?;
+        let none = vec![Some(Vec::new()); layout.tasks.len()];
         send_pass(
-            self.pid,
             self.pass,
-            &vmas,
-            Some(&[]),
+            &layout,
+            &none,
             &mut self.hashes,
+            &mut |id, sink| shmem.dump_contents(id, sink),
             &self.tx,
             false,
         )?;
-        self.layout = vmas;
+        self.tasks = layout
+            .tasks
+            .iter()
+            .map(|t| TaskSource {
+                pid: t.id.pid,
+                tracker: None,
+                carried: Vec::new(),
+                layout: t.vmas.clone(),
+            })
+            .collect();
         self.pass += 1;
         Ok(())
     }
 
-    /// With the process frozen: the pages written since the last pass and
-    /// the areas remapped since ([`pass_ranges`]), or everything for
-    /// stop-and-copy. The tracker stays registered: taking write protection
-    /// off costs time in proportion to the memory, so it happens after the
-    /// decision, outside the downtime (and not at all when the process is
-    /// killed).
-    fn final_dirty(&mut self, vmas: &[Vma]) -> ferry_engine::Result<Option<Vec<PageRange>>> {
-        let d = match self.tracker.as_mut() {
-            Some(t) => {
-                let mut d = std::mem::take(&mut self.carried);
-                t.collect(vmas, &mut d)?;
-                Some(d)
-            }
-            None => None,
-        };
-        Ok(pass_ranges(&mut self.layout, &mut self.hashes, vmas, d))
+    /// With the tree frozen: per process, the pages written since the last
+    /// pass and the areas remapped since ([`pass_ranges`]), or everything
+    /// for stop-and-copy. The trackers stay registered: taking write
+    /// protection off costs time in proportion to the memory, so it
+    /// happens after the decision, outside the downtime (and not at all
+    /// when the tree is killed).
+    fn final_dirty(
+        &mut self,
+        layout: &TreeLayout,
+    ) -> ferry_engine::Result<Vec<Option<Vec<PageRange>>>> {
+        if self.tasks.is_empty() {
+            return Ok(vec![None; layout.tasks.len()]);
+        }
+        let mut out = Vec::with_capacity(self.tasks.len());
+        for (t, l) in self.tasks.iter_mut().zip(&layout.tasks) {
+            let d = match t.tracker.as_mut() {
+                Some(tr) => {
+                    let mut d = std::mem::take(&mut t.carried);
+                    tr.collect(&l.vmas, &mut d)?;
+                    Some(d)
+                }
+                None => None,
+            };
+            let h = self.hashes.entry(PageSpace::Task(t.pid)).or_default();
+            out.push(pass_ranges(&mut t.layout, h, &l.vmas, d));
+        }
+        Ok(out)
     }
 
-    fn stop_tracker(&mut self) {
-        if let Some(t) = self.tracker.take() {
-            if let Err(e) = t.stop() {
-                tracing::error!("stopping dirty tracking of {}: {e}", self.pid);
+    /// Take write protection off every process (it goes on running).
+    fn stop_trackers(&mut self) {
+        for t in &mut self.tasks {
+            if let Some(tr) = t.tracker.take() {
+                if let Err(e) = tr.stop() {
+                    tracing::error!("stopping dirty tracking of {}: {e}", t.pid);
+                }
+            }
+        }
+    }
+
+    /// Close the trackers of a tree that is killed (its memory goes with it).
+    fn drop_trackers(&mut self) {
+        for t in &mut self.tasks {
+            if let Some(tr) = t.tracker.take() {
+                let _ = tr.stop();
             }
         }
     }
 }
 
-/// Run the whole source side of a migration of `pid` on this thread.
-/// Errors before [`Event::Frozen`] leave the process running untouched;
-/// after it, `decision` says whether to kill the process (it runs on the
-/// destination) or let it continue. Returns how long it was frozen.
+/// Run the whole source side of a migration of the tree of `pid` on this
+/// thread. Errors before [`Event::Frozen`] leave the tree running
+/// untouched; after it, `decision` says whether to kill the tree (it runs
+/// on the destination) or let it continue. Returns how long it was frozen.
 pub fn run(
     pid: i32,
     policy: Policy,
@@ -347,21 +535,20 @@ pub fn run(
     decision: Receiver<Decision>,
 ) -> Result<Duration, String> {
     let mut src = Source {
-        pid,
+        root: pid,
         policy,
         tx,
-        hashes: PageHashes::default(),
+        hashes: HashMap::new(),
         history: Vec::new(),
-        tracker: None,
-        carried: Vec::new(),
-        layout: Vec::new(),
+        tasks: Vec::new(),
+        members: None,
         pass: 0,
         lazy,
     };
     let reason = match src.live_passes() {
         Ok(r) => r,
         Err(e) => {
-            src.stop_tracker();
+            src.stop_trackers();
             return Err(format!("pre-copy of process {pid} failed: {e}"));
         }
     };
@@ -371,38 +558,51 @@ pub fn run(
             c
         }
         Err(e) => {
-            src.stop_tracker();
+            src.stop_trackers();
             return Err(format!("checkpoint of process {pid} failed: {e}"));
         }
     };
-    if let Some(why) = network_refusal(&c) {
-        src.stop_tracker();
+    let layout = c.tree.layout();
+    let changed = src
+        .members
+        .as_ref()
+        .and_then(|first| changed_members(first, &layout));
+    if let Some(why) = changed {
+        src.stop_trackers();
         let _ = c.thaw();
         return Err(format!("process {pid} cannot be migrated: {why}"));
     }
-    let vmas = c.task().vmas.clone();
+    if lazy && (layout.tasks.len() > 1 || !layout.zombies.is_empty() || !layout.shmem.is_empty()) {
+        src.stop_trackers();
+        let _ = c.thaw();
+        return Err(format!(
+            "process {pid} cannot be migrated lazily: it has child processes or shared memory \
+             now (lazy pages move a single process); migrate without --lazy"
+        ));
+    }
     let mut owed = None;
-    let last = src.final_dirty(&vmas).and_then(|dirty| {
+    let last = src.final_dirty(&layout).and_then(|dirty| {
         // Lazy: only what must go now; the rest stays owed.
-        let eager = if lazy {
-            let plan = lazy::plan::plan(pid, &vmas, dirty.as_deref(), &c.task().threads)?;
+        let ranges = if lazy {
+            let t = c.task();
+            let plan = lazy::plan::plan(pid, &t.vmas, dirty[0].as_deref(), &t.threads)?;
             owed = Some(plan.owed);
-            Some(plan.eager)
+            vec![Some(plan.eager)]
         } else {
             dirty
         };
         send_pass(
-            pid,
             src.pass,
-            &vmas,
-            eager.as_deref(),
+            &layout,
+            &ranges,
             &mut src.hashes,
+            &mut |id, sink| c.dump_shmem(id, sink),
             &src.tx,
             true,
         )
     });
     if let Err(e) = last {
-        src.stop_tracker();
+        src.stop_trackers();
         let _ = c.thaw();
         return Err(format!("final pass of process {pid} failed: {e}"));
     }
@@ -417,7 +617,7 @@ pub fn run(
             .blocking_send(Event::Frozen { image, reason })
             .is_err()
     {
-        src.stop_tracker();
+        src.stop_trackers();
         let _ = c.thaw();
         return Err("the network side is gone".into());
     }
@@ -425,15 +625,12 @@ pub fn run(
     let r = match d {
         Decision::Kill => {
             let r = c.kill();
-            // Its memory is gone with it: just close our userfaultfd.
-            if let Some(t) = src.tracker.take() {
-                let _ = t.stop();
-            }
+            src.drop_trackers();
             r
         }
         Decision::Thaw => {
-            // No write protection may stay behind in a process that goes on.
-            src.stop_tracker();
+            // No write protection may stay behind in a tree that goes on.
+            src.stop_trackers();
             c.thaw()
         }
     };
@@ -531,18 +728,3 @@ mod tests {
     }
 }
 
-/// What the frozen tree holds that live migration cannot move yet (it may
-/// have forked or mapped shared memory since the check before Prepare).
-fn network_refusal(c: &Captured) -> Option<String> {
-    let t = &c.tree;
-    if t.tasks.len() > 1 || !t.zombies.is_empty() {
-        return Some(format!(
-            "it has {} child process(es) now: live migration of a process tree is not supported yet",
-            t.tasks.len() - 1 + t.zombies.len()
-        ));
-    }
-    if !t.shmem.is_empty() {
-        return Some("it maps shared memory now: live migration of shared memory is not supported yet".into());
-    }
-    None
-}

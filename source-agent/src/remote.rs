@@ -14,6 +14,7 @@ use crate::passes::{self, Decision, Event, PassEnd};
 use crate::precopy::{Policy, SwitchReason};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_protocol::model::TreeImage;
+use ferry_protocol::pages::PageSpace;
 use ferry_protocol::wire::{ControlMsg, FileFacts, PageSpan, ProtocolVersion, LAZY_MINOR};
 use ferry_transport::frames::{recv_control, send_control, send_page};
 use ferry_transport::{Identity, TrustStore, DEFAULT_PORT};
@@ -92,8 +93,14 @@ pub fn run(
     if pid <= 0 || !ferry_engine::procfs::exists(pid) {
         bail!("no process with PID {pid}");
     }
-    if let Some(why) = ferry_engine::dump::tree::single_process_refusal(pid)? {
-        bail!("{why}; process {pid} was not touched");
+    if lazy.is_some() {
+        let (layout, _) = ferry_engine::dump::tree::live_layout(pid)?;
+        if layout.tasks.len() > 1 || !layout.zombies.is_empty() || !layout.shmem.is_empty() {
+            bail!(
+                "process {pid} has child processes or shared memory: lazy pages move a single \
+                 process; migrate it without --lazy (process {pid} was not touched)"
+            );
+        }
     }
     let id = Identity::load_or_create(config_dir)?;
     let trust = TrustStore::load(config_dir)?;
@@ -351,30 +358,47 @@ async fn recv_msg(
 
 /// Facts about the process's executable and mapped files, read through its
 /// own mappings (/proc/PID/exe, /proc/PID/map_files), without freezing it.
+/// What Prepare says of the tree of `pid`: every PID and TID (the root's
+/// first), the root's executable, and every other executable and mapped
+/// file of its processes (shared memory travels with the tree: not a file).
 fn gather(pid: i32) -> Result<(Vec<i32>, FileFacts, Vec<FileFacts>)> {
-    let mut tids = ferry_engine::procfs::tasks(pid)?;
-    // tids[0] must be the PID.
-    tids.sort_by_key(|&t| (t != pid, t));
+    let (layout, _) = ferry_engine::dump::tree::live_layout(pid)?;
+    let ids = ferry_engine::dump::tree::live_ids(&layout)?;
     let exe_path = ferry_engine::procfs::link(pid, "exe")?;
     let exe_path = undeleted(&exe_path).to_string();
     let exe = ferry_engine::facts::file_facts(Path::new(&format!("/proc/{pid}/exe")), &exe_path)
         .with_context(|| format!("reading the executable {exe_path}"))?;
     let mut files = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for m in ferry_engine::procfs::maps(pid)? {
-        let Some(path) = m.path else { continue };
-        // A file deleted or replaced since it was mapped: name the path, so
-        // the destination compares its file there with the mapped one.
-        let path = undeleted(&path).to_string();
-        if !path.starts_with('/') || !seen.insert(path.clone()) {
-            continue;
+    let mut seen = std::collections::HashSet::from([exe_path]);
+    for t in &layout.tasks {
+        let tpid = t.id.pid;
+        let texe = ferry_engine::procfs::link(tpid, "exe")?;
+        let texe = undeleted(&texe).to_string();
+        if seen.insert(texe.clone()) {
+            let open = PathBuf::from(format!("/proc/{tpid}/exe"));
+            files.push(
+                ferry_engine::facts::file_facts(&open, &texe)
+                    .with_context(|| format!("reading the executable {texe} of {tpid}"))?,
+            );
         }
-        let open = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
-        let fact = ferry_engine::facts::file_facts(&open, &path)
-            .with_context(|| format!("reading the mapped file {path}"))?;
-        files.push(fact);
+        for m in ferry_engine::procfs::maps(tpid)? {
+            if ferry_engine::shmem::is_shmem_mapping(&m) {
+                continue;
+            }
+            let Some(path) = m.path else { continue };
+            // A file deleted or replaced since it was mapped: name the path,
+            // so the destination compares its file there with the mapped one.
+            let path = undeleted(&path).to_string();
+            if !path.starts_with('/') || !seen.insert(path.clone()) {
+                continue;
+            }
+            let open = PathBuf::from(format!("/proc/{tpid}/map_files/{:x}-{:x}", m.start, m.end));
+            let fact = ferry_engine::facts::file_facts(&open, &path)
+                .with_context(|| format!("reading the mapped file {path}"))?;
+            files.push(fact);
+        }
     }
-    Ok((tids, exe, files))
+    Ok((ids, exe, files))
 }
 
 fn undeleted(path: &str) -> &str {
@@ -716,14 +740,14 @@ async fn stream(
             .open_uni()
             .await
             .map_err(|e| explain(conn, anyhow!(e).context("opening a page stream")))?;
-        let (tx, mut rx) = mpsc::channel::<(u32, Vec<u8>)>(2);
+        let (tx, mut rx) = mpsc::channel::<(u32, PageSpace, Vec<u8>)>(2);
         feeds.push(tx);
         let bar = p.bar.clone();
         writers.spawn(async move {
-            while let Some((pass, batch)) = rx.recv().await {
+            while let Some((pass, space, batch)) = rx.recv().await {
                 // A destination that stops reading (flow control) but keeps
                 // the connection alive must not hold the process frozen.
-                let n = tokio::time::timeout(STEP_TIMEOUT, send_page(&mut stream, pass, &batch))
+                let n = tokio::time::timeout(STEP_TIMEOUT, send_page(&mut stream, pass, space, &batch))
                     .await
                     .map_err(|_| {
                         anyhow!("the destination stopped taking pages for {STEP_TIMEOUT:?}")
@@ -749,12 +773,12 @@ async fn stream(
                     tracker = Some(name);
                     tracing::info!("dirty-page tracking: {name}");
                 }
-                Event::PassStart { pass, vmas } => {
+                Event::PassStart { pass, layout } => {
                     p.bar.set_message(format!("pass {pass}:"));
-                    send_msg(conn, send, &ControlMsg::PassStart { pass, vmas }).await?;
+                    send_msg(conn, send, &ControlMsg::PassStart { pass, layout }).await?;
                 }
-                Event::Batch { pass, bytes } => {
-                    if feeds[next].send((pass, bytes)).await.is_err() {
+                Event::Batch { pass, space, bytes } => {
+                    if feeds[next].send((pass, space, bytes)).await.is_err() {
                         // The writer failed: its error is reported below.
                         return Ok(None);
                     }

@@ -26,14 +26,15 @@ pub async fn send_control<W: AsyncWrite + Unpin + ?Sized>(
 }
 
 /// Writes one page frame of pass `pass` carrying `batch` (an encoded page
-/// batch, as [`ferry_protocol::packer::PagePacker`] produces); returns the
-/// bytes written.
+/// batch of `space`, as [`ferry_protocol::packer::PagePacker`] produces);
+/// returns the bytes written.
 pub async fn send_page<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     pass: u32,
+    space: ferry_protocol::pages::PageSpace,
     batch: &[u8],
 ) -> Result<usize, WireError> {
-    let frame = encode_page_frame(pass, batch)?;
+    let frame = encode_page_frame(pass, space, batch)?;
     w.write_all(&frame).await?;
     Ok(frame.len())
 }

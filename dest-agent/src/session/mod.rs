@@ -36,11 +36,13 @@ use crate::restorer::{Command, Decoded, Event, RestorerThread};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_engine::lazy::pager::{Origin, Pager};
 use ferry_protocol::model::PAGE_SIZE;
-use ferry_protocol::model::{HostInfo, TreeImage, Vma};
+use ferry_engine::files::StdioPolicy;
+use ferry_protocol::model::{HostInfo, TreeImage, TreeLayout};
 use ferry_protocol::pages::{BatchDecoder, PageBatch};
 use ferry_protocol::wire::{
     check_spans_in_anonymous, find_owed_span, page_decoder, ControlMsg, DestState, LazyFrame,
     LazyOrigin, LazyStats, PageFrame, PageSpan, Phase, ProtocolVersion, RefuseCode, StreamFrame,
+    space_areas,
     WireError, MAX_REASON_LEN, MAX_REQUEST_PAGES,
 };
 use ferry_transport::frames::{recv_control, recv_stream_frame, send_control};
@@ -123,7 +125,13 @@ pub struct Shared {
     /// Sessions in the lazy phase, by PID: where a new connection that
     /// resumes one (`LazyResume`) is handed over.
     pub lazy_sessions: Mutex<HashMap<i32, LazyWaiter>>,
+    /// Where the output of a tree whose stdio reached outside it goes
+    /// (`DIR/ferry-PID.log`).
+    pub stdio_dir: std::path::PathBuf,
 }
+
+/// Default of [`Shared::stdio_dir`].
+pub const DEFAULT_STDIO_DIR: &str = "/var/log/ferry";
 
 /// How [`handle`] ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,7 +260,7 @@ fn prepare_refusal(
 ) -> Option<(RefuseCode, String)> {
     for &t in tids {
         if ferry_engine::procfs::exists(t) {
-            let what = if t == tids[0] { "PID" } else { "TID" };
+            let what = if t == tids[0] { "PID" } else { "PID/TID" };
             return Some((
                 RefuseCode::PidTaken,
                 format!("{what} {t} is already in use on the destination"),
@@ -356,7 +364,6 @@ pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<Outcome
         resume_rx: None,
         ctl,
         pid,
-        tids,
         src_host,
         restorer: None,
         layouts: Vec::new(),
@@ -387,19 +394,27 @@ pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<Outcome
 /// against it.
 fn decode(
     decoder: &mut BatchDecoder,
-    layouts: &RwLock<Vec<Arc<Vec<Vma>>>>,
+    layouts: &RwLock<Vec<Arc<TreeLayout>>>,
     f: PageFrame,
 ) -> Result<Decoded> {
-    let vmas = layouts
+    let layout = layouts
         .read()
         .ok()
         .and_then(|l| l.get(f.pass as usize).cloned())
         .ok_or_else(|| anyhow!("page frame of pass {} that never started", f.pass))?;
+    let vmas = space_areas(&layout, f.space).ok_or_else(|| {
+        anyhow!(
+            "page frame of pass {} for {}, which the pass's layout does not have",
+            f.pass,
+            f.space
+        )
+    })?;
     let mut batch = PageBatch::default();
     f.decode_batch(decoder, &vmas, &mut batch)
         .map_err(|e| anyhow!(e).context(format!("page frame of pass {}", f.pass)))?;
     Ok(Decoded {
         pass: f.pass,
+        space: f.space,
         batch,
         bytes: f.batch.len() as u64,
     })
@@ -424,11 +439,10 @@ struct Migration<'a> {
     resume_rx: Option<mpsc::Receiver<Resumed>>,
     ctl: Control,
     pid: i32,
-    tids: Vec<i32>,
     src_host: HostInfo,
     restorer: Option<RestorerThread>,
     /// The layout of each started pass.
-    layouts: Vec<Arc<Vec<Vma>>>,
+    layouts: Vec<Arc<TreeLayout>>,
     /// Passes whose layout was handed to the restorer thread.
     applied: usize,
     /// `applied`, for the page stream readers: a reader that meets a frame
@@ -439,7 +453,7 @@ struct Migration<'a> {
     /// Frames whose pass's layout is not applied yet.
     held: Vec<Decoded>,
     /// `layouts`, for the stream readers that decode frames.
-    shared_layouts: Arc<RwLock<Vec<Arc<Vec<Vma>>>>>,
+    shared_layouts: Arc<RwLock<Vec<Arc<TreeLayout>>>>,
     /// The Switchover image, until the restore is finished with it.
     image: Option<Box<TreeImage>>,
     finishing: bool,
@@ -646,12 +660,20 @@ impl Migration<'_> {
     ) -> Result<bool> {
         self.ctl.state.accept(&msg)?;
         match msg {
-            ControlMsg::PassStart { pass, vmas } => {
-                tracing::info!(pid = self.pid, pass, vmas = vmas.len(), "pass start");
-                let vmas = Arc::new(vmas);
-                self.layouts.push(vmas.clone());
+            ControlMsg::PassStart { pass, layout } => {
+                let vmas: usize = layout.tasks.iter().map(|t| t.vmas.len()).sum();
+                tracing::info!(
+                    pid = self.pid,
+                    pass,
+                    processes = layout.tasks.len(),
+                    vmas,
+                    shmem = layout.shmem.len(),
+                    "pass start"
+                );
+                let layout: Arc<TreeLayout> = Arc::from(layout);
+                self.layouts.push(layout.clone());
                 if let Ok(mut l) = self.shared_layouts.write() {
-                    l.push(vmas);
+                    l.push(layout);
                 }
                 if pass == 0 {
                     let r = RestorerThread::start(format!("restore-{}", self.pid), ev_tx.clone())
@@ -681,7 +703,7 @@ impl Migration<'_> {
                     .layouts
                     .last()
                     .ok_or_else(|| anyhow!("LazyPlan before any pass"))?;
-                check_spans_in_anonymous(&owed, layout)?;
+                check_spans_in_anonymous(&owed, &layout.tasks[0].vmas)?;
                 let pages: u64 = owed.iter().map(|s| s.pages).sum();
                 tracing::info!(pid = self.pid, spans = owed.len(), pages, "lazy plan");
                 self.owed = Some(Arc::new(owed.iter().map(|s| (s.addr, s.pages)).collect()));
@@ -715,16 +737,16 @@ impl Migration<'_> {
         while self.applied < self.layouts.len()
             && (self.applied == 0 || self.ctl.state.pass_complete(self.applied as u32 - 1))
         {
-            let vmas = self.layouts[self.applied].clone();
+            let layout = self.layouts[self.applied].clone();
             if self.applied == 0 {
+                let stdio = StdioPolicy::in_dir(&self.shared.stdio_dir, self.pid);
                 self.command(Command::Begin {
-                    pid: self.pid,
-                    tids: self.tids.clone(),
                     host: self.src_host.clone(),
-                    vmas,
+                    layout,
+                    stdio,
                 })?;
             } else {
-                self.command(Command::Relayout { vmas })?;
+                self.command(Command::Relayout { layout })?;
             }
             self.applied += 1;
             let applied = self.applied as u32;

@@ -135,6 +135,12 @@ impl Captured {
         memory::dump_pages(t.pid, &t.vmas, sink)
     }
 
+    /// Send the contents of shared memory object `id` of the frozen tree to
+    /// `sink` (addressed by offset).
+    pub fn dump_shmem(&self, id: ferry_protocol::model::ShmemId, sink: &mut dyn PageSink) -> Result<()> {
+        self.shmem.dump_contents(id, sink)
+    }
+
     /// Freeze `pid` and its descendants and write their image into `dir`.
     /// On any error the tree is resumed untouched and the partial image
     /// files are removed.
@@ -270,8 +276,10 @@ fn capture_task(
     shmem: &mut ShmemCollector,
 ) -> Result<ProcessImage> {
     let pid = frozen.pid();
-    let fds = files.task(pid, shmem)?;
+    // Areas first, then fds: the order [`tree::live_layout`] gives shared
+    // memory objects their ids in.
     let vmas = memory::collect_vmas_with(pid, shmem)?;
+    let fds = files.task(pid, shmem)?;
     let vdso = vmas
         .iter()
         .find(|v| matches!(&v.kind, VmaKind::Special { name } if name == "[vdso]"))

@@ -11,7 +11,8 @@
 use crate::error::{Error, Result};
 use crate::freeze::Frozen;
 use crate::procfs;
-use ferry_protocol::model::{TaskIdentity, Zombie};
+use crate::shmem::ShmemCollector;
+use ferry_protocol::model::{TaskIdentity, TaskLayout, TreeLayout, Zombie};
 use std::collections::VecDeque;
 
 /// `kcmp` types for the resources a clone may share.
@@ -53,17 +54,9 @@ impl FrozenTree {
             let id = identity(pid)?;
             self.tasks.push((id, frozen));
             for child in children(pid)? {
-                let st = procfs::stat(child)?;
-                if st.state() == 'Z' || st.state() == 'X' {
-                    self.zombies.push(Zombie {
-                        pid: child,
-                        ppid: pid,
-                        pgid: st.field(5)? as i32,
-                        sid: st.field(6)? as i32,
-                        wait_status: st.field(52)? as i32,
-                    });
-                } else {
-                    queue.push_back(child);
+                match zombie(pid, child)? {
+                    Some(z) => self.zombies.push(z),
+                    None => queue.push_back(child),
                 }
             }
         }
@@ -141,6 +134,83 @@ impl FrozenTree {
     }
 }
 
+/// `child` of `parent` as a zombie, if it is one.
+fn zombie(parent: i32, child: i32) -> Result<Option<Zombie>> {
+    let st = procfs::stat(child)?;
+    if st.state() != 'Z' && st.state() != 'X' {
+        return Ok(None);
+    }
+    Ok(Some(Zombie {
+        pid: child,
+        ppid: parent,
+        pgid: st.field(5)? as i32,
+        sid: st.field(6)? as i32,
+        wait_status: st.field(52)? as i32,
+    }))
+}
+
+/// The layout of the running tree of `root`, read without freezing it (a
+/// snapshot, which pre-copy sends with each pass): who is who, every
+/// process's areas, and the shared memory objects, with ids given in the
+/// order a checkpoint gives them (each process's areas, then its fds). The
+/// collector reads the objects' contents.
+pub fn live_layout(root: i32) -> Result<(TreeLayout, ShmemCollector)> {
+    let mut tasks = Vec::new();
+    let mut zombies = Vec::new();
+    let mut shmem = ShmemCollector::new();
+    let mut queue = VecDeque::from([root]);
+    while let Some(pid) = queue.pop_front() {
+        let id = identity(pid)?;
+        let vmas = super::memory::collect_vmas_with(pid, &mut shmem)?;
+        shmem_fds(pid, &mut shmem)?;
+        tasks.push(TaskLayout { id, vmas });
+        for child in children(pid)? {
+            match zombie(pid, child)? {
+                Some(z) => zombies.push(z),
+                None => queue.push_back(child),
+            }
+        }
+    }
+    let layout = TreeLayout {
+        tasks,
+        zombies,
+        shmem: shmem.objects(),
+    };
+    Ok((layout, shmem))
+}
+
+/// Give ids to the shared memory objects that fds of `pid` hold.
+fn shmem_fds(pid: i32, shmem: &mut ShmemCollector) -> Result<()> {
+    for fd in crate::files::list_fds(pid)? {
+        let Ok(link) = procfs::link(pid, &format!("fd/{fd}")) else {
+            continue;
+        };
+        if !(link.starts_with("/memfd:") || link.starts_with("/dev/shm/")) {
+            continue;
+        }
+        let magic = format!("/proc/{pid}/fd/{fd}");
+        let Ok(md) = std::fs::metadata(&magic) else {
+            continue;
+        };
+        shmem.fd_object(pid, fd, &link, &md)?;
+    }
+    Ok(())
+}
+
+/// Every PID and TID of the running tree of `root`, the root's PID first.
+pub fn live_ids(layout: &TreeLayout) -> Result<Vec<i32>> {
+    let mut ids = Vec::new();
+    for t in &layout.tasks {
+        let pid = t.id.pid;
+        ids.push(pid);
+        let mut tids = procfs::tasks(pid)?;
+        tids.retain(|&t| t != pid);
+        ids.extend(tids);
+    }
+    ids.extend(layout.zombies.iter().map(|z| z.pid));
+    Ok(ids)
+}
+
 /// PID, parent, process group and session of `pid` (from its stat).
 pub fn identity(pid: i32) -> Result<TaskIdentity> {
     let st = procfs::stat(pid)?;
@@ -185,38 +255,4 @@ fn kcmp(a: i32, b: i32, ty: i64) -> std::io::Result<bool> {
     } else {
         Ok(r == 0)
     }
-}
-
-/// Why `pid` cannot go over the network yet, if it cannot: live migration
-/// moves one process without shared memory today (checkpoint and restore on
-/// one host move whole trees).
-pub fn single_process_refusal(pid: i32) -> Result<Option<String>> {
-    let kids = children(pid)?;
-    if !kids.is_empty() {
-        return Ok(Some(format!(
-            "process {pid} has {} child process(es) ({}): live migration of a process tree \
-             is not supported yet (checkpoint and restore on one host are)",
-            kids.len(),
-            kids.iter()
-                .map(|k| k.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    for m in procfs::maps(pid)? {
-        let shmem = matches!(m.path.as_deref(), Some(p) if m.shared
-            && (p == crate::shmem::anon::MAPS_NAME
-                || p.starts_with("/memfd:")
-                || p.starts_with("/SYSV")
-                || p.starts_with("/dev/shm/")));
-        if shmem {
-            return Ok(Some(format!(
-                "process {pid} maps shared memory ({}) at {:#x}: live migration of shared \
-                 memory is not supported yet (checkpoint and restore on one host are)",
-                m.path.as_deref().unwrap_or("?"),
-                m.start
-            )));
-        }
-    }
-    Ok(None)
 }

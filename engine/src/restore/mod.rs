@@ -27,8 +27,9 @@
 //! as they exist, with their recorded status, and their parent's SIGCHLD is
 //! taken back unless it was pending at the checkpoint).
 //!
-//! [`Restorer`] builds a single process as its pages arrive (pre-copy
-//! migration); [`restore`] builds a whole tree from an image directory.
+//! [`TreeRestorer`] builds a tree as its pages arrive (pre-copy migration:
+//! from the first pass's layout on, before the freeze); [`restore`] drives
+//! it from an image directory.
 
 pub mod memory;
 pub mod misc;
@@ -39,14 +40,12 @@ pub mod tree;
 
 use crate::error::{Error, Result};
 use crate::files::{Opened, StdioPolicy};
-use crate::shmem::ShmemHandles;
 use ferry_parasite::Tracee;
 use ferry_protocol::model::{HostInfo, ProcessImage, TreeImage, Vma, VmaKind};
-use ferry_protocol::pages::PageBatch;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-pub use tree::restore;
+use std::time::Duration;
+pub use tree::{restore, Ready, TreeRestorer};
 
 /// Top of the user address space on x86-64.
 pub const TASK_SIZE: u64 = 0x0000_7fff_ffff_f000;
@@ -142,189 +141,6 @@ fn check_executable(img: &ProcessImage) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// A single-process restore in progress (the pre-copy migration's): the
-/// stub runs with the image's PID, its address space is mapped (writable
-/// for now), and pages can be written into it as they arrive;
-/// [`Restorer::complete`] applies the rest of the state and lets the
-/// process run. Dropping it kills the stub.
-///
-/// ptrace binds the stub to the OS thread that created it: call every
-/// method on that thread.
-pub struct Restorer {
-    stub: stub::Stub,
-    vmas: Vec<Vma>,
-    filler: memory::PageFiller,
-    /// A pass after the first: zero pages must drop earlier contents.
-    later_pass: bool,
-    t0: Instant,
-    stdio: StdioPolicy,
-}
-
-impl Restorer {
-    /// Check the host and that `pid` and `tids` are free, create the stub
-    /// with `pid`, move the vDSO areas to their addresses and map `vmas`.
-    pub fn begin(pid: i32, tids: &[i32], host: &HostInfo, vmas: &[Vma]) -> Result<Restorer> {
-        let t0 = Instant::now();
-        check_host(host)?;
-        let mut ids = vec![pid];
-        ids.extend(tids.iter().filter(|&&t| t != pid));
-        check_ids_free(&ids)?;
-        check_files(vmas)?;
-        let mut stub = stub::Stub::create(pid, vmas)?;
-        let tramp = stub.tramp_range();
-        {
-            let stub_pid = stub.pid;
-            let mut inj = stub.injector()?;
-            memory::place_special(&mut inj, stub_pid, vmas, tramp)?;
-            memory::map_areas(&mut inj, vmas, &ShmemHandles::default())?;
-        }
-        Ok(Restorer {
-            filler: memory::PageFiller::new(stub.pid, vmas),
-            stub,
-            vmas: vmas.to_vec(),
-            later_pass: false,
-            t0,
-            stdio: StdioPolicy::in_dir(Path::new("/var/log/ferry"), pid),
-        })
-    }
-
-    /// Where stdio that reached outside the process goes (default:
-    /// `/var/log/ferry/ferry-PID.log`).
-    pub fn set_stdio(&mut self, stdio: StdioPolicy) {
-        self.stdio = stdio;
-    }
-
-    /// The PID of the process being built.
-    pub fn pid(&self) -> i32 {
-        self.stub.pid
-    }
-
-    /// The address space changed between passes: remap what differs
-    /// (those areas' pages must be sent again in full).
-    pub fn relayout(&mut self, vmas: &[Vma]) -> Result<()> {
-        check_files(vmas)?;
-        {
-            let mut inj = self.stub.injector()?;
-            memory::relayout(&mut inj, &self.vmas, vmas)?;
-        }
-        self.vmas = vmas.to_vec();
-        self.filler.set_layout(vmas);
-        self.later_pass = true;
-        Ok(())
-    }
-
-    /// Write one batch of pages; every page must lie in a private area.
-    /// After [`Restorer::relayout`] (a later pass), zero pages also drop
-    /// what an earlier pass wrote there.
-    pub fn write_batch(&mut self, batch: &PageBatch) -> Result<()> {
-        let mut anon_zero = Vec::new();
-        self.filler.write_batch(batch, &mut anon_zero)?;
-        if self.later_pass && !anon_zero.is_empty() {
-            let mut inj = self.stub.injector()?;
-            for (addr, len) in anon_zero {
-                inj.call(
-                    "madvise(MADV_DONTNEED)",
-                    libc::SYS_madvise,
-                    &[addr, len, libc::MADV_DONTNEED as u64],
-                )?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Apply everything else from `img` (a tree of this one process, whose
-    /// memory layout must be the one given to [`Restorer::begin`]) and let
-    /// the process run.
-    pub fn complete(self, img: &TreeImage) -> Result<RestoreSummary> {
-        let ready = self.finish(img)?;
-        ready.resume()
-    }
-
-    /// Apply everything else from `img` but keep every thread stopped: the
-    /// process is ready and runs only on [`Ready::resume`]. If `Ready` is
-    /// dropped instead, or this program dies first, the process is killed
-    /// (ptrace's exit-kill), so a migration that is not confirmed leaves
-    /// nothing running here.
-    pub fn finish(self, img: &TreeImage) -> Result<Ready> {
-        self.finish_with(img, None)
-    }
-
-    /// [`Restorer::finish`] for a lazy switchover: the pages of `owed`
-    /// (spans `(addr, pages)` inside private anonymous areas) are dropped
-    /// and registered with a userfaultfd instead; [`Ready::take_uffd`] hands
-    /// it over, to be served before the process resumes.
-    pub fn finish_lazy(self, img: &TreeImage, owed: &[(u64, u64)]) -> Result<Ready> {
-        self.finish_with(img, Some(owed))
-    }
-
-    fn finish_with(mut self, img: &TreeImage, owed: Option<&[(u64, u64)]>) -> Result<Ready> {
-        let task = match (img.tasks.as_slice(), img.zombies.is_empty(), img.shmem.is_empty()) {
-            ([t], true, true) => t,
-            _ => {
-                return Err(Error::Incompatible(
-                    "this restore builds one process; the image holds a process tree or \
-                     shared memory"
-                        .into(),
-                ))
-            }
-        };
-        if task.pid != self.stub.pid || task.vmas != self.vmas {
-            return Err(Error::Incompatible(
-                "the image's PID or memory layout differs from the one being built".into(),
-            ));
-        }
-        if owed.is_some() {
-            crate::lazy::uffd::kernel_support().map_err(|what| Error::Unsupported {
-                pid: task.pid,
-                what: format!("lazy pages: {what}"),
-            })?;
-        }
-        let opened = Opened::open_all(img, &ShmemHandles::default(), &self.stdio)?;
-        let uffd = build_task(&mut self.stub, task, &opened, owed)?;
-        Ok(Ready {
-            summary: RestoreSummary {
-                pid: task.pid,
-                processes: 1,
-                threads: task.threads.len(),
-                pages: self.filler.pages,
-                duration: self.t0.elapsed(),
-                stdio_log: opened.stdio_log.clone(),
-            },
-            stub: self.stub,
-            uffd,
-        })
-    }
-}
-
-/// A restored process with every thread still stopped under our control.
-pub struct Ready {
-    stub: stub::Stub,
-    /// What the restore did (duration up to now).
-    pub summary: RestoreSummary,
-    /// For a lazy restore: the armed userfaultfd of the process.
-    uffd: Option<userfaultfd::Uffd>,
-}
-
-impl Ready {
-    /// The PID of the process.
-    pub fn pid(&self) -> i32 {
-        self.stub.pid
-    }
-
-    /// The userfaultfd of a lazy restore (once): whoever holds it must
-    /// serve the process's faults from before [`Ready::resume`] on.
-    pub fn take_uffd(&mut self) -> Option<userfaultfd::Uffd> {
-        self.uffd.take()
-    }
-
-    /// Let the process run; it is no longer traced.
-    pub fn resume(self) -> Result<RestoreSummary> {
-        let summary = self.summary.clone();
-        self.stub.resume()?;
-        Ok(summary)
-    }
 }
 
 /// Everything after the pages: protections, mm, fds, signals, threads,
@@ -434,8 +250,24 @@ fn apply_state(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_protocol::model::PAGE_SIZE;
-    use ferry_protocol::pages::PageRun;
+    use ferry_protocol::model::{TaskIdentity, TaskLayout, TreeLayout, PAGE_SIZE};
+    use ferry_protocol::pages::{PageBatch, PageRun, PageSpace};
+
+    fn single(pid: i32, vmas: &[Vma]) -> TreeLayout {
+        TreeLayout {
+            tasks: vec![TaskLayout {
+                id: TaskIdentity {
+                    pid,
+                    ppid: 1,
+                    pgid: 1,
+                    sid: 1,
+                },
+                vmas: vmas.to_vec(),
+            }],
+            zombies: vec![],
+            shmem: vec![],
+        }
+    }
 
     /// A stub with a captured process's PID and layout; the layout then
     /// changes: one area goes, a new one comes, pages land in the new one.
@@ -449,8 +281,7 @@ mod tests {
         drop(child);
         let vmas = vmas.expect("layout of the child");
         let host = crate::host::host_info();
-        let tids = [pid];
-        let mut r = Restorer::begin(pid, &tids, &host, &vmas).expect("begin");
+        let mut r = TreeRestorer::begin(&single(pid, &vmas), &host).expect("begin");
         let maps = |pid: i32| crate::procfs::maps(pid).expect("maps");
         // Drop the first anonymous area, add one in a hole above everything.
         let gone = vmas
@@ -475,7 +306,7 @@ mod tests {
         let mut new: Vec<Vma> = vmas.iter().filter(|v| **v != gone).cloned().collect();
         new.push(fresh.clone());
         new.sort_by_key(|v| v.start);
-        r.relayout(&new).expect("relayout");
+        r.relayout(&single(pid, &new)).expect("relayout");
         let m = maps(pid);
         assert!(
             m.iter()
@@ -494,7 +325,7 @@ mod tests {
             }],
             data: vec![0x5a; PAGE_SIZE as usize],
         };
-        r.write_batch(&batch).expect("write into the new area");
+        r.write_batch(PageSpace::Task(pid), &batch).expect("write into the new area");
         let mut back = vec![0u8; PAGE_SIZE as usize];
         ferry_parasite::mem::read(pid, fresh.start + PAGE_SIZE, &mut back).expect("read");
         assert!(back.iter().all(|&b| b == 0x5a));
@@ -507,7 +338,7 @@ mod tests {
             }],
             data: Vec::new(),
         };
-        r.write_batch(&zero).expect("zero page");
+        r.write_batch(PageSpace::Task(pid), &zero).expect("zero page");
         ferry_parasite::mem::read(pid, fresh.start + PAGE_SIZE, &mut back).expect("read");
         assert!(back.iter().all(|&b| b == 0), "page dropped");
         // Pages in the removed area are refused now.
@@ -519,7 +350,7 @@ mod tests {
             }],
             data: vec![1; PAGE_SIZE as usize],
         };
-        assert!(r.write_batch(&stale).is_err());
+        assert!(r.write_batch(PageSpace::Task(pid), &stale).is_err());
         // Dropping the restorer kills and reaps the stub.
         drop(r);
         assert!(!crate::procfs::exists(pid), "stub {pid} left behind");

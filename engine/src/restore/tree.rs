@@ -1,14 +1,19 @@
-//! Restoring a whole tree from an image directory: every process forked
-//! from its parent's stub with its PID, sessions and groups as they were,
-//! zombies that exit with their status, shared objects made once. The order
-//! is described in [`crate::restore`].
+//! Building a whole tree: every process forked from its parent's stub
+//! with its PID, sessions and groups as they were, zombies that exit with
+//! their status, shared objects made once. The order is described in
+//! [`crate::restore`]. [`TreeRestorer`] does it from a [`TreeLayout`] (the
+//! first pre-copy pass's, or an image's) and takes pages per page space as
+//! they come; [`restore`] drives it from an image directory.
 
-use super::{build_task, memory, preflight, stub::Stub, RestoreOptions, RestoreSummary};
+use super::{
+    build_task, check_files, check_host, check_ids_free, memory, preflight, stub::Stub,
+    RestoreOptions, RestoreSummary,
+};
 use crate::error::{Error, Result};
-use crate::files::Opened;
+use crate::files::{Opened, StdioPolicy};
 use crate::shmem::ShmemHandles;
 use ferry_protocol::image::read_tree_image;
-use ferry_protocol::model::{ProcessImage, TreeImage, Vma};
+use ferry_protocol::model::{HostInfo, TreeImage, TreeLayout, Vma};
 use ferry_protocol::pages::{PageBatch, PageReader, PageSpace};
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,71 +22,256 @@ use std::time::{Duration, Instant};
 /// Recreate the process tree saved in `dir` with its PIDs and TIDs, and
 /// let it run.
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreSummary> {
-    let t0 = Instant::now();
     let tree = read_tree_image(dir)?;
     preflight(&tree)?;
-    let mut shmem = ShmemHandles::create(&tree)?;
+    let mut r = TreeRestorer::begin(&tree.layout(), &tree.host)?;
+    r.set_stdio(opts.stdio.clone());
     let mut batch = PageBatch::default();
-    for obj in &tree.shmem {
-        let mut reader = PageReader::open_space(dir, PageSpace::Shmem(obj.id))?;
+    let spaces = tree
+        .shmem
+        .iter()
+        .map(|o| PageSpace::Shmem(o.id))
+        .chain(tree.tasks.iter().map(|t| PageSpace::Task(t.pid)));
+    for space in spaces {
+        let mut reader = PageReader::open_space(dir, space)?;
         while reader.read_batch_into(&mut batch)? {
-            shmem.fill(obj.id, &batch)?;
+            r.write_batch(space, &batch)?;
         }
     }
-    let mut b = Builder::new(&tree)?;
-    b.fork_all()?;
-    let opened = Opened::open_all(&tree, &shmem, &opts.stdio)?;
-    let mut pages = 0;
-    for (task, stub) in tree.tasks.iter().zip(b.stubs.iter_mut()) {
-        pages += build_one(dir, task, stub, &shmem, &opened)?;
-    }
-    shmem.finish()?;
-    let processes = b.stubs.len();
-    for stub in b.stubs.drain(..).rev() {
-        stub.resume()?;
-    }
-    Ok(RestoreSummary {
-        pid: tree.root_pid(),
-        processes,
-        threads: tree.tasks.iter().map(|t| t.threads.len()).sum(),
-        pages,
-        duration: t0.elapsed(),
-        stdio_log: opened.stdio_log.clone(),
-    })
+    r.finish(&tree)?.resume()
 }
 
-/// Memory, then everything else, of one process whose stub is an empty
-/// shell; returns the pages written.
-fn build_one(
-    dir: &Path,
-    task: &ProcessImage,
-    stub: &mut Stub,
-    shmem: &ShmemHandles,
-    opened: &Opened,
-) -> Result<u64> {
-    let tramp = stub.tramp_range();
-    {
-        let pid = stub.pid;
-        let mut inj = stub.injector()?;
-        memory::place_special(&mut inj, pid, &task.vmas, tramp)?;
-        memory::map_areas(&mut inj, &task.vmas, shmem)?;
-    }
-    let mut filler = memory::PageFiller::new(stub.pid, &task.vmas);
-    let mut reader = PageReader::open_space(dir, PageSpace::Task(task.pid))?;
-    let mut batch = PageBatch::default();
-    let mut fresh_zero = Vec::new();
-    while reader.read_batch_into(&mut batch)? {
-        // Fresh anonymous memory is zero already.
-        filler.write_batch(&batch, &mut fresh_zero)?;
-        fresh_zero.clear();
-    }
-    build_task(stub, task, opened, None)?;
-    Ok(filler.pages)
+/// A tree being built: every stub runs with its PID, forked from its
+/// parent's, with its areas mapped (writable for now) and its shared
+/// memory objects made; pages are written as they arrive, per page space;
+/// [`TreeRestorer::finish`] applies the rest of the state. Dropping it
+/// kills the stubs and removes what was made.
+///
+/// ptrace binds the stubs to the OS thread that created them: call every
+/// method on that thread.
+pub struct TreeRestorer {
+    layout: TreeLayout,
+    /// In `layout.tasks` order.
+    stubs: Vec<Stub>,
+    fillers: Vec<memory::PageFiller>,
+    shmem: ShmemHandles,
+    /// A pass after the first: zero pages must drop earlier contents.
+    later_pass: bool,
+    t0: Instant,
+    stdio: StdioPolicy,
 }
 
-/// The stubs of a tree, one per live process in the image's order.
+impl TreeRestorer {
+    /// Check the host, that every PID is free and the mapped files are
+    /// the same, make the shared memory objects, fork the tree's stubs
+    /// (sessions, groups, zombies), move each one's vDSO areas to their
+    /// addresses and map its areas.
+    pub fn begin(layout: &TreeLayout, host: &HostInfo) -> Result<TreeRestorer> {
+        let t0 = Instant::now();
+        check_host(host)?;
+        let ids: Vec<i32> = layout
+            .tasks
+            .iter()
+            .map(|t| t.id.pid)
+            .chain(layout.zombies.iter().map(|z| z.pid))
+            .collect();
+        check_ids_free(&ids)?;
+        for t in &layout.tasks {
+            check_files(&t.vmas)?;
+        }
+        let shmem = ShmemHandles::create_objects(&layout.shmem)?;
+        let mut b = Builder::new(layout)?;
+        b.fork_all()?;
+        let mut stubs = std::mem::take(&mut b.stubs);
+        let mut fillers = Vec::with_capacity(stubs.len());
+        for (t, stub) in layout.tasks.iter().zip(stubs.iter_mut()) {
+            let tramp = stub.tramp_range();
+            let pid = stub.pid;
+            let mut inj = stub.injector()?;
+            memory::place_special(&mut inj, pid, &t.vmas, tramp)?;
+            memory::map_areas(&mut inj, &t.vmas, &shmem)?;
+            fillers.push(memory::PageFiller::new(pid, &t.vmas));
+        }
+        Ok(TreeRestorer {
+            layout: layout.clone(),
+            stubs,
+            fillers,
+            shmem,
+            later_pass: false,
+            t0,
+            stdio: StdioPolicy::in_dir(Path::new("/var/log/ferry"), layout.root_pid()),
+        })
+    }
+
+    /// Where stdio that reached outside the tree goes (default:
+    /// `/var/log/ferry/ferry-PID.log`).
+    pub fn set_stdio(&mut self, stdio: StdioPolicy) {
+        self.stdio = stdio;
+    }
+
+    /// The root's PID.
+    pub fn pid(&self) -> i32 {
+        self.layout.root_pid()
+    }
+
+    fn index(&self, pid: i32) -> Result<usize> {
+        self.layout
+            .tasks
+            .iter()
+            .position(|t| t.id.pid == pid)
+            .ok_or_else(|| Error::Incompatible(format!("process {pid} is not in the tree")))
+    }
+
+    /// The layout changed between passes: remap what differs in each
+    /// process (those areas' pages must be sent again in full). The members
+    /// (processes, zombies, shared memory objects) must be the same.
+    pub fn relayout(&mut self, layout: &TreeLayout) -> Result<()> {
+        if !layout.same_members(&self.layout) {
+            return Err(Error::Incompatible(
+                "the process tree changed during pre-copy (a process or zombie came or went, \
+                 or shared memory was made or resized); try the migration again"
+                    .into(),
+            ));
+        }
+        for (i, t) in layout.tasks.iter().enumerate() {
+            if t.vmas == self.layout.tasks[i].vmas {
+                continue;
+            }
+            check_files(&t.vmas)?;
+            {
+                let mut inj = self.stubs[i].injector()?;
+                memory::relayout(&mut inj, &self.layout.tasks[i].vmas, &t.vmas)?;
+            }
+            self.fillers[i].set_layout(&t.vmas);
+        }
+        self.layout = layout.clone();
+        self.later_pass = true;
+        Ok(())
+    }
+
+    /// Write one batch of pages of `space`: a process's (every page in a
+    /// private area; after [`TreeRestorer::relayout`], zero pages also drop
+    /// what an earlier pass wrote there), or a shared memory object's.
+    pub fn write_batch(&mut self, space: PageSpace, batch: &PageBatch) -> Result<()> {
+        let pid = match space {
+            PageSpace::Shmem(id) => return self.shmem.fill(id, batch),
+            PageSpace::Task(pid) => pid,
+        };
+        let i = self.index(pid)?;
+        let mut anon_zero = Vec::new();
+        self.fillers[i].write_batch(batch, &mut anon_zero)?;
+        if self.later_pass && !anon_zero.is_empty() {
+            let mut inj = self.stubs[i].injector()?;
+            for (addr, len) in anon_zero {
+                inj.call(
+                    "madvise(MADV_DONTNEED)",
+                    libc::SYS_madvise,
+                    &[addr, len, libc::MADV_DONTNEED as u64],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply everything else from `img` (whose layout must be the one
+    /// built) but keep every thread stopped: the tree is ready and runs only
+    /// on [`Ready::resume`]. If `Ready` is dropped instead, or this program
+    /// dies first, the tree is killed (ptrace's exit-kill), so a migration
+    /// that is not confirmed leaves nothing running here.
+    pub fn finish(self, img: &TreeImage) -> Result<Ready> {
+        self.finish_with(img, None)
+    }
+
+    /// [`TreeRestorer::finish`] for a lazy switchover of a single process:
+    /// the pages of `owed` (spans `(addr, pages)` inside private anonymous
+    /// areas) are dropped and registered with a userfaultfd instead;
+    /// [`Ready::take_uffd`] hands it over, to be served before the process
+    /// resumes.
+    pub fn finish_lazy(self, img: &TreeImage, owed: &[(u64, u64)]) -> Result<Ready> {
+        self.finish_with(img, Some(owed))
+    }
+
+    fn finish_with(mut self, img: &TreeImage, owed: Option<&[(u64, u64)]>) -> Result<Ready> {
+        if img.layout() != self.layout {
+            return Err(Error::Incompatible(
+                "the image's processes or memory layout differ from the ones being built".into(),
+            ));
+        }
+        if let Some(_owed) = owed {
+            if img.tasks.len() != 1 || !img.zombies.is_empty() || !img.shmem.is_empty() {
+                return Err(Error::Incompatible(
+                    "lazy pages move a single process without shared memory".into(),
+                ));
+            }
+            crate::lazy::uffd::kernel_support().map_err(|what| Error::Unsupported {
+                pid: img.root_pid(),
+                what: format!("lazy pages: {what}"),
+            })?;
+        }
+        let opened = Opened::open_all(img, &self.shmem, &self.stdio)?;
+        let mut uffd = None;
+        for (task, stub) in img.tasks.iter().zip(self.stubs.iter_mut()) {
+            let u = build_task(stub, task, &opened, owed)?;
+            uffd = uffd.or(u);
+        }
+        self.shmem.finish()?;
+        let pages = self.fillers.iter().map(|f| f.pages).sum();
+        Ok(Ready {
+            summary: RestoreSummary {
+                pid: img.root_pid(),
+                processes: img.tasks.len(),
+                threads: img.tasks.iter().map(|t| t.threads.len()).sum(),
+                pages,
+                duration: self.t0.elapsed(),
+                stdio_log: opened.stdio_log.clone(),
+            },
+            stubs: std::mem::take(&mut self.stubs),
+            shmem: std::mem::take(&mut self.shmem),
+            uffd,
+        })
+    }
+}
+
+/// A restored tree with every thread still stopped under our control.
+pub struct Ready {
+    stubs: Vec<Stub>,
+    shmem: ShmemHandles,
+    /// What the restore did (duration up to now).
+    pub summary: RestoreSummary,
+    /// For a lazy restore: the armed userfaultfd of the process.
+    uffd: Option<userfaultfd::Uffd>,
+}
+
+impl Ready {
+    /// The root's PID.
+    pub fn pid(&self) -> i32 {
+        self.summary.pid
+    }
+
+    /// The userfaultfd of a lazy restore (once): whoever holds it must
+    /// serve the process's faults from before [`Ready::resume`] on.
+    pub fn take_uffd(&mut self) -> Option<userfaultfd::Uffd> {
+        self.uffd.take()
+    }
+
+    /// Let every process run (children first, the root last); they are no
+    /// longer traced.
+    pub fn resume(mut self) -> Result<RestoreSummary> {
+        let summary = self.summary.clone();
+        self.shmem.commit();
+        let mut first = None;
+        for stub in self.stubs.drain(..).rev() {
+            if let Err(e) = stub.resume() {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(summary), Err)
+    }
+}
+
+/// The stubs of a tree, one per live process in the layout's order.
 pub struct Builder<'a> {
-    tree: &'a TreeImage,
+    tree: &'a TreeLayout,
     /// Stubs of the live processes, in `tree.tasks` order.
     pub stubs: Vec<Stub>,
     /// Process group each stub has now.
@@ -91,10 +281,12 @@ pub struct Builder<'a> {
 impl<'a> Builder<'a> {
     /// The root's stub, with a trampoline at an address that is free in
     /// every process of the tree.
-    pub fn new(tree: &'a TreeImage) -> Result<Builder<'a>> {
+    pub fn new(tree: &'a TreeLayout) -> Result<Builder<'a>> {
         let root = tree
-            .root()
-            .ok_or_else(|| Error::parse("image", "no process"))?;
+            .tasks
+            .first()
+            .ok_or_else(|| Error::parse("image", "no process"))?
+            .id;
         let all: Vec<Vma> = tree.tasks.iter().flat_map(|t| t.vmas.clone()).collect();
         let stub = Stub::create(root.pid, &all)?;
         let mut pgid_now = HashMap::new();
@@ -111,20 +303,20 @@ impl<'a> Builder<'a> {
     /// its session and process group.
     pub fn fork_all(&mut self) -> Result<()> {
         let tree = self.tree;
-        let root = &tree.tasks[0];
+        let root = tree.tasks[0].id;
         // The root: its own session when it led its group (a shell job, a
         // daemon); else it stays in the restorer's group and session.
         if root.pgid == root.pid {
             self.own_session(0)?;
         }
-        for t in &tree.tasks[1..] {
+        for t in tree.tasks[1..].iter().map(|t| t.id) {
             let child = self.fork(t.ppid, t.pid)?;
             self.stubs.push(child);
             let i = self.stubs.len() - 1;
             self.own_ids(i, t.pid, t.pgid, t.sid)?;
         }
         // Groups whose leader exists only now.
-        for (i, t) in tree.tasks.iter().enumerate() {
+        for (i, t) in tree.tasks.iter().map(|t| t.id).enumerate() {
             self.join_group(i, t.pid, t.pgid)?;
         }
         self.make_zombies()
@@ -173,7 +365,7 @@ impl<'a> Builder<'a> {
     /// The group `pgid` names now: the root's group stands for itself even
     /// when it lay outside the tree.
     fn group_here(&self, pgid: i32) -> i32 {
-        let root = &self.tree.tasks[0];
+        let root = self.tree.tasks[0].id;
         if pgid == root.pgid {
             self.pgid_now.get(&root.pid).copied().unwrap_or(pgid)
         } else {

@@ -37,6 +37,17 @@ use ferry_protocol::pages::PageBatch;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
+/// True for a mapping of shared memory (its contents travel with the tree,
+/// it is not a file the destination must have).
+pub fn is_shmem_mapping(m: &MapsEntry) -> bool {
+    let Some(p) = m.path.as_deref() else {
+        return false;
+    };
+    p.starts_with("/memfd:")
+        || (m.shared
+            && (p == anon::MAPS_NAME || p.starts_with("/SYSV") || p.starts_with("/dev/shm/")))
+}
+
 /// Where the contents of an object are read from at checkpoint.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -356,17 +367,7 @@ pub struct ShmemHandles {
 impl ShmemHandles {
     /// Create every shared memory object of `tree`, empty and sized.
     pub fn create(tree: &TreeImage) -> Result<ShmemHandles> {
-        let mut out = ShmemHandles::default();
-        for obj in &tree.shmem {
-            let h = match &obj.kind {
-                ShmemKind::Anonymous => anon::create(obj)?,
-                ShmemKind::Memfd { .. } => memfd::create(obj)?,
-                ShmemKind::Posix { .. } => posix::create(obj)?,
-                ShmemKind::SysV { .. } => sysv::create(obj)?,
-            };
-            out.handles.push(h);
-        }
-        Ok(out)
+        Self::create_objects(&tree.shmem)
     }
 
     fn get(&self, id: ShmemId) -> Result<&Handle> {
@@ -430,8 +431,23 @@ impl ShmemHandles {
         Ok(new)
     }
 
-    /// Every process has mapped its objects: add the memfd seals, drop the
-    /// agent's mappings, and keep what was created.
+    /// Create the objects of a layout (see [`ShmemHandles::create`]).
+    pub fn create_objects(objects: &[ShmemObject]) -> Result<ShmemHandles> {
+        let mut out = ShmemHandles::default();
+        for obj in objects {
+            let h = match &obj.kind {
+                ShmemKind::Anonymous => anon::create(obj)?,
+                ShmemKind::Memfd { .. } => memfd::create(obj)?,
+                ShmemKind::Posix { .. } => posix::create(obj)?,
+                ShmemKind::SysV { .. } => sysv::create(obj)?,
+            };
+            out.handles.push(h);
+        }
+        Ok(out)
+    }
+
+    /// Every process has mapped its objects: add the memfd seals and drop
+    /// the agent's mappings.
     pub fn finish(&mut self) -> Result<()> {
         for h in &mut self.handles {
             h.map = None;
@@ -441,8 +457,13 @@ impl ShmemHandles {
                 }
             }
         }
-        self.committed = true;
         Ok(())
+    }
+
+    /// The restored tree runs: keep what was created (until then, dropping
+    /// the handles removes the `/dev/shm` files and SysV segments made).
+    pub fn commit(&mut self) {
+        self.committed = true;
     }
 }
 

@@ -36,10 +36,16 @@ fn prepare() -> ControlMsg {
     }
 }
 
+fn layout_of(vmas: Vec<Vma>) -> Box<TreeLayout> {
+    let mut l = sample_image().layout();
+    l.tasks[0].vmas = vmas;
+    Box::new(l)
+}
+
 fn pass_start(pass: u32) -> ControlMsg {
     ControlMsg::PassStart {
         pass,
-        vmas: sample_image().tasks[0].vmas.clone(),
+        layout: Box::new(sample_image().layout()),
     }
 }
 
@@ -525,7 +531,7 @@ fn semantic_checks() {
         },
         ControlMsg::PassStart {
             pass: MAX_PASSES,
-            vmas: vec![],
+            layout: layout_of(vec![]),
         },
         ControlMsg::PassEnd {
             pass: 0,
@@ -556,13 +562,19 @@ fn semantic_checks() {
     let mut vmas = sample_image().tasks[0].vmas.clone();
     vmas.swap(0, 1);
     assert!(matches!(
-        bad(ControlMsg::PassStart { pass: 0, vmas }),
+        bad(ControlMsg::PassStart {
+            pass: 0,
+            layout: layout_of(vmas)
+        }),
         WireError::Invalid(_)
     ));
     let mut vmas = sample_image().tasks[0].vmas.clone();
     vmas[1].end += 1;
     assert!(matches!(
-        bad(ControlMsg::PassStart { pass: 0, vmas }),
+        bad(ControlMsg::PassStart {
+            pass: 0,
+            layout: layout_of(vmas)
+        }),
         WireError::Invalid(_)
     ));
     // The image goes through ProcessImage::validate.
@@ -609,10 +621,11 @@ fn page_frames_round_trip_and_stay_inside_the_vmas() {
         (0x40_4000, 1, false),
     ]);
     let enc = encode_batch(&b, 1);
-    let frame = encode_page_frame(7, &enc).unwrap();
+    let frame = encode_page_frame(7, PageSpace::Task(4242), &enc).unwrap();
     assert_eq!(frame[3], MsgKind::Pages as u8);
     let pf = read_page_frame(&mut &frame[..]).unwrap();
     assert_eq!(pf.pass, 7);
+    assert_eq!(pf.space, PageSpace::Task(4242));
     assert_eq!(pf.batch, enc);
     assert_eq!(pf.encode().unwrap(), frame);
     let mut dec = page_decoder();
@@ -636,6 +649,7 @@ fn page_frames_round_trip_and_stay_inside_the_vmas() {
         );
         let pf = PageFrame {
             pass: 0,
+            space: PageSpace::Task(4242),
             batch: encode_batch(&bad, 1),
         };
         assert!(matches!(
@@ -663,7 +677,7 @@ fn page_frame_rejections() {
     // A corrupt batch with a good frame checksum goes to the batch codec.
     let mut enc = encode_batch(&batch(&[(0x60_0000, 1, false)]), 1);
     enc[0] = b'X';
-    let pf = read_page_frame(&mut &encode_page_frame(0, &enc).unwrap()[..]).unwrap();
+    let pf = read_page_frame(&mut &encode_page_frame(0, PageSpace::Task(4242), &enc).unwrap()[..]).unwrap();
     assert!(matches!(
         pf.decode_batch(
             &mut page_decoder(),
@@ -686,7 +700,7 @@ fn page_frame_rejections() {
             kind: MsgKind::Done
         })
     ));
-    let f = encode_page_frame(0, &enc).unwrap();
+    let f = encode_page_frame(0, PageSpace::Task(4242), &enc).unwrap();
     assert!(matches!(
         read_control(&mut &f[..]),
         Err(WireError::WrongStream {
@@ -696,7 +710,7 @@ fn page_frame_rejections() {
     // Larger than a page frame may be.
     let big = vec![0u8; MAX_PAGE_FRAME as usize];
     assert!(matches!(
-        encode_page_frame(0, &big),
+        encode_page_frame(0, PageSpace::Task(4242), &big),
         Err(WireError::TooLarge { .. })
     ));
 }
@@ -988,8 +1002,8 @@ fn random_mutations_never_panic() {
         .map(|m| encode_control(m).unwrap())
         .collect();
     let b = batch(&[(0x40_0000, 2, false), (0x60_0000, 3, true)]);
-    samples.push(encode_page_frame(0, &encode_batch(&b, 1)).unwrap());
-    samples.push(encode_page_frame(1, &encode_batch(&b, 0)).unwrap());
+    samples.push(encode_page_frame(0, PageSpace::Task(4242), &encode_batch(&b, 1)).unwrap());
+    samples.push(encode_page_frame(1, PageSpace::Task(4242), &encode_batch(&b, 0)).unwrap());
     let lb = batch(&[(0x60_0000, 2, false), (0x61_0000, 3, true)]);
     samples.push(encode_lazy_frame(LazyOrigin::Requested, &encode_batch(&lb, 1)).unwrap());
     samples.push(encode_lazy_frame(LazyOrigin::Pushed, &encode_batch(&lb, 0)).unwrap());
@@ -1338,7 +1352,7 @@ fn lazy_frame_rejections() {
         PageFrame::from_frame(frame),
         Err(WireError::WrongStream { .. })
     ));
-    let pf = encode_page_frame(0, &enc).unwrap();
+    let pf = encode_page_frame(0, PageSpace::Task(4242), &enc).unwrap();
     let (frame, _) = decode_frame(&pf, MAX_PAGE_FRAME).unwrap();
     assert!(matches!(
         LazyFrame::from_frame(frame.clone()),
@@ -1727,4 +1741,40 @@ fn resume_is_legal_only_instead_of_prepare_with_minor_1() {
     st.accept(&ControlMsg::Abort { reason: "x".into() })
         .unwrap();
     assert_eq!(st.phase(), Phase::Closed);
+}
+
+#[test]
+fn page_spaces_encode_and_decode() {
+    for space in [PageSpace::Task(1), PageSpace::Task(4242), PageSpace::Shmem(0), PageSpace::Shmem(77)] {
+        assert_eq!(decode_space(encode_space(space)).unwrap(), space);
+    }
+    assert!(decode_space(0).is_err(), "PID 0");
+    assert!(decode_space(PID_MAX_LIMIT as u32 + 1).is_err(), "PID above the limit");
+    // A shared memory object's pages lie within its size.
+    let mut layout = sample_image().layout();
+    layout.shmem.push(crate::model::ShmemObject {
+        id: 3,
+        size: 0x3000,
+        kind: crate::model::ShmemKind::Anonymous,
+    });
+    let areas = space_areas(&layout, PageSpace::Shmem(3)).unwrap();
+    check_runs_within(&batch(&[(0x2000, 1, false)]), &areas).unwrap();
+    assert!(check_runs_within(&batch(&[(0x2000, 2, false)]), &areas).is_err());
+    assert!(space_areas(&layout, PageSpace::Shmem(4)).is_none());
+    assert!(space_areas(&layout, PageSpace::Task(9)).is_none());
+}
+
+#[test]
+fn pass_start_layout_is_validated_as_a_tree() {
+    let mut l = sample_image().layout();
+    let mut child = l.tasks[0].clone();
+    child.id.pid = 5000;
+    child.id.ppid = 9999;
+    l.tasks.push(child);
+    let msg = ControlMsg::PassStart {
+        pass: 0,
+        layout: Box::new(l),
+    };
+    let e = msg.validate().unwrap_err().to_string();
+    assert!(e.contains("5000") && e.contains("9999"), "{e}");
 }
