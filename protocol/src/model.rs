@@ -516,6 +516,10 @@ pub enum ShmemKind {
         mode: u32,
         uid: u32,
         gid: u32,
+        /// The file was unlinked while still mapped or open (maps show
+        /// `PATH (deleted)`; `path` is without that suffix): restored as
+        /// an unlinked file too.
+        deleted: bool,
     },
     /// A SysV segment (`shmget`), recreated with the same id and key.
     SysV {

@@ -25,6 +25,8 @@ pub mod anon;
 pub mod memfd;
 pub mod posix;
 pub mod sysv;
+#[cfg(test)]
+mod tests;
 
 use crate::dump::PageSink;
 use crate::files::sys;
