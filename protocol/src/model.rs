@@ -433,6 +433,8 @@ pub struct ProcessMisc {
     pub umask: u32,
     pub rlimits: Vec<Rlimit>,
     pub personality: u32,
+    /// The signal sent when the parent dies (`PR_SET_PDEATHSIG`), 0 for none.
+    pub pdeath_signal: i32,
 }
 
 /// One open file descriptor of a process: a number in its fd table that

@@ -94,8 +94,11 @@ pub fn run(
         bail!("no process with PID {pid}");
     }
     if lazy.is_some() {
-        let (layout, _) = ferry_engine::dump::tree::live_layout(pid)?;
-        if layout.tasks.len() > 1 || !layout.zombies.is_empty() || !layout.shmem.is_empty() {
+        let (tasks, zombies) = ferry_engine::dump::tree::live_members(pid)?;
+        let shmem = ferry_engine::procfs::maps(pid)?
+            .iter()
+            .any(ferry_engine::shmem::is_shmem_mapping);
+        if tasks.len() > 1 || !zombies.is_empty() || shmem {
             bail!(
                 "process {pid} has child processes or shared memory: lazy pages move a single \
                  process; migrate it without --lazy (process {pid} was not touched)"
@@ -362,16 +365,16 @@ async fn recv_msg(
 /// first), the root's executable, and every other executable and mapped
 /// file of its processes (shared memory travels with the tree: not a file).
 fn gather(pid: i32) -> Result<(Vec<i32>, FileFacts, Vec<FileFacts>)> {
-    let (layout, _) = ferry_engine::dump::tree::live_layout(pid)?;
-    let ids = ferry_engine::dump::tree::live_ids(&layout)?;
+    let (tasks, zombies) = ferry_engine::dump::tree::live_members(pid)?;
+    let ids = ferry_engine::dump::tree::live_ids(&tasks, &zombies)?;
     let exe_path = ferry_engine::procfs::link(pid, "exe")?;
     let exe_path = undeleted(&exe_path).to_string();
     let exe = ferry_engine::facts::file_facts(Path::new(&format!("/proc/{pid}/exe")), &exe_path)
         .with_context(|| format!("reading the executable {exe_path}"))?;
     let mut files = Vec::new();
     let mut seen = std::collections::HashSet::from([exe_path]);
-    for t in &layout.tasks {
-        let tpid = t.id.pid;
+    for t in &tasks {
+        let tpid = t.pid;
         let texe = ferry_engine::procfs::link(tpid, "exe")?;
         let texe = undeleted(&texe).to_string();
         if seen.insert(texe.clone()) {

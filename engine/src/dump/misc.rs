@@ -39,6 +39,7 @@ pub fn collect(pid: i32, inj: &mut Injector) -> Result<ProcessMisc> {
     let root = read_link_path(pid, "root")?;
     let rlimits = read_rlimits(pid, inj)?;
     let personality = read_personality(pid)?;
+    let pdeath_signal = query_pdeath_signal(inj)?;
 
     Ok(ProcessMisc {
         creds,
@@ -49,7 +50,18 @@ pub fn collect(pid: i32, inj: &mut Injector) -> Result<ProcessMisc> {
         umask,
         rlimits,
         personality,
+        pdeath_signal,
     })
+}
+
+/// The parent-death signal of the thread driven by `inj`
+/// (`prctl(PR_GET_PDEATHSIG, &sig)`).
+fn query_pdeath_signal(inj: &mut Injector) -> Result<i32> {
+    const PR_GET_PDEATHSIG: u64 = 2;
+    let buf = inj.scratch();
+    inj.call("prctl(PR_GET_PDEATHSIG)", libc::SYS_prctl, &[PR_GET_PDEATHSIG, buf])?;
+    let raw = inj.get(0, 4)?;
+    Ok(i32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
 }
 
 /// Signals queued for one thread only (its private queue), without dequeuing them.

@@ -155,21 +155,13 @@ fn zombie(parent: i32, child: i32) -> Result<Option<Zombie>> {
 /// order a checkpoint gives them (each process's areas, then its fds). The
 /// collector reads the objects' contents.
 pub fn live_layout(root: i32) -> Result<(TreeLayout, ShmemCollector)> {
-    let mut tasks = Vec::new();
-    let mut zombies = Vec::new();
+    let (ids, zombies) = live_members(root)?;
     let mut shmem = ShmemCollector::new();
-    let mut queue = VecDeque::from([root]);
-    while let Some(pid) = queue.pop_front() {
-        let id = identity(pid)?;
-        let vmas = super::memory::collect_vmas_with(pid, &mut shmem)?;
-        shmem_fds(pid, &mut shmem)?;
+    let mut tasks = Vec::with_capacity(ids.len());
+    for id in ids {
+        let vmas = super::memory::collect_vmas_with(id.pid, &mut shmem)?;
+        shmem_fds(id.pid, &mut shmem)?;
         tasks.push(TaskLayout { id, vmas });
-        for child in children(pid)? {
-            match zombie(pid, child)? {
-                Some(z) => zombies.push(z),
-                None => queue.push_back(child),
-            }
-        }
     }
     let layout = TreeLayout {
         tasks,
@@ -177,6 +169,24 @@ pub fn live_layout(root: i32) -> Result<(TreeLayout, ShmemCollector)> {
         shmem: shmem.objects(),
     };
     Ok((layout, shmem))
+}
+
+/// The processes (root first, parents before children) and zombies of the
+/// running tree of `root`.
+pub fn live_members(root: i32) -> Result<(Vec<TaskIdentity>, Vec<Zombie>)> {
+    let mut tasks = Vec::new();
+    let mut zombies = Vec::new();
+    let mut queue = VecDeque::from([root]);
+    while let Some(pid) = queue.pop_front() {
+        tasks.push(identity(pid)?);
+        for child in children(pid)? {
+            match zombie(pid, child)? {
+                Some(z) => zombies.push(z),
+                None => queue.push_back(child),
+            }
+        }
+    }
+    Ok((tasks, zombies))
 }
 
 /// Give ids to the shared memory objects that fds of `pid` hold.
@@ -197,17 +207,16 @@ fn shmem_fds(pid: i32, shmem: &mut ShmemCollector) -> Result<()> {
     Ok(())
 }
 
-/// Every PID and TID of the running tree of `root`, the root's PID first.
-pub fn live_ids(layout: &TreeLayout) -> Result<Vec<i32>> {
+/// Every PID and TID of these processes and zombies, the first's PID first.
+pub fn live_ids(tasks: &[TaskIdentity], zombies: &[Zombie]) -> Result<Vec<i32>> {
     let mut ids = Vec::new();
-    for t in &layout.tasks {
-        let pid = t.id.pid;
-        ids.push(pid);
-        let mut tids = procfs::tasks(pid)?;
-        tids.retain(|&t| t != pid);
+    for t in tasks {
+        ids.push(t.pid);
+        let mut tids = procfs::tasks(t.pid)?;
+        tids.retain(|&tid| tid != t.pid);
         ids.extend(tids);
     }
-    ids.extend(layout.zombies.iter().map(|z| z.pid));
+    ids.extend(zombies.iter().map(|z| z.pid));
     Ok(ids)
 }
 

@@ -60,6 +60,21 @@ pub fn apply(inj: &mut Injector, misc: &ProcessMisc) -> Result<()> {
     Ok(())
 }
 
+/// Set the parent-death signal of the thread driven by `inj`. Only for a
+/// process whose parent was restored with it: the root's parent is the
+/// restorer, whose exit must not kill it.
+pub fn apply_pdeath_signal(inj: &mut Injector, sig: i32) -> Result<()> {
+    const PR_SET_PDEATHSIG: u64 = 1;
+    if sig != 0 {
+        inj.call(
+            "prctl(PR_SET_PDEATHSIG)",
+            libc::SYS_prctl,
+            &[PR_SET_PDEATHSIG, sig as u64],
+        )?;
+    }
+    Ok(())
+}
+
 /// Install the dispositions of all signals except SIGKILL/SIGSTOP; signals
 /// missing from the image get the default disposition (the stub inherited
 /// the agent's handlers, which must not survive).

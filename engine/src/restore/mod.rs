@@ -146,14 +146,17 @@ fn check_executable(img: &ProcessImage) -> Result<()> {
 /// Everything after the pages: protections, mm, fds, signals, threads,
 /// credentials, registers. Threads stay stopped. With `owed` (lazy), those
 /// pages are dropped and a userfaultfd is armed over them.
+/// `root`: the tree's root, whose parent here is the restorer (its
+/// parent-death signal is not set).
 pub(crate) fn build_task(
     stub: &mut stub::Stub,
     img: &ProcessImage,
     opened: &Opened,
     owed: Option<&[(u64, u64)]>,
+    root: bool,
 ) -> Result<Option<userfaultfd::Uffd>> {
     let mut others = Vec::new();
-    let r = apply_state(stub, img, opened, owed, &mut others);
+    let r = apply_state(stub, img, opened, owed, root, &mut others);
     // Tracked by the stub in every case: killed with it on failure.
     stub.others.append(&mut others);
     let Some(fd) = r? else {
@@ -185,6 +188,7 @@ fn apply_state(
     img: &ProcessImage,
     opened: &Opened,
     owed: Option<&[(u64, u64)]>,
+    root: bool,
     others: &mut Vec<Tracee>,
 ) -> Result<Option<std::os::fd::OwnedFd>> {
     let pid = stub.pid;
@@ -196,6 +200,9 @@ fn apply_state(
         mm::apply(&mut inj, &img.mm)?;
         crate::files::install(&mut inj, &img.fds, opened)?;
         misc::apply(&mut inj, &img.misc)?;
+        if !root {
+            misc::apply_pdeath_signal(&mut inj, img.misc.pdeath_signal)?;
+        }
         if owed.is_some() {
             // Before the credentials drop: see lazy::uffd.
             uffd = Some(crate::lazy::uffd::create_in(&mut inj, pid)?);

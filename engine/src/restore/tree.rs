@@ -210,8 +210,8 @@ impl TreeRestorer {
         }
         let opened = Opened::open_all(img, &self.shmem, &self.stdio)?;
         let mut uffd = None;
-        for (task, stub) in img.tasks.iter().zip(self.stubs.iter_mut()) {
-            let u = build_task(stub, task, &opened, owed)?;
+        for (i, (task, stub)) in img.tasks.iter().zip(self.stubs.iter_mut()).enumerate() {
+            let u = build_task(stub, task, &opened, owed, i == 0)?;
             uffd = uffd.or(u);
         }
         self.shmem.finish()?;
