@@ -52,6 +52,8 @@ pub enum Event {
         space: PageSpace,
         bytes: Vec<u8>,
     },
+    /// What the pass sent of each page space (before its `PassEnd`).
+    Spaces { sent: Vec<SpaceSent> },
     /// The pass is complete.
     PassEnd { stats: PassEnd },
     /// The tree was frozen just now (the final pass follows).
@@ -64,6 +66,14 @@ pub enum Event {
         image: Box<TreeImage>,
         reason: SwitchReason,
     },
+}
+
+/// What one pass sent of one page space.
+#[derive(Debug, Clone, Copy)]
+pub struct SpaceSent {
+    pub space: PageSpace,
+    pub pages: u64,
+    pub bytes: u64,
 }
 
 /// Totals of a pass, as the wire's `PassEnd` wants them, plus timing.
@@ -207,14 +217,24 @@ fn send_pass(
     .map_err(|_| gone())?;
     let mut tally = Tally::default();
     let mut dirty_pages = 0;
+    let mut sent = Vec::with_capacity(layout.tasks.len() + layout.shmem.len());
+    let mut note = |space: PageSpace, tally: &Tally, (pages, bytes): (u64, u64)| {
+        sent.push(SpaceSent {
+            space,
+            pages: tally.pages - pages,
+            bytes: tally.bytes - bytes,
+        });
+    };
     for (task, d) in layout.tasks.iter().zip(dirty) {
         let pid = task.id.pid;
         let space = PageSpace::Task(pid);
         let h = hashes.entry(space).or_default();
         let before = tally.sent + tally.unchanged;
+        let start = (tally.pages, tally.bytes);
         send_space(pass, space, h, tx, &mut tally, &mut |sink| {
             memory::dump_pages_in(pid, &task.vmas, d.as_deref(), sink)
         })?;
+        note(space, &tally, start);
         dirty_pages += d.as_ref().map_or(tally.sent + tally.unchanged - before, |d| {
             d.iter().map(PageRange::pages).sum()
         });
@@ -223,9 +243,13 @@ fn send_pass(
         let space = PageSpace::Shmem(obj.id);
         let h = hashes.entry(space).or_default();
         let before = tally.sent;
+        let start = (tally.pages, tally.bytes);
         send_space(pass, space, h, tx, &mut tally, &mut |sink| shmem(obj.id, sink))?;
+        note(space, &tally, start);
         dirty_pages += tally.sent - before;
     }
+    tx.blocking_send(Event::Spaces { sent })
+        .map_err(|_| gone())?;
     let end = PassEnd {
         pass,
         batches: tally.batches,

@@ -10,7 +10,7 @@
 //! the process, which continues untouched.
 
 use crate::lazy::{self, LazyOptions, LazyReport, OwedPages};
-use crate::passes::{self, Decision, Event, PassEnd};
+use crate::passes::{SpaceSent, self, Decision, Event, PassEnd};
 use crate::precopy::{Policy, SwitchReason};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_protocol::model::TreeImage;
@@ -71,9 +71,13 @@ struct Report {
     /// Bytes of the serialized process image (Switchover).
     image_bytes: u64,
     passes: Vec<PassEnd>,
+    /// Pages and encoded bytes sent of each page space (each process of the
+    /// tree, each shared memory object), over all passes.
+    spaces: Vec<SpaceSent>,
     tracker: Option<&'static str>,
     reason: SwitchReason,
-    /// Resident memory when the migration began.
+    /// Resident memory of the tree when the migration began (shared pages
+    /// counted in every process that maps them).
     resident_bytes: u64,
     /// The lazy phase, for `--lazy`.
     lazy: Option<LazyReport>,
@@ -180,6 +184,14 @@ fn report_json(r: &Report) -> serde_json::Value {
         "tracker": r.tracker,
         "switch_reason": r.reason.as_str(),
         "passes": passes,
+        "processes": r.spaces.iter().filter_map(|s| match s.space {
+            PageSpace::Task(pid) => Some(serde_json::json!({"pid": pid, "pages": s.pages, "bytes": s.bytes})),
+            PageSpace::Shmem(_) => None,
+        }).collect::<Vec<_>>(),
+        "shared_memory": r.spaces.iter().filter_map(|s| match s.space {
+            PageSpace::Shmem(id) => Some(serde_json::json!({"id": id, "pages": s.pages, "bytes": s.bytes})),
+            PageSpace::Task(_) => None,
+        }).collect::<Vec<_>>(),
         "lazy": r.lazy.as_ref().map(lazy_json),
     })
 }
@@ -214,7 +226,21 @@ fn print_report(r: &Report) {
     let (pages, zero, batches, batch_bytes) = totals(r);
     let raw_bytes = pages * ferry_protocol::model::PAGE_SIZE;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!("migrated process {} to {}", r.pid, r.to);
+    let procs = r
+        .spaces
+        .iter()
+        .filter(|s| matches!(s.space, PageSpace::Task(_)))
+        .count();
+    if procs > 1 {
+        println!(
+            "migrated process {} and its {} descendant(s) to {}",
+            r.pid,
+            procs - 1,
+            r.to
+        );
+    } else {
+        println!("migrated process {} to {}", r.pid, r.to);
+    }
     println!(
         "  downtime       {:9.1} ms  (frozen until running on the destination)",
         ms(r.downtime)
@@ -289,6 +315,16 @@ fn print_report(r: &Report) {
             "  note: the process writes memory about as fast as the link carries it; \
              pre-copy stopped at its best pass (try --lazy pages when available)"
         );
+    }
+    if r.spaces.len() > 1 {
+        for sp in &r.spaces {
+            println!(
+                "  {:<26} {:>9} pages, {:>6} KiB on the wire",
+                sp.space.to_string(),
+                sp.pages,
+                sp.bytes >> 10
+            );
+        }
     }
 }
 
@@ -520,7 +556,9 @@ async fn migrate_on(
         m => bail!("protocol error: expected Ready, got {}", m.kind()),
     }
 
-    let resident_bytes = resident_bytes(pid);
+    let resident_bytes = ferry_engine::dump::tree::live_members(pid)
+        .map(|(tasks, _)| tasks.iter().map(|t| resident_bytes(t.pid)).sum())
+        .unwrap_or_else(|_| resident_bytes(pid));
     p.step(&format!(
         "copying the memory of process {pid} while it runs (at most {} passes, then a freeze of about {} ms)",
         policy.max_passes,
@@ -607,6 +645,7 @@ async fn migrate_on(
         bytes_on_wire,
         image_bytes: s.image_bytes,
         passes: s.passes,
+        spaces: s.spaces,
         tracker: s.tracker,
         reason: s.reason,
         resident_bytes,
@@ -713,6 +752,7 @@ impl std::error::Error for ThreadStopped {}
 /// What the transfer did and what the destination answered.
 struct Streamed {
     passes: Vec<PassEnd>,
+    spaces: Vec<SpaceSent>,
     tracker: Option<&'static str>,
     reason: SwitchReason,
     freeze_at: Option<Instant>,
@@ -765,6 +805,7 @@ async fn stream(
         });
     }
     let mut passes = Vec::new();
+    let mut spaces: Vec<SpaceSent> = Vec::new();
     let mut tracker = None;
     let mut freeze_at = None;
     let mut next = 0usize;
@@ -786,6 +827,17 @@ async fn stream(
                         return Ok(None);
                     }
                     next = (next + 1) % feeds.len();
+                }
+                Event::Spaces { sent } => {
+                    for x in sent {
+                        match spaces.iter_mut().find(|s: &&mut SpaceSent| s.space == x.space) {
+                            Some(s) => {
+                                s.pages += x.pages;
+                                s.bytes += x.bytes;
+                            }
+                            None => spaces.push(x),
+                        }
+                    }
                 }
                 Event::PassEnd { stats } => {
                     send_msg(
@@ -852,6 +904,7 @@ async fn stream(
     };
     Ok(Streamed {
         passes,
+        spaces,
         tracker,
         reason,
         freeze_at,

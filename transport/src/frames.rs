@@ -131,6 +131,7 @@ pub async fn recv_stream_frame<R: AsyncRead + Unpin + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_protocol::pages::PageSpace;
     use ferry_protocol::wire::{LazyFrame, MsgKind, RefuseCode, WIRE_MAGIC, WIRE_MAJOR};
 
     #[tokio::test]
@@ -155,7 +156,7 @@ mod tests {
             for m in &sent {
                 send_control(&mut a, m).await.unwrap();
             }
-            send_page(&mut a, 2, b"not really a batch").await.unwrap();
+            send_page(&mut a, 2, PageSpace::Task(7), b"not really a batch").await.unwrap();
         });
         for m in &msgs {
             assert_eq!(&recv_control(&mut b).await.unwrap(), m);
@@ -172,10 +173,15 @@ mod tests {
         ));
 
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        send_page(&mut a, 1, b"batch bytes").await.unwrap();
+        send_page(&mut a, 1, PageSpace::Shmem(3), b"batch bytes")
+            .await
+            .unwrap();
         drop(a);
         let f = recv_page(&mut b).await.unwrap().unwrap();
-        assert_eq!((f.pass, &f.batch[..]), (1, &b"batch bytes"[..]));
+        assert_eq!(
+            (f.pass, f.space, &f.batch[..]),
+            (1, PageSpace::Shmem(3), &b"batch bytes"[..])
+        );
         assert!(recv_page(&mut b).await.unwrap().is_none());
     }
 
@@ -190,7 +196,7 @@ mod tests {
             send_lazy_page(&mut a, LazyOrigin::Pushed, b"pushed")
                 .await
                 .unwrap();
-            send_page(&mut a, 3, b"pre-copy").await.unwrap();
+            send_page(&mut a, 3, PageSpace::Task(42), b"pre-copy").await.unwrap();
             send_control(&mut a, &ControlMsg::Done).await.unwrap();
         });
         let f = recv_stream_frame(&mut b).await.unwrap().unwrap();
@@ -214,6 +220,7 @@ mod tests {
             f,
             StreamFrame::Pages(PageFrame {
                 pass: 3,
+                space: PageSpace::Task(42),
                 batch: b"pre-copy".to_vec(),
             })
         );

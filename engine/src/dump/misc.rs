@@ -56,7 +56,7 @@ pub fn collect(pid: i32, inj: &mut Injector) -> Result<ProcessMisc> {
 
 /// The parent-death signal of the thread driven by `inj`
 /// (`prctl(PR_GET_PDEATHSIG, &sig)`).
-fn query_pdeath_signal(inj: &mut Injector) -> Result<i32> {
+pub(crate) fn query_pdeath_signal(inj: &mut Injector) -> Result<i32> {
     const PR_GET_PDEATHSIG: u64 = 2;
     let buf = inj.scratch();
     inj.call("prctl(PR_GET_PDEATHSIG)", libc::SYS_prctl, &[PR_GET_PDEATHSIG, buf])?;

@@ -221,7 +221,9 @@ impl FileCollector {
     pub fn finish(mut self) -> Result<(Vec<OpenFile>, Vec<PipeObject>)> {
         let mut pipes = Vec::new();
         let mut pidfds: HashMap<i32, OwnedFd> = HashMap::new();
-        let found: Vec<(u64, PipeId, Option<(i32, i32)>)> = self
+        /// A read end to copy from, if the tree also holds a write end.
+        type Readable = Option<(i32, i32)>;
+        let found: Vec<(u64, PipeId, Readable)> = self
             .pipes
             .iter()
             .map(|(ino, p)| (*ino, p.id, p.reader.filter(|_| p.writer)))

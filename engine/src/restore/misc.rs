@@ -526,6 +526,7 @@ mod tests {
                 },
             ],
             personality: libc::ADDR_NO_RANDOMIZE as u32,
+            pdeath_signal: libc::SIGTERM,
         };
         let shared = vec![
             siginfo(libc::SIGUSR2, SI_QUEUE, 4242, 42),
@@ -538,6 +539,11 @@ mod tests {
         ];
         with_stub(|pid, inj| {
             apply(inj, &misc).expect("apply");
+            apply_pdeath_signal(inj, misc.pdeath_signal).expect("pdeath signal");
+            assert_eq!(
+                crate::dump::misc::query_pdeath_signal(inj).expect("PR_GET_PDEATHSIG"),
+                libc::SIGTERM
+            );
 
             let status = read_status(pid).expect("status");
             assert_eq!(
