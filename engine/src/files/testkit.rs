@@ -27,8 +27,12 @@ pub enum Act {
     },
     /// A Unix stream socket at `at`.
     Socket { at: i32 },
-    /// An fd inherited from the test, placed at `at`.
+    /// An fd inherited from the test, placed at `at` (it shares the
+    /// test's open file description).
     Keep { from: RawFd, at: i32 },
+    /// `dup3(from, at)` of an fd the child already placed: a second fd on
+    /// the same open file description.
+    Dup { from: i32, at: i32, cloexec: bool },
 }
 
 /// A forked child killed and reaped (by PID) on drop.
@@ -48,8 +52,7 @@ impl ScriptChild {
         assert!(pid > 0, "fork failed");
         let child = ScriptChild { pid };
         for _ in 0..5000 {
-            let sc =
-                std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+            let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
             if sc.starts_with(&format!("{} ", libc::SYS_pause)) {
                 return child;
             }
@@ -161,8 +164,7 @@ fn fork_child(acts: &[Act]) -> i32 {
                     }
                     let (tr, tw) = (park(p[0], step), park(p[1], step));
                     if !data.is_empty()
-                        && libc::write(tw, data.as_ptr().cast(), data.len())
-                            != data.len() as isize
+                        && libc::write(tw, data.as_ptr().cast(), data.len()) != data.len() as isize
                     {
                         fail(step);
                     }
@@ -185,6 +187,12 @@ fn fork_child(acts: &[Act]) -> i32 {
                 Act::Keep { at, .. } => {
                     place(KEEP_BASE + keep_i, *at, false, step);
                     keep_i += 1;
+                }
+                Act::Dup { from, at, cloexec } => {
+                    let fl = if *cloexec { libc::O_CLOEXEC } else { 0 };
+                    if libc::dup3(*from, *at, fl) < 0 {
+                        fail(step);
+                    }
                 }
             }
         }
