@@ -36,6 +36,8 @@ pub type FileId = u32;
 pub type PipeId = u32;
 /// Id of a shared memory object ([`ShmemObject`]) within one [`TreeImage`].
 pub type ShmemId = u32;
+/// Id of a deleted file ([`DeletedFile`]) within one [`TreeImage`].
+pub type DeletedId = u32;
 
 /// A checkpointed process tree: the root process and all its descendants,
 /// over the objects they share.
@@ -54,6 +56,9 @@ pub struct TreeImage {
     pub pipes: Vec<PipeObject>,
     /// Shared memory objects, by id (their contents are in page stores).
     pub shmem: Vec<ShmemObject>,
+    /// Regular files that were deleted while open, by id, with their
+    /// contents.
+    pub deleted: Vec<DeletedFile>,
 }
 
 impl TreeImage {
@@ -70,7 +75,12 @@ impl TreeImage {
         let mut ids: Vec<i32> = Vec::new();
         for t in &self.tasks {
             ids.push(t.pid);
-            ids.extend(t.threads.iter().map(|th| th.tid).filter(|&tid| tid != t.pid));
+            ids.extend(
+                t.threads
+                    .iter()
+                    .map(|th| th.tid)
+                    .filter(|&tid| tid != t.pid),
+            );
         }
         ids.extend(self.zombies.iter().map(|z| z.pid));
         ids
@@ -90,6 +100,10 @@ impl TreeImage {
     /// The shared memory object `id`.
     pub fn shmem_object(&self, id: ShmemId) -> Option<&ShmemObject> {
         self.shmem.iter().find(|s| s.id == id)
+    }
+    /// The deleted file `id`.
+    pub fn deleted_file(&self, id: DeletedId) -> Option<&DeletedFile> {
+        self.deleted.iter().find(|d| d.id == id)
     }
 }
 
@@ -127,7 +141,11 @@ impl TreeLayout {
         self.zombies == other.zombies
             && self.shmem == other.shmem
             && self.tasks.len() == other.tasks.len()
-            && self.tasks.iter().zip(&other.tasks).all(|(a, b)| a.id == b.id)
+            && self
+                .tasks
+                .iter()
+                .zip(&other.tasks)
+                .all(|(a, b)| a.id == b.id)
     }
 }
 
@@ -477,11 +495,28 @@ pub enum FileKind {
     /// A shared memory object of the tree opened as a file (a memfd, a file
     /// in /dev/shm).
     Shmem { id: ShmemId },
+    /// A regular file deleted while open: recreated, unnamed, from its saved
+    /// contents.
+    Deleted { id: DeletedId },
     /// Standard input, output or error that reached outside the tree (a
     /// pipe or socket of a shell, a supervisor or journald, a terminal).
     /// `what` says what it was (the fd's link text). On restore it follows
     /// the stdio policy: reads see end of file, writes go to a log file.
     Outside { what: String },
+}
+
+/// A regular file that was deleted while the tree held it open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletedFile {
+    pub id: DeletedId,
+    /// Where it was (without " (deleted)"): it is recreated, unnamed, in
+    /// that directory if it exists.
+    pub path: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Its whole contents.
+    pub data: Vec<u8>,
 }
 
 /// A pipe whose ends are all inside the tree.

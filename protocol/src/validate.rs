@@ -52,6 +52,8 @@ pub const MAX_PENDING: usize = 1 << 16;
 pub const MAX_TASKS: usize = 1 << 15;
 /// Upper bound for the open files, pipes or shared memory objects of a tree.
 pub const MAX_OBJECTS: usize = 1 << 20;
+/// Upper bound for the saved contents of all deleted files of a tree.
+pub const MAX_DELETED_DATA: usize = 1 << 30;
 /// Upper bound for the size of one shared memory object (1 TiB).
 pub const MAX_SHMEM_SIZE: u64 = 1 << 40;
 
@@ -164,7 +166,11 @@ pub enum ValidationError {
     ParentMissing { pid: i32, ppid: i32 },
     /// A process group or session names no process of the tree.
     #[error("process {pid}: its {what} {id} names no process of the tree")]
-    GroupMissing { pid: i32, what: &'static str, id: i32 },
+    GroupMissing {
+        pid: i32,
+        what: &'static str,
+        id: i32,
+    },
     /// Two objects of one kind share an id.
     #[error("{what} id {id} is defined twice")]
     DuplicateObject { what: &'static str, id: u32 },
@@ -439,6 +445,13 @@ impl TreeImage {
         unique("open file", self.files.iter().map(|f| f.id))?;
         unique("pipe", self.pipes.iter().map(|p| p.id))?;
         unique("shared memory object", self.shmem.iter().map(|s| s.id))?;
+        unique("deleted file", self.deleted.iter().map(|d| d.id))?;
+        let mut deleted_bytes = 0usize;
+        for d in &self.deleted {
+            check_str(|| format!("deleted file {} path", d.id), &d.path)?;
+            deleted_bytes = deleted_bytes.saturating_add(d.data.len());
+        }
+        bound("bytes of deleted files", deleted_bytes, MAX_DELETED_DATA)?;
         for p in &self.pipes {
             if p.capacity as usize > MAX_PIPE_DATA {
                 return Err(ValidationError::PipeCapacityTooLarge {
@@ -500,6 +513,11 @@ impl TreeImage {
                         );
                     }
                 }
+                FileKind::Deleted { id } => {
+                    if self.deleted_file(*id).is_none() {
+                        return undefined(format!("open file {}", f.id), "deleted file", *id);
+                    }
+                }
             }
         }
         for t in &self.tasks {
@@ -512,7 +530,10 @@ impl TreeImage {
                     );
                 };
                 if matches!(f.kind, FileKind::Outside { .. }) && e.fd > 2 {
-                    return Err(ValidationError::OutsideNotStdio { pid: t.pid, fd: e.fd });
+                    return Err(ValidationError::OutsideNotStdio {
+                        pid: t.pid,
+                        fd: e.fd,
+                    });
                 }
             }
             check_shmem_areas(t.pid, &t.vmas, &self.shmem)?;
@@ -586,7 +607,11 @@ impl TreeLayout {
     /// bounds, the tree's shape, areas, shared memory objects and their
     /// mappings. Never panics.
     pub fn validate(&self) -> Result<(), ValidationError> {
-        bound("processes", self.tasks.len() + self.zombies.len(), MAX_TASKS)?;
+        bound(
+            "processes",
+            self.tasks.len() + self.zombies.len(),
+            MAX_TASKS,
+        )?;
         bound("shared memory objects", self.shmem.len(), MAX_OBJECTS)?;
         let tasks: Vec<TaskIdentity> = self.tasks.iter().map(|t| t.id).collect();
         let ids = tasks
@@ -813,6 +838,7 @@ pub(crate) mod tests {
                 data: b"hello".to_vec(),
             }],
             shmem: vec![],
+            deleted: vec![],
         }
     }
 
@@ -863,7 +889,6 @@ pub(crate) mod tests {
     fn libc_map_shared() -> u32 {
         1
     }
-
 
     #[test]
     fn sample_is_valid() {
@@ -932,7 +957,10 @@ pub(crate) mod tests {
 
     #[test]
     fn thread_rules() {
-        assert_eq!(rejects(|i| i.tasks[0].threads.clear()), ValidationError::NoThreads);
+        assert_eq!(
+            rejects(|i| i.tasks[0].threads.clear()),
+            ValidationError::NoThreads
+        );
         assert_eq!(
             rejects(|i| i.tasks[0].threads.swap(0, 1)),
             ValidationError::FirstThreadNotLeader {
@@ -1001,9 +1029,11 @@ pub(crate) mod tests {
             ValidationError::StringTooLong { found: 4097, .. }
         ));
         assert!(matches!(
-            rejects(|i| if let FileKind::CharDevice { path, .. } = &mut i.files[0].kind {
-                *path = "a".repeat(5000)
-            }),
+            rejects(
+                |i| if let FileKind::CharDevice { path, .. } = &mut i.files[0].kind {
+                    *path = "a".repeat(5000)
+                }
+            ),
             ValidationError::StringTooLong { found: 5000, .. }
         ));
         assert!(matches!(
@@ -1126,9 +1156,6 @@ pub(crate) mod tests {
             }),
             ValidationError::OutsideNotStdio { pid: 4242, fd: 3 }
         );
-        assert_eq!(
-            rejects_tree(&|t| t.tasks.clear()),
-            ValidationError::NoTasks
-        );
+        assert_eq!(rejects_tree(&|t| t.tasks.clear()), ValidationError::NoTasks);
     }
 }

@@ -94,8 +94,8 @@ enum Command {
     /// restore stdin reads end of file and output goes to a log file (see
     /// `restore --stdio-log`). Not supported yet (the checkpoint fails,
     /// names the reason, and every process keeps running): sockets,
-    /// event fds, deleted files, and processes sharing an fd table or
-    /// address space (vfork, CLONE_FILES).
+    /// event fds, deleted mapped files, and processes sharing an fd table
+    /// or address space (vfork, CLONE_FILES).
     Checkpoint {
         /// PID of the process to checkpoint.
         pid: i32,
@@ -105,6 +105,11 @@ enum Command {
         /// Let the process continue after the checkpoint instead of killing it.
         #[arg(long)]
         leave_running: bool,
+        /// Files deleted while open travel in the image with their contents,
+        /// up to this many MiB for the whole tree; above, the checkpoint is
+        /// refused, naming the file.
+        #[arg(long, value_name = "MIB", default_value_t = 64)]
+        max_deleted_mib: u64,
     },
     /// Recreate a process tree from an image directory, every process with
     /// the same PID and thread ids, and let it run. Prints the root's PID on
@@ -195,8 +200,13 @@ fn run(cmd: Command, config_dir: &std::path::Path) -> Result<i32> {
             pid,
             dir,
             leave_running,
+            max_deleted_mib,
         } => {
-            let s = checkpoint(pid, &dir, &CheckpointOptions { leave_running })
+            let opts = CheckpointOptions {
+                leave_running,
+                max_deleted_bytes: max_deleted_mib.saturating_mul(1 << 20),
+            };
+            let s = checkpoint(pid, &dir, &opts)
                 .with_context(|| format!("checkpoint of process {pid} failed"))?;
             println!(
                 "checkpoint pid={} processes={} threads={} pages={} zero_pages={} bytes={} frozen_ms={:.2} total_ms={:.2} dir={} {}",

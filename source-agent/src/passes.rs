@@ -26,7 +26,7 @@
 //! Everything that needs ptrace happens on this one thread (a ptrace rule).
 
 use crate::precopy::{DedupSink, PageHashes, PassStats, Policy, SwitchReason};
-use ferry_engine::dump::tree::{live_layout, FrozenTree};
+use ferry_engine::dump::tree::{live_layout, FrozenTree, Scope};
 use ferry_engine::dump::{memory, Captured, PageSink};
 use ferry_engine::lazy;
 use ferry_engine::restore::memory::remapped;
@@ -38,6 +38,9 @@ use std::collections::HashMap;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::Sender;
+
+/// Most bytes of deleted files a migration carries (in the Switchover image).
+const MAX_DELETED_BYTES_ON_WIRE: u64 = 32 << 20;
 
 /// What the ptrace thread reports, in order.
 #[derive(Debug)]
@@ -235,16 +238,20 @@ fn send_pass(
             memory::dump_pages_in(pid, &task.vmas, d.as_deref(), sink)
         })?;
         note(space, &tally, start);
-        dirty_pages += d.as_ref().map_or(tally.sent + tally.unchanged - before, |d| {
-            d.iter().map(PageRange::pages).sum()
-        });
+        dirty_pages += d
+            .as_ref()
+            .map_or(tally.sent + tally.unchanged - before, |d| {
+                d.iter().map(PageRange::pages).sum()
+            });
     }
     for obj in &layout.shmem {
         let space = PageSpace::Shmem(obj.id);
         let h = hashes.entry(space).or_default();
         let before = tally.sent;
         let start = (tally.pages, tally.bytes);
-        send_space(pass, space, h, tx, &mut tally, &mut |sink| shmem(obj.id, sink))?;
+        send_space(pass, space, h, tx, &mut tally, &mut |sink| {
+            shmem(obj.id, sink)
+        })?;
         note(space, &tally, start);
         dirty_pages += tally.sent - before;
     }
@@ -337,6 +344,8 @@ struct Source {
     pass: u32,
     /// A lazy switchover follows the passes.
     lazy: bool,
+    /// What moves: the tree, or (lazy) the root process alone.
+    scope: Scope,
 }
 
 /// Why the layout's members differ from pass 0's.
@@ -363,7 +372,7 @@ impl Source {
     /// The trackers and pass 0's members, with the tree frozen only while
     /// the userfaultfds are taken.
     fn start_trackers(&mut self) -> ferry_engine::Result<()> {
-        let mut tree = FrozenTree::freeze(self.root)?;
+        let mut tree = FrozenTree::freeze_scope(self.root, self.scope)?;
         let mut r = Ok(());
         for (id, f) in tree.tasks.iter_mut() {
             match track::start(id.pid, f) {
@@ -393,11 +402,17 @@ impl Source {
     }
 
     /// The running tree's layout, checked against pass 0's members.
-    fn layout(&mut self) -> ferry_engine::Result<(TreeLayout, ferry_engine::shmem::ShmemCollector)> {
-        let (layout, shmem) = live_layout(self.root)?;
+    fn layout(
+        &mut self,
+    ) -> ferry_engine::Result<(TreeLayout, ferry_engine::shmem::ShmemCollector)> {
+        let (layout, shmem) = live_layout(self.root, self.scope)?;
         let first = self.members.get_or_insert_with(|| layout.clone());
         let same_pids = layout.tasks.len() == self.tasks.len()
-            && layout.tasks.iter().zip(&self.tasks).all(|(l, t)| l.id.pid == t.pid);
+            && layout
+                .tasks
+                .iter()
+                .zip(&self.tasks)
+                .all(|(l, t)| l.id.pid == t.pid);
         if let Some(why) = changed_members(first, &layout).or_else(|| {
             (!same_pids && !self.tasks.is_empty())
                 .then(|| "the process tree changed while dirty tracking started".to_string())
@@ -425,7 +440,12 @@ impl Source {
         loop {
             let (layout, shmem) = self.layout()?;
             let mut ranges = Vec::with_capacity(self.tasks.len());
-            for ((t, l), d) in self.tasks.iter_mut().zip(&layout.tasks).zip(dirty.iter_mut()) {
+            for ((t, l), d) in self
+                .tasks
+                .iter_mut()
+                .zip(&layout.tasks)
+                .zip(dirty.iter_mut())
+            {
                 let h = self.hashes.entry(PageSpace::Task(t.pid)).or_default();
                 ranges.push(pass_ranges(&mut t.layout, h, &l.vmas, d.take()));
             }
@@ -568,15 +588,28 @@ pub fn run(
         members: None,
         pass: 0,
         lazy,
+        scope: if lazy { Scope::Process } else { Scope::Tree },
     };
     let reason = match src.live_passes() {
         Ok(r) => r,
         Err(e) => {
+            let gone = src
+                .tasks
+                .iter()
+                .map(|t| t.pid)
+                .find(|&p| !ferry_engine::procfs::exists(p));
             src.stop_trackers();
+            if let Some(gone) = gone {
+                return Err(format!(
+                    "pre-copy of process {pid} failed: the process tree changed during pre-copy \
+                     (process {gone} exited): try again, or migrate with --max-passes 0"
+                ));
+            }
             return Err(format!("pre-copy of process {pid} failed: {e}"));
         }
     };
-    let c = match Captured::freeze(pid) {
+    // The image travels in one control frame (64 MiB at most).
+    let c = match Captured::freeze_with(pid, src.scope, MAX_DELETED_BYTES_ON_WIRE) {
         Ok(c) => {
             let _ = src.tx.blocking_send(Event::FreezeStarted);
             c
@@ -596,12 +629,12 @@ pub fn run(
         let _ = c.thaw();
         return Err(format!("process {pid} cannot be migrated: {why}"));
     }
-    if lazy && (layout.tasks.len() > 1 || !layout.zombies.is_empty() || !layout.shmem.is_empty()) {
+    if lazy && !layout.shmem.is_empty() {
         src.stop_trackers();
         let _ = c.thaw();
         return Err(format!(
-            "process {pid} cannot be migrated lazily: it has child processes or shared memory \
-             now (lazy pages move a single process); migrate without --lazy"
+            "process {pid} cannot be migrated lazily: it maps shared memory now (lazy pages \
+             move a single process without shared memory); migrate without --lazy"
         ));
     }
     let mut owed = None;
@@ -751,4 +784,3 @@ mod tests {
         assert_eq!(layout, back);
     }
 }
-

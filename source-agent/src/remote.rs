@@ -10,7 +10,7 @@
 //! the process, which continues untouched.
 
 use crate::lazy::{self, LazyOptions, LazyReport, OwedPages};
-use crate::passes::{SpaceSent, self, Decision, Event, PassEnd};
+use crate::passes::{self, Decision, Event, PassEnd, SpaceSent};
 use crate::precopy::{Policy, SwitchReason};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_protocol::model::TreeImage;
@@ -98,14 +98,24 @@ pub fn run(
         bail!("no process with PID {pid}");
     }
     if lazy.is_some() {
-        let (tasks, zombies) = ferry_engine::dump::tree::live_members(pid)?;
         let shmem = ferry_engine::procfs::maps(pid)?
             .iter()
             .any(ferry_engine::shmem::is_shmem_mapping);
-        if tasks.len() > 1 || !zombies.is_empty() || shmem {
+        if shmem {
             bail!(
-                "process {pid} has child processes or shared memory: lazy pages move a single \
-                 process; migrate it without --lazy (process {pid} was not touched)"
+                "process {pid} maps shared memory: lazy pages move a single process without \
+                 shared memory; migrate it without --lazy (process {pid} was not touched)"
+            );
+        }
+        let kids = ferry_engine::dump::tree::children(pid)?;
+        if !kids.is_empty() {
+            eprintln!(
+                "warning: lazy pages move process {pid} alone: its children ({}) stay on this \
+                 host; migrate without --lazy to move the whole tree",
+                kids.iter()
+                    .map(|k| k.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
     }
@@ -400,8 +410,16 @@ async fn recv_msg(
 /// What Prepare says of the tree of `pid`: every PID and TID (the root's
 /// first), the root's executable, and every other executable and mapped
 /// file of its processes (shared memory travels with the tree: not a file).
-fn gather(pid: i32) -> Result<(Vec<i32>, FileFacts, Vec<FileFacts>)> {
-    let (tasks, zombies) = ferry_engine::dump::tree::live_members(pid)?;
+fn gather(
+    pid: i32,
+    scope: ferry_engine::dump::tree::Scope,
+) -> Result<(Vec<i32>, FileFacts, Vec<FileFacts>)> {
+    let (tasks, zombies) = match scope {
+        ferry_engine::dump::tree::Scope::Tree => ferry_engine::dump::tree::live_members(pid)?,
+        ferry_engine::dump::tree::Scope::Process => {
+            (vec![ferry_engine::dump::tree::identity(pid)?], Vec::new())
+        }
+    };
     let ids = ferry_engine::dump::tree::live_ids(&tasks, &zombies)?;
     let exe_path = ferry_engine::procfs::link(pid, "exe")?;
     let exe_path = undeleted(&exe_path).to_string();
@@ -531,7 +549,12 @@ async fn migrate_on(
         m => bail!("protocol error: expected HelloAck, got {}", m.kind()),
     }
 
-    let (tids, exe, files) = tokio::task::spawn_blocking(move || gather(pid))
+    let scope = if lazy.is_some() {
+        ferry_engine::dump::tree::Scope::Process
+    } else {
+        ferry_engine::dump::tree::Scope::Tree
+    };
+    let (tids, exe, files) = tokio::task::spawn_blocking(move || gather(pid, scope))
         .await
         .context("gathering facts")??;
     p.step(&format!(
@@ -790,12 +813,13 @@ async fn stream(
             while let Some((pass, space, batch)) = rx.recv().await {
                 // A destination that stops reading (flow control) but keeps
                 // the connection alive must not hold the process frozen.
-                let n = tokio::time::timeout(STEP_TIMEOUT, send_page(&mut stream, pass, space, &batch))
-                    .await
-                    .map_err(|_| {
-                        anyhow!("the destination stopped taking pages for {STEP_TIMEOUT:?}")
-                    })?
-                    .with_context(|| format!("sending pages on stream {i}"))?;
+                let n =
+                    tokio::time::timeout(STEP_TIMEOUT, send_page(&mut stream, pass, space, &batch))
+                        .await
+                        .map_err(|_| {
+                            anyhow!("the destination stopped taking pages for {STEP_TIMEOUT:?}")
+                        })?
+                        .with_context(|| format!("sending pages on stream {i}"))?;
                 bar.inc(n as u64);
             }
             stream
@@ -830,7 +854,10 @@ async fn stream(
                 }
                 Event::Spaces { sent } => {
                     for x in sent {
-                        match spaces.iter_mut().find(|s: &&mut SpaceSent| s.space == x.space) {
+                        match spaces
+                            .iter_mut()
+                            .find(|s: &&mut SpaceSent| s.space == x.space)
+                        {
                             Some(s) => {
                                 s.pages += x.pages;
                                 s.bytes += x.bytes;

@@ -156,7 +156,9 @@ mod tests {
             for m in &sent {
                 send_control(&mut a, m).await.unwrap();
             }
-            send_page(&mut a, 2, PageSpace::Task(7), b"not really a batch").await.unwrap();
+            send_page(&mut a, 2, PageSpace::Task(7), b"not really a batch")
+                .await
+                .unwrap();
         });
         for m in &msgs {
             assert_eq!(&recv_control(&mut b).await.unwrap(), m);
@@ -196,7 +198,9 @@ mod tests {
             send_lazy_page(&mut a, LazyOrigin::Pushed, b"pushed")
                 .await
                 .unwrap();
-            send_page(&mut a, 3, PageSpace::Task(42), b"pre-copy").await.unwrap();
+            send_page(&mut a, 3, PageSpace::Task(42), b"pre-copy")
+                .await
+                .unwrap();
             send_control(&mut a, &ControlMsg::Done).await.unwrap();
         });
         let f = recv_stream_frame(&mut b).await.unwrap().unwrap();

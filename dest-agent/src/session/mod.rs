@@ -34,16 +34,15 @@ use self::lazy::{deliver_lazy, next_resume, resume, Resumed};
 use crate::lazy::{wire_stats, LazyEvent, LazyInbox, LazyThread, Snapshot};
 use crate::restorer::{Command, Decoded, Event, RestorerThread};
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_engine::files::StdioPolicy;
 use ferry_engine::lazy::pager::{Origin, Pager};
 use ferry_protocol::model::PAGE_SIZE;
-use ferry_engine::files::StdioPolicy;
 use ferry_protocol::model::{HostInfo, TreeImage, TreeLayout};
 use ferry_protocol::pages::{BatchDecoder, PageBatch};
 use ferry_protocol::wire::{
-    check_spans_in_anonymous, find_owed_span, page_decoder, ControlMsg, DestState, LazyFrame,
-    LazyOrigin, LazyStats, PageFrame, PageSpan, Phase, ProtocolVersion, RefuseCode, StreamFrame,
-    space_areas,
-    WireError, MAX_REASON_LEN, MAX_REQUEST_PAGES,
+    check_spans_in_anonymous, find_owed_span, page_decoder, space_areas, ControlMsg, DestState,
+    LazyFrame, LazyOrigin, LazyStats, PageFrame, PageSpan, Phase, ProtocolVersion, RefuseCode,
+    StreamFrame, WireError, MAX_REASON_LEN, MAX_REQUEST_PAGES,
 };
 use ferry_transport::frames::{recv_control, recv_stream_frame, send_control};
 use std::collections::{HashMap, HashSet};
@@ -817,6 +816,13 @@ impl Migration<'_> {
             }
             Event::Finished(Ok((summary, uffd))) => {
                 self.shared.pause(PausePoint::Restored).await;
+                if let Some(log) = &summary.stdio_log {
+                    tracing::info!(
+                        pid = self.pid,
+                        "output of the tree that went outside it on the source goes to {}",
+                        log.display()
+                    );
+                }
                 let restore_us = self
                     .switchover_at
                     .map_or(0, |t| t.elapsed().as_micros() as u64);

@@ -59,7 +59,11 @@ pub fn collect(pid: i32, inj: &mut Injector) -> Result<ProcessMisc> {
 pub(crate) fn query_pdeath_signal(inj: &mut Injector) -> Result<i32> {
     const PR_GET_PDEATHSIG: u64 = 2;
     let buf = inj.scratch();
-    inj.call("prctl(PR_GET_PDEATHSIG)", libc::SYS_prctl, &[PR_GET_PDEATHSIG, buf])?;
+    inj.call(
+        "prctl(PR_GET_PDEATHSIG)",
+        libc::SYS_prctl,
+        &[PR_GET_PDEATHSIG, buf],
+    )?;
     let raw = inj.get(0, 4)?;
     Ok(i32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]))
 }

@@ -23,15 +23,26 @@ use ferry_parasite::remote::{find_syscall_insn, Injector};
 use ferry_protocol::image::write_tree_image;
 use ferry_protocol::model::{ProcessImage, TaskIdentity, TreeImage, VmaKind, PAGE_SIZE};
 use ferry_protocol::pages::{PageSpace, PageStats, PageWriter};
-use tree::FrozenTree;
 use std::path::Path;
 use std::time::{Duration, Instant};
+use tree::FrozenTree;
 
 /// How to checkpoint.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CheckpointOptions {
     /// Let the process continue after the checkpoint instead of killing it.
     pub leave_running: bool,
+    /// Most bytes of files deleted while open whose contents are saved.
+    pub max_deleted_bytes: u64,
+}
+
+impl Default for CheckpointOptions {
+    fn default() -> Self {
+        CheckpointOptions {
+            leave_running: false,
+            max_deleted_bytes: crate::files::deleted::DEFAULT_MAX_BYTES,
+        }
+    }
 }
 
 /// What a checkpoint did.
@@ -103,10 +114,20 @@ impl Captured {
     /// contents; read those with [`Captured::dump_pages`] while they stay
     /// frozen. On error the tree is resumed untouched.
     pub fn freeze(pid: i32) -> Result<Captured> {
-        let mut frozen = FrozenTree::freeze(pid)?;
+        Self::freeze_with(
+            pid,
+            tree::Scope::Tree,
+            crate::files::deleted::DEFAULT_MAX_BYTES,
+        )
+    }
+
+    /// [`Captured::freeze`] of `scope`, saving at most `max_deleted_bytes`
+    /// of the contents of files deleted while open.
+    pub fn freeze_with(pid: i32, scope: tree::Scope, max_deleted_bytes: u64) -> Result<Captured> {
+        let mut frozen = FrozenTree::freeze_scope(pid, scope)?;
         let frozen_at = Instant::now();
         let mut shmem = ShmemCollector::new();
-        match capture_tree(&mut frozen, &mut shmem) {
+        match capture_tree(&mut frozen, &mut shmem, max_deleted_bytes) {
             Ok(tree) => Ok(Captured {
                 frozen,
                 tree,
@@ -137,17 +158,21 @@ impl Captured {
 
     /// Send the contents of shared memory object `id` of the frozen tree to
     /// `sink` (addressed by offset).
-    pub fn dump_shmem(&self, id: ferry_protocol::model::ShmemId, sink: &mut dyn PageSink) -> Result<()> {
+    pub fn dump_shmem(
+        &self,
+        id: ferry_protocol::model::ShmemId,
+        sink: &mut dyn PageSink,
+    ) -> Result<()> {
         self.shmem.dump_contents(id, sink)
     }
 
     /// Freeze `pid` and its descendants and write their image into `dir`.
     /// On any error the tree is resumed untouched and the partial image
     /// files are removed.
-    pub fn capture(pid: i32, dir: &Path) -> Result<Captured> {
+    pub fn capture(pid: i32, dir: &Path, max_deleted_bytes: u64) -> Result<Captured> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        let mut c = Captured::freeze(pid)?;
+        let mut c = Captured::freeze_with(pid, tree::Scope::Tree, max_deleted_bytes)?;
         let t = Instant::now();
         match c.write_to(dir) {
             Ok(()) => {
@@ -211,7 +236,7 @@ impl Captured {
 /// untouched and the partial image files are removed.
 pub fn checkpoint(pid: i32, dir: &Path, opts: &CheckpointOptions) -> Result<CheckpointSummary> {
     let t0 = Instant::now();
-    let c = Captured::capture(pid, dir)?;
+    let c = Captured::capture(pid, dir, opts.max_deleted_bytes)?;
     let processes = c.tree.tasks.len();
     let threads = c.tree.tasks.iter().map(|t| t.threads.len()).sum();
     let (pages, image_bytes) = (c.pages, c.image_bytes);
@@ -240,8 +265,8 @@ fn remove_image_files(dir: &Path) {
     for e in rd.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        let ours = (name.starts_with("pages-") || name.starts_with("shmem-"))
-            && name.ends_with(".img");
+        let ours =
+            (name.starts_with("pages-") || name.starts_with("shmem-")) && name.ends_with(".img");
         if ours {
             let _ = std::fs::remove_file(e.path());
         }
@@ -249,14 +274,18 @@ fn remove_image_files(dir: &Path) {
 }
 
 /// Everything but memory contents, from a frozen tree.
-fn capture_tree(frozen: &mut FrozenTree, shmem: &mut ShmemCollector) -> Result<TreeImage> {
+fn capture_tree(
+    frozen: &mut FrozenTree,
+    shmem: &mut ShmemCollector,
+    max_deleted_bytes: u64,
+) -> Result<TreeImage> {
     let host = crate::host::host_info();
-    let mut files = FileCollector::new();
+    let mut files = FileCollector::with_deleted_limit(max_deleted_bytes);
     let mut tasks = Vec::with_capacity(frozen.tasks.len());
     for (id, f) in frozen.tasks.iter_mut() {
         tasks.push(capture_task(*id, f, host.xstate_size, &mut files, shmem)?);
     }
-    let (files, pipes) = files.finish()?;
+    let (files, pipes, deleted) = files.finish()?;
     Ok(TreeImage {
         host,
         tasks,
@@ -264,6 +293,7 @@ fn capture_tree(frozen: &mut FrozenTree, shmem: &mut ShmemCollector) -> Result<T
         files,
         pipes,
         shmem: shmem.objects(),
+        deleted,
     })
 }
 

@@ -21,6 +21,16 @@ const KCMP_FILES: i64 = 2;
 const KCMP_FS: i64 = 3;
 const KCMP_SIGHAND: i64 = 4;
 
+/// What a checkpoint or migration takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The process and all its descendants.
+    Tree,
+    /// The process alone (lazy migration): its children stay where they
+    /// are.
+    Process,
+}
+
 /// A frozen tree: live processes (parents before children) and zombies.
 pub struct FrozenTree {
     /// Live processes, root first, each after its parent.
@@ -32,11 +42,23 @@ impl FrozenTree {
     /// Freeze `root` and all its descendants. On error every process frozen
     /// so far is resumed untouched.
     pub fn freeze(root: i32) -> Result<FrozenTree> {
+        Self::freeze_scope(root, Scope::Tree)
+    }
+
+    /// Freeze `root` and, with [`Scope::Tree`], all its descendants.
+    pub fn freeze_scope(root: i32, scope: Scope) -> Result<FrozenTree> {
         let mut tree = FrozenTree {
             tasks: Vec::new(),
             zombies: Vec::new(),
         };
-        match tree.walk(root) {
+        let walked = match scope {
+            Scope::Tree => tree.walk(root),
+            Scope::Process => Frozen::freeze(root).and_then(|f| {
+                tree.tasks.push((identity(root)?, f));
+                Ok(())
+            }),
+        };
+        match walked {
             Ok(()) => Ok(tree),
             Err(e) => {
                 if let Err(te) = tree.thaw() {
@@ -92,7 +114,11 @@ impl FrozenTree {
             .map(|(t, _)| (t.pid, t.ppid, t.sid))
             .chain(self.zombies.iter().map(|z| (z.pid, z.ppid, z.sid)));
         for (pid, ppid, sid) in ids.skip(1) {
-            let parent_sid = self.tasks.iter().find(|(t, _)| t.pid == ppid).map(|(t, _)| t.sid);
+            let parent_sid = self
+                .tasks
+                .iter()
+                .find(|(t, _)| t.pid == ppid)
+                .map(|(t, _)| t.sid);
             if sid != pid && Some(sid) != parent_sid {
                 return Err(Error::Unsupported {
                     pid,
@@ -154,8 +180,11 @@ fn zombie(parent: i32, child: i32) -> Result<Option<Zombie>> {
 /// process's areas, and the shared memory objects, with ids given in the
 /// order a checkpoint gives them (each process's areas, then its fds). The
 /// collector reads the objects' contents.
-pub fn live_layout(root: i32) -> Result<(TreeLayout, ShmemCollector)> {
-    let (ids, zombies) = live_members(root)?;
+pub fn live_layout(root: i32, scope: Scope) -> Result<(TreeLayout, ShmemCollector)> {
+    let (ids, zombies) = match scope {
+        Scope::Tree => live_members(root)?,
+        Scope::Process => (vec![identity(root)?], Vec::new()),
+    };
     let mut shmem = ShmemCollector::new();
     let mut tasks = Vec::with_capacity(ids.len());
     for id in ids {

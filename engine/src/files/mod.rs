@@ -20,6 +20,7 @@
 //! which the agent and the targets share, so they are set on the agent's
 //! side before the transfer.
 
+pub mod deleted;
 pub mod pipe;
 pub mod regular;
 pub mod stdio;
@@ -33,7 +34,7 @@ use crate::shmem::{ShmemCollector, ShmemHandles};
 use crate::{Error, Result};
 use ferry_parasite::remote::Injector;
 use ferry_protocol::model::{
-    FdEntry, FileId, FileKind, OpenFile, PipeId, PipeObject, TreeImage,
+    DeletedFile, FdEntry, FileId, FileKind, OpenFile, PipeId, PipeObject, TreeImage,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
@@ -74,12 +75,24 @@ pub struct FileCollector {
     pipes: BTreeMap<u64, PipeState>,
     /// file -> every (pid, fd) that refers to it
     users: HashMap<FileId, Vec<(i32, i32)>>,
+    /// Files deleted while open.
+    deleted: deleted::DeletedCollector,
 }
 
 impl FileCollector {
-    /// An empty collector.
+    /// An empty collector (deleted files up to
+    /// [`deleted::DEFAULT_MAX_BYTES`] of contents).
     pub fn new() -> Self {
-        Self::default()
+        Self::with_deleted_limit(deleted::DEFAULT_MAX_BYTES)
+    }
+
+    /// An empty collector that saves at most `max_bytes` of the contents of
+    /// files deleted while open.
+    pub fn with_deleted_limit(max_bytes: u64) -> Self {
+        FileCollector {
+            deleted: deleted::DeletedCollector::new(max_bytes),
+            ..Self::default()
+        }
     }
 
     /// Capture every open fd of `pid`, sorted by number.
@@ -211,14 +224,19 @@ impl FileCollector {
         if stdio && md.file_type().is_char_device() && regular::is_terminal(md.rdev()) {
             return Ok(FileKind::Outside { what: link.into() });
         }
+        if md.is_file() && md.nlink() == 0 {
+            let id = self.deleted.add(pid, fd, link, md)?;
+            return Ok(FileKind::Deleted { id });
+        }
         regular::classify(pid, fd, link, md)
     }
 
     /// Finish: pipes with both ends in the tree get their unread data (read
     /// without consuming it); a pipe with an end outside the tree becomes
     /// [`FileKind::Outside`] if only fds 0–2 use it, and is refused
-    /// otherwise. Returns the open files and pipes of the tree.
-    pub fn finish(mut self) -> Result<(Vec<OpenFile>, Vec<PipeObject>)> {
+    /// otherwise. Returns the open files, pipes and deleted files of the
+    /// tree.
+    pub fn finish(mut self) -> Result<(Vec<OpenFile>, Vec<PipeObject>, Vec<DeletedFile>)> {
         let mut pipes = Vec::new();
         let mut pidfds: HashMap<i32, OwnedFd> = HashMap::new();
         /// A read end to copy from, if the tree also holds a write end.
@@ -246,7 +264,7 @@ impl FileCollector {
                 None => self.pipe_outside(id, ino)?,
             }
         }
-        Ok((self.files, pipes))
+        Ok((self.files, pipes, self.deleted.finish()))
     }
 
     /// Every description of pipe `id` becomes `Outside`, or the first fd
@@ -303,6 +321,7 @@ impl Opened {
                 | FileKind::CharDevice { path, .. } => format!("{who} ({path})"),
                 FileKind::Pipe { pipe, .. } => format!("{who} (pipe {pipe})"),
                 FileKind::Shmem { id } => format!("{who} (shared memory object {id})"),
+                FileKind::Deleted { id } => format!("{who} (deleted file {id})"),
                 FileKind::Outside { what } => format!("{who} ({what}, outside the tree)"),
             }
         };
@@ -311,6 +330,10 @@ impl Opened {
             stdio_log: None,
         };
         let mut by_pipe: BTreeMap<PipeId, Vec<&OpenFile>> = BTreeMap::new();
+        let mut inodes: HashMap<u32, OwnedFd> = HashMap::new();
+        for d in &tree.deleted {
+            inodes.insert(d.id, deleted::create(d)?);
+        }
         for f in &tree.files {
             let d = describe(f);
             let fd = match &f.kind {
@@ -319,6 +342,15 @@ impl Opened {
                     continue;
                 }
                 FileKind::Shmem { id } => shmem.reopen(*id, f, &d)?,
+                FileKind::Deleted { id } => {
+                    let inode = inodes.get(id).ok_or_else(|| {
+                        Error::parse(
+                            "image",
+                            format!("deleted file {id} is used but not defined"),
+                        )
+                    })?;
+                    deleted::reopen(inode, f, &d)?
+                }
                 FileKind::Outside { .. } => {
                     if !stdio::reads_only(f) {
                         opened.stdio_log = Some(stdio.log.clone());

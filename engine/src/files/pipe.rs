@@ -105,7 +105,13 @@ pub fn open(
     let mut out = Vec::with_capacity(users.len());
     for f in users {
         let acc = f.flags as i32 & libc::O_ACCMODE;
-        let write_end = matches!(f.kind, ferry_protocol::model::FileKind::Pipe { write_end: true, .. });
+        let write_end = matches!(
+            f.kind,
+            ferry_protocol::model::FileKind::Pipe {
+                write_end: true,
+                ..
+            }
+        );
         let fd = match (acc == libc::O_RDWR, write_end) {
             (false, false) if r.is_some() => r.take(),
             (false, true) if w.is_some() => w.take(),
@@ -128,9 +134,8 @@ pub fn open(
             }
         };
         let status = f.flags as i32 & PIPE_SETFL;
-        set_status(fd.as_fd(), status).map_err(|err| {
-            Error::io(format!("restoring {}: F_SETFL {status:#o}", d(f)), err)
-        })?;
+        set_status(fd.as_fd(), status)
+            .map_err(|err| Error::io(format!("restoring {}: F_SETFL {status:#o}", d(f)), err))?;
         out.push((f.id, fd));
     }
     // Unclaimed ends (kept alive until every reopen was done) close here.

@@ -61,7 +61,10 @@ pub fn open(f: &OpenFile, policy: &StdioPolicy, d: &str) -> Result<OwnedFd> {
     )
     .map_err(|e| {
         Error::io(
-            format!("restoring {d}: opening the stdio log {}", policy.log.display()),
+            format!(
+                "restoring {d}: opening the stdio log {}",
+                policy.log.display()
+            ),
             e,
         )
     })

@@ -49,6 +49,7 @@ struct Collected {
     fds: Vec<Vec<FdEntry>>,
     files: Vec<OpenFile>,
     pipes: Vec<PipeObject>,
+    deleted: Vec<DeletedFile>,
 }
 
 impl Collected {
@@ -110,8 +111,13 @@ fn try_collect(pids: &[i32]) -> Result<Collected> {
         for &pid in pids {
             fds.push(files.task(pid, &mut shmem)?);
         }
-        let (files, pipes) = files.finish()?;
-        Ok(Collected { fds, files, pipes })
+        let (files, pipes, deleted) = files.finish()?;
+        Ok(Collected {
+            fds,
+            files,
+            pipes,
+            deleted,
+        })
     })
 }
 
@@ -157,6 +163,7 @@ fn image(tasks: Vec<ProcessImage>, files: Vec<OpenFile>, pipes: Vec<PipeObject>)
         files,
         pipes,
         shmem: vec![],
+        deleted: vec![],
     }
 }
 
@@ -167,7 +174,9 @@ fn image_of(pids: &[i32], c: &Collected) -> TreeImage {
         .zip(&c.fds)
         .map(|(&pid, fds)| process(pid, fds.clone()))
         .collect();
-    image(tasks, c.files.clone(), c.pipes.clone())
+    let mut img = image(tasks, c.files.clone(), c.pipes.clone());
+    img.deleted = c.deleted.clone();
+    img
 }
 
 fn fd(fd: i32, cloexec: bool, file: FileId) -> FdEntry {
@@ -497,11 +506,87 @@ fn pipe_with_peer_outside_is_outside_at_stdio() {
     drop((in_r, in_w, out_r, out_w));
 }
 
+/// A file deleted while open travels with its contents: fds sharing a
+/// description keep one, another open of the same file gets its own
+/// description of the same (recreated, unnamed) inode, positions kept.
 #[test]
-fn deleted_file_is_refused() {
+fn deleted_file_travels_with_its_contents() {
     let dir = TempDir::new("deleted");
     let p = dir.file("gone");
-    std::fs::write(&p, b"x").expect("write");
+    let content = pattern(10_000);
+    std::fs::write(&p, &content).expect("write");
+    let acts = [
+        Act::Open {
+            path: cs(&p),
+            flags: libc::O_RDWR,
+            at: 3,
+            seek: 123,
+            cloexec: false,
+        },
+        Act::Dup {
+            from: 3,
+            at: 4,
+            cloexec: true,
+        },
+        Act::Open {
+            path: cs(&p),
+            flags: libc::O_RDONLY,
+            at: 5,
+            seek: 7,
+            cloexec: false,
+        },
+    ];
+    let child = ScriptChild::spawn(&acts);
+    std::fs::remove_file(&p).expect("unlink");
+    let c = collect(&[child.pid]);
+    let fds = &c.fds[0];
+    let file_of = |n: i32| fds.iter().find(|e| e.fd == n).expect("fd").file;
+    assert_eq!(file_of(3), file_of(4), "dup shares the description");
+    assert_ne!(
+        file_of(3),
+        file_of(5),
+        "a second open is its own description"
+    );
+    assert_eq!(c.deleted.len(), 1, "one deleted inode: {:?}", c.files);
+    assert_eq!(c.deleted[0].data, content);
+    assert_eq!(c.deleted[0].path, p);
+    for f in &c.files {
+        assert!(
+            matches!(f.kind, FileKind::Deleted { id } if id == c.deleted[0].id),
+            "{f:?}"
+        );
+    }
+    let tree = image_of(&[child.pid], &c);
+    let d = TempDir::new("deleted-restore");
+    let opened = open_tree(&tree, &policy(&d));
+    let stub = restore_task(&tree, 0, &opened);
+    drop(opened);
+    let pid = stub.0;
+    assert_eq!(pos(pid, 3), 123);
+    assert_eq!(pos(pid, 5), 7);
+    assert!(same(pid, 3, pid, 4), "fds 3 and 4 share one description");
+    assert!(!same(pid, 3, pid, 5), "fd 5 has its own");
+    assert!(link(pid, 3).ends_with("(deleted)"), "{}", link(pid, 3));
+    let mut f = copy_fd(pid, 5);
+    let mut back = Vec::new();
+    f.seek(SeekFrom::Start(0)).expect("seek");
+    f.read_to_end(&mut back).expect("read");
+    assert_eq!(back, content, "contents restored");
+    // One inode: a write through fd 3 is read through fd 5.
+    let mut w = copy_fd(pid, 3);
+    w.seek(SeekFrom::Start(0)).expect("seek");
+    w.write_all(b"XYZ").expect("write");
+    let mut three = [0u8; 3];
+    f.seek(SeekFrom::Start(0)).expect("seek");
+    f.read_exact(&mut three).expect("read");
+    assert_eq!(&three, b"XYZ");
+}
+
+#[test]
+fn deleted_files_above_the_limit_are_refused() {
+    let dir = TempDir::new("deleted-big");
+    let p = dir.file("big");
+    std::fs::write(&p, vec![1u8; 5000]).expect("write");
     let acts = [Act::Open {
         path: cs(&p),
         flags: libc::O_RDONLY,
@@ -511,12 +596,21 @@ fn deleted_file_is_refused() {
     }];
     let child = ScriptChild::spawn(&acts);
     std::fs::remove_file(&p).expect("unlink");
-    match try_collect(&[child.pid]) {
+    let r = frozen(&[child.pid], || {
+        let mut files = FileCollector::with_deleted_limit(4096);
+        files.task(child.pid, &mut ShmemCollector::new())
+    });
+    match r {
         Err(Error::UnsupportedFd { pid, fd: 3, kind }) => {
             assert_eq!(pid, child.pid);
-            assert!(kind.contains("a deleted file"), "{kind}")
+            assert!(
+                kind.contains("a deleted file")
+                    && kind.contains("4096")
+                    && kind.contains("--max-deleted-mib"),
+                "{kind}"
+            )
         }
-        other => panic!("expected a deleted file, got {other:?}"),
+        other => panic!("expected a refusal above the limit, got {other:?}"),
     }
 }
 

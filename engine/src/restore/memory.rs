@@ -1,9 +1,9 @@
 //! Rebuilding the address space: vDSO areas moved into place, every area
 //! mapped, pages written, final protections set.
 
-use crate::shmem::{MapSource, ShmemHandles};
 use crate::error::{Error, Result};
 use crate::procfs;
+use crate::shmem::{MapSource, ShmemHandles};
 use ferry_parasite::remote::Injector;
 use ferry_protocol::model::{Vma, VmaKind, PAGE_SIZE};
 use ferry_protocol::pages::PageBatch;
@@ -94,7 +94,12 @@ pub fn map_areas(inj: &mut Injector, vmas: &[Vma], shmem: &ShmemHandles) -> Resu
                     }
                     MapSource::Path(p) => {
                         let w = v.prot & libc::PROT_WRITE as u32 != 0;
-                        (open_in(inj, &mut fds, &p, w)?, *offset, libc::MAP_SHARED, v.prot)
+                        (
+                            open_in(inj, &mut fds, &p, w)?,
+                            *offset,
+                            libc::MAP_SHARED,
+                            v.prot,
+                        )
                     }
                 },
                 VmaKind::Anonymous => (

@@ -332,7 +332,8 @@ mod tests {
             }],
             data: vec![0x5a; PAGE_SIZE as usize],
         };
-        r.write_batch(PageSpace::Task(pid), &batch).expect("write into the new area");
+        r.write_batch(PageSpace::Task(pid), &batch)
+            .expect("write into the new area");
         let mut back = vec![0u8; PAGE_SIZE as usize];
         ferry_parasite::mem::read(pid, fresh.start + PAGE_SIZE, &mut back).expect("read");
         assert!(back.iter().all(|&b| b == 0x5a));
@@ -345,7 +346,8 @@ mod tests {
             }],
             data: Vec::new(),
         };
-        r.write_batch(PageSpace::Task(pid), &zero).expect("zero page");
+        r.write_batch(PageSpace::Task(pid), &zero)
+            .expect("zero page");
         ferry_parasite::mem::read(pid, fresh.start + PAGE_SIZE, &mut back).expect("read");
         assert!(back.iter().all(|&b| b == 0), "page dropped");
         // Pages in the removed area are refused now.

@@ -32,9 +32,7 @@ use crate::dump::PageSink;
 use crate::files::sys;
 use crate::procfs::MapsEntry;
 use crate::{Error, Result};
-use ferry_protocol::model::{
-    OpenFile, ShmemId, ShmemKind, ShmemObject, TreeImage, Vma, PAGE_SIZE,
-};
+use ferry_protocol::model::{OpenFile, ShmemId, ShmemKind, ShmemObject, TreeImage, Vma, PAGE_SIZE};
 use ferry_protocol::pages::PageBatch;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -204,8 +202,11 @@ impl ShmemCollector {
 /// (`SEEK_DATA`/`SEEK_HOLE` skip what was never written) into `sink`.
 pub fn dump_file_contents(source: &Source, size: u64, sink: &mut dyn PageSink) -> Result<()> {
     let path = source.path();
-    let fd = sys::open(&crate::files::cpath(&path)?, libc::O_RDONLY | libc::O_CLOEXEC)
-        .map_err(|e| Error::io(format!("open {path}"), e))?;
+    let fd = sys::open(
+        &crate::files::cpath(&path)?,
+        libc::O_RDONLY | libc::O_CLOEXEC,
+    )
+    .map_err(|e| Error::io(format!("open {path}"), e))?;
     let len = size.next_multiple_of(PAGE_SIZE);
     if len == 0 {
         return Ok(());
@@ -289,10 +290,17 @@ impl Mapping {
 
     /// Copy `data` to `off` (within the mapping).
     pub fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
-        if off.checked_add(data.len() as u64).is_none_or(|e| e > self.len) {
+        if off
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > self.len)
+        {
             return Err(Error::parse(
                 "shared memory pages",
-                format!("{} bytes at offset {off:#x} run past {:#x}", data.len(), self.len),
+                format!(
+                    "{} bytes at offset {off:#x} run past {:#x}",
+                    data.len(),
+                    self.len
+                ),
             ));
         }
         // SAFETY: bounds checked above; the mapping is writable and ours.
@@ -307,7 +315,10 @@ impl Mapping {
         if off.checked_add(len).is_none_or(|e| e > self.len) {
             return Err(Error::parse(
                 "shared memory pages",
-                format!("{len} zero bytes at offset {off:#x} run past {:#x}", self.len),
+                format!(
+                    "{len} zero bytes at offset {off:#x} run past {:#x}",
+                    self.len
+                ),
             ));
         }
         // SAFETY: bounds checked above; the mapping is writable and ours.
@@ -385,9 +396,14 @@ impl ShmemHandles {
             .handles
             .iter_mut()
             .find(|h| h.id == id)
-            .ok_or_else(|| Error::parse("image", format!("shared memory object {id} not created")))?;
+            .ok_or_else(|| {
+                Error::parse("image", format!("shared memory object {id} not created"))
+            })?;
         let map = h.map.as_mut().ok_or_else(|| {
-            Error::parse("image", format!("shared memory object {id} cannot be filled"))
+            Error::parse(
+                "image",
+                format!("shared memory object {id} cannot be filled"),
+            )
         })?;
         for (run, data) in batch.iter() {
             match data {
@@ -404,9 +420,10 @@ impl ShmemHandles {
         if let Some(shmid) = h.shmid {
             return Ok(MapSource::SysV(shmid));
         }
-        let fd = h.fd.as_ref().ok_or_else(|| {
-            Error::parse("image", format!("shared memory object {id} has no fd"))
-        })?;
+        let fd = h
+            .fd
+            .as_ref()
+            .ok_or_else(|| Error::parse("image", format!("shared memory object {id} has no fd")))?;
         Ok(MapSource::Path(format!(
             "/proc/{}/fd/{}",
             std::process::id(),
@@ -419,7 +436,9 @@ impl ShmemHandles {
     pub fn reopen(&self, id: ShmemId, f: &OpenFile, d: &str) -> Result<OwnedFd> {
         let h = self.get(id)?;
         let fd = h.fd.as_ref().ok_or_else(|| {
-            Error::Incompatible(format!("{d}: shared memory object {id} cannot be opened as a file"))
+            Error::Incompatible(format!(
+                "{d}: shared memory object {id} cannot be opened as a file"
+            ))
         })?;
         let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
         let keep = libc::O_ACCMODE | libc::O_APPEND | libc::O_NONBLOCK | libc::O_NOATIME;

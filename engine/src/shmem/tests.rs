@@ -107,6 +107,7 @@ fn tree_with(obj: ShmemObject) -> TreeImage {
         files: vec![],
         pipes: vec![],
         shmem: vec![obj],
+        deleted: vec![],
     }
 }
 

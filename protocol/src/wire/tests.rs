@@ -677,7 +677,8 @@ fn page_frame_rejections() {
     // A corrupt batch with a good frame checksum goes to the batch codec.
     let mut enc = encode_batch(&batch(&[(0x60_0000, 1, false)]), 1);
     enc[0] = b'X';
-    let pf = read_page_frame(&mut &encode_page_frame(0, PageSpace::Task(4242), &enc).unwrap()[..]).unwrap();
+    let pf = read_page_frame(&mut &encode_page_frame(0, PageSpace::Task(4242), &enc).unwrap()[..])
+        .unwrap();
     assert!(matches!(
         pf.decode_batch(
             &mut page_decoder(),
@@ -1745,11 +1746,19 @@ fn resume_is_legal_only_instead_of_prepare_with_minor_1() {
 
 #[test]
 fn page_spaces_encode_and_decode() {
-    for space in [PageSpace::Task(1), PageSpace::Task(4242), PageSpace::Shmem(0), PageSpace::Shmem(77)] {
+    for space in [
+        PageSpace::Task(1),
+        PageSpace::Task(4242),
+        PageSpace::Shmem(0),
+        PageSpace::Shmem(77),
+    ] {
         assert_eq!(decode_space(encode_space(space)).unwrap(), space);
     }
     assert!(decode_space(0).is_err(), "PID 0");
-    assert!(decode_space(PID_MAX_LIMIT as u32 + 1).is_err(), "PID above the limit");
+    assert!(
+        decode_space(PID_MAX_LIMIT as u32 + 1).is_err(),
+        "PID above the limit"
+    );
     // A shared memory object's pages lie within its size.
     let mut layout = sample_image().layout();
     layout.shmem.push(crate::model::ShmemObject {
