@@ -30,7 +30,7 @@ use super::{posix, Found, Handle, Mapping, Source, Undo};
 use crate::files::sys;
 use crate::procfs::MapsEntry;
 use crate::{Error, Result};
-use ferry_protocol::model::{ShmemKind, ShmemObject, PAGE_SIZE};
+use ferry_protocol::model::{ShmemKind, ShmemObject};
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -209,15 +209,7 @@ pub fn create(obj: &ShmemObject) -> Result<Handle> {
         Err(e) => return Err(Error::io(what("memfd_create"), e)),
     };
     ftruncate(fd.as_fd(), obj.size).map_err(|e| Error::io(what("ftruncate"), e))?;
-    let len = obj.size.next_multiple_of(PAGE_SIZE);
-    let map = if len == 0 {
-        None
-    } else {
-        Some(
-            Mapping::new(fd.as_fd(), len, libc::PROT_READ | libc::PROT_WRITE)
-                .map_err(|e| Error::io(what("mmap"), e))?,
-        )
-    };
+    let map = Mapping::for_fill(fd.as_fd(), obj.size).map_err(|e| Error::io(what("mmap"), e))?;
     Ok(Handle {
         id: obj.id,
         fd: Some(fd),

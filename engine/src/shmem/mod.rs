@@ -271,6 +271,16 @@ impl Mapping {
         })
     }
 
+    /// The agent's writable mapping of a shared memory file of `size`
+    /// bytes, to fill it (none for an empty one).
+    pub fn for_fill(fd: BorrowedFd<'_>, size: u64) -> std::io::Result<Option<Mapping>> {
+        let len = size.next_multiple_of(PAGE_SIZE);
+        if len == 0 {
+            return Ok(None);
+        }
+        Mapping::new(fd, len, libc::PROT_READ | libc::PROT_WRITE).map(Some)
+    }
+
     /// A mapping the caller made (e.g. with `shmat`) and `release` unmaps.
     ///
     /// # Safety

@@ -18,7 +18,7 @@ use super::{Found, Handle, Mapping, Source, Undo};
 use crate::files::{cpath, sys};
 use crate::procfs::MapsEntry;
 use crate::{Error, Result};
-use ferry_protocol::model::{ShmemKind, ShmemObject, PAGE_SIZE};
+use ferry_protocol::model::{ShmemKind, ShmemObject};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
@@ -192,15 +192,7 @@ pub fn create(obj: &ShmemObject) -> Result<Handle> {
         punch_hole(fd.as_fd(), obj.size)
             .map_err(|e| Error::io(what("emptying the existing file"), e))?;
     }
-    let len = obj.size.next_multiple_of(PAGE_SIZE);
-    let map = if len == 0 {
-        None
-    } else {
-        Some(
-            Mapping::new(fd.as_fd(), len, libc::PROT_READ | libc::PROT_WRITE)
-                .map_err(|e| Error::io(what("mmap"), e))?,
-        )
-    };
+    let map = Mapping::for_fill(fd.as_fd(), obj.size).map_err(|e| Error::io(what("mmap"), e))?;
     let undo = match guard.0.take() {
         Some(p) => Undo::Unlink(p),
         None => Undo::Nothing,

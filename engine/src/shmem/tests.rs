@@ -297,6 +297,7 @@ fn shmem_memfd_mapping_and_fd_round_trip() {
         Mapping::new(f.as_fd(), size.next_multiple_of(PAGE) as u64, rw()).expect("mmap")
     };
     h.finish().expect("finish");
+    h.commit();
     let agent_fd = handle(&h, id).fd.as_ref().expect("fd").as_fd();
     assert_eq!(seals(agent_fd), want_seals);
     assert_eq!(target.slice(0, size as u64), &data[..]);
@@ -378,6 +379,7 @@ fn shmem_memfd_unsealable_and_private() {
     );
     let mut h = ShmemHandles::create(&tree_with(obj)).expect("create");
     h.finish().expect("finish");
+    h.commit();
     let f = handle(&h, id).fd.as_ref().expect("fd").as_fd();
     assert_eq!(seals(f), libc::F_SEAL_SEAL as u32);
     assert!(sys::fcntl(f, libc::F_ADD_SEALS, libc::F_SEAL_GROW).is_err());
@@ -501,6 +503,7 @@ fn shmem_posix_named_round_trip() {
     let mut h = ShmemHandles::create(&tree).expect("create");
     h.fill(id, &pages.batch()).expect("fill");
     h.finish().expect("finish");
+    h.commit();
     drop(h);
     assert_eq!(std::fs::read(&path).expect("read"), data);
     let md = std::fs::metadata(&path).expect("stat");
@@ -567,6 +570,7 @@ fn shmem_posix_deleted_round_trip() {
     let md = std::fs::metadata(&src).expect("stat");
     assert_eq!((md.nlink(), md.mode() & 0o7777), (0, 0o600));
     h.finish().expect("finish");
+    h.commit();
     drop(h);
 
     // The name is taken by another file: an O_TMPFILE, the other file
@@ -756,6 +760,7 @@ fn shmem_sysv_round_trip_reuse_and_fresh_id() {
     let target = shmat(id, len, 0);
     assert_eq!(nattch(id), 2);
     h.finish().expect("finish");
+    h.commit();
     assert_eq!(nattch(id), 1);
     assert_eq!(target.slice(0, len), &data[..]);
     drop(h);
@@ -850,6 +855,7 @@ fn shmem_sysv_removed_while_attached() {
     assert_eq!(u32::from(ds.shm_perm.mode) & sysv::SHM_DEST, sysv::SHM_DEST);
     let target = shmat(id, len, 0);
     h.finish().expect("finish");
+    h.commit();
     assert_eq!(nattch(id), 1);
     assert_eq!(target.slice(0, len), &data[..]);
     drop(target);
