@@ -58,18 +58,24 @@ extern "C" fn on_sigusr1(_sig: libc::c_int) {
     SIGUSR1_SEEN.store(true, Ordering::SeqCst);
 }
 
-/// Install a SIGUSR1 handler (SA_RESTART) that only sets `SIGUSR1_SEEN`.
-pub fn install_sigusr1() {
+/// Install `handler` for `sig` (SA_RESTART); `handler` must be
+/// async-signal-safe.
+pub fn on_signal(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) {
     // SAFETY: a plain sigaction with an async-signal-safe handler.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_sigusr1 as extern "C" fn(libc::c_int) as usize;
+        sa.sa_sigaction = handler as usize;
         sa.sa_flags = libc::SA_RESTART;
         libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()) != 0 {
-            die("sigaction(SIGUSR1) failed");
+        if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+            die(&format!("sigaction({sig}) failed"));
         }
     }
+}
+
+/// Install a SIGUSR1 handler (SA_RESTART) that only sets `SIGUSR1_SEEN`.
+pub fn install_sigusr1() {
+    on_signal(libc::SIGUSR1, on_sigusr1);
 }
 
 /// True once per SIGUSR1 received (clears the flag).

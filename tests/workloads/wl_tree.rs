@@ -84,7 +84,7 @@
 //! 80 ms (and `consumer eof n=.. bad=..` at end of input).
 mod shared;
 
-use shared::{die, errno, say};
+use shared::{die, errno, on_signal, say};
 use std::ffi::CString;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -172,16 +172,7 @@ fn term() -> bool {
 }
 
 fn install_sigterm() {
-    // SAFETY: a plain sigaction with an async-signal-safe handler.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_sigterm as extern "C" fn(libc::c_int) as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut()) != 0 {
-            die("sigaction(SIGTERM) failed");
-        }
-    }
+    on_signal(libc::SIGTERM, on_sigterm);
 }
 
 /// In a forked child: message on stderr, then _exit(2) (nothing of R's
