@@ -19,9 +19,11 @@
 //! ```
 //!
 //! Each batch belongs to one page space: a process's memory, or a shared
-//! memory object's, which goes once however many processes map it. A tree
-//! whose members change during pre-copy (a process forks or exits) aborts
-//! the migration: the tree keeps running here.
+//! memory object's, which goes once however many processes map it. The
+//! tree may change during pre-copy: a process that appears (a fork) has no
+//! dirty tracker, so every pass reads all of it through the unchanged-page
+//! filter; one that is gone is dropped (the destination follows each pass's
+//! layout: [`ferry_engine::restore::TreeRestorer::relayout`]).
 //!
 //! Everything that needs ptrace happens on this one thread (a ptrace rule).
 
@@ -234,9 +236,14 @@ fn send_pass(
         let h = hashes.entry(space).or_default();
         let before = tally.sent + tally.unchanged;
         let start = (tally.pages, tally.bytes);
-        send_space(pass, space, h, tx, &mut tally, &mut |sink| {
+        let r = send_space(pass, space, h, tx, &mut tally, &mut |sink| {
             memory::dump_pages_in(pid, &task.vmas, d.as_deref(), sink)
-        })?;
+        });
+        match r {
+            // Gone while the tree runs: the next layout drops it.
+            Err(_) if !frozen && !ferry_engine::procfs::exists(pid) => {}
+            r => r?,
+        }
         note(space, &tally, start);
         dirty_pages += d
             .as_ref()
@@ -337,35 +344,13 @@ struct Source {
     /// Per page space: what was sent.
     hashes: HashMap<PageSpace, PageHashes>,
     history: Vec<PassStats>,
-    /// In the layout's order; empty until the trackers start.
+    /// In the last layout's order; empty until the trackers start.
     tasks: Vec<TaskSource>,
-    /// The layout of pass 0: its members must not change.
-    members: Option<TreeLayout>,
     pass: u32,
     /// A lazy switchover follows the passes.
     lazy: bool,
     /// What moves: the tree, or (lazy) the root process alone.
     scope: Scope,
-}
-
-/// Why the layout's members differ from pass 0's.
-fn changed_members(first: &TreeLayout, now: &TreeLayout) -> Option<String> {
-    if first.same_members(now) {
-        return None;
-    }
-    let pids = |l: &TreeLayout| -> Vec<i32> {
-        l.tasks
-            .iter()
-            .map(|t| t.id.pid)
-            .chain(l.zombies.iter().map(|z| z.pid))
-            .collect()
-    };
-    Some(format!(
-        "the process tree changed during pre-copy (processes {:?}, now {:?}; or a group, \
-         session or shared memory object changed): try again, or migrate with --max-passes 0",
-        pids(first),
-        pids(now)
-    ))
 }
 
 impl Source {
@@ -401,28 +386,36 @@ impl Source {
         Ok(())
     }
 
-    /// The running tree's layout, checked against pass 0's members.
-    fn layout(
-        &mut self,
-    ) -> ferry_engine::Result<(TreeLayout, ferry_engine::shmem::ShmemCollector)> {
-        let (layout, shmem) = live_layout(self.root, self.scope)?;
-        let first = self.members.get_or_insert_with(|| layout.clone());
-        let same_pids = layout.tasks.len() == self.tasks.len()
-            && layout
-                .tasks
-                .iter()
-                .zip(&self.tasks)
-                .all(|(l, t)| l.id.pid == t.pid);
-        if let Some(why) = changed_members(first, &layout).or_else(|| {
-            (!same_pids && !self.tasks.is_empty())
-                .then(|| "the process tree changed while dirty tracking started".to_string())
-        }) {
-            return Err(ferry_engine::Error::Unsupported {
-                pid: self.root,
-                what: why,
-            });
+    /// The running tree's layout.
+    fn layout(&self) -> ferry_engine::Result<(TreeLayout, ferry_engine::shmem::ShmemCollector)> {
+        live_layout(self.root, self.scope)
+    }
+
+    /// Follow the tree's members to `layout`: a process that appeared has no
+    /// tracker (every pass reads all of it; the unchanged-page filter keeps
+    /// what is sent small), one that is gone loses its tracker and what was
+    /// sent of it.
+    fn follow(&mut self, layout: &TreeLayout) {
+        let mut old = std::mem::take(&mut self.tasks);
+        for t in &layout.tasks {
+            let pid = t.id.pid;
+            match old.iter().position(|o| o.pid == pid) {
+                Some(i) => self.tasks.push(old.swap_remove(i)),
+                None => self.tasks.push(TaskSource {
+                    pid,
+                    tracker: None,
+                    carried: Vec::new(),
+                    layout: Vec::new(),
+                }),
+            }
         }
-        Ok((layout, shmem))
+        for gone in old {
+            tracing::info!("process {} left the tree during pre-copy", gone.pid);
+            self.hashes.remove(&PageSpace::Task(gone.pid));
+            if let Some(tr) = gone.tracker {
+                let _ = tr.stop();
+            }
+        }
     }
 
     /// Passes while the tree runs, until the policy says switch.
@@ -436,19 +429,23 @@ impl Source {
         // Only taking the userfaultfds needs the tree stopped; protecting
         // its memory happens while it runs, before pass 0 reads it.
         self.start_trackers()?;
-        let mut dirty: Vec<Option<Vec<PageRange>>> = vec![None; self.tasks.len()];
+        let mut dirty: HashMap<i32, Vec<PageRange>> = HashMap::new();
+        let mut first = true;
         loop {
             let (layout, shmem) = self.layout()?;
+            self.follow(&layout);
             let mut ranges = Vec::with_capacity(self.tasks.len());
-            for ((t, l), d) in self
-                .tasks
-                .iter_mut()
-                .zip(&layout.tasks)
-                .zip(dirty.iter_mut())
-            {
+            for (t, l) in self.tasks.iter_mut().zip(&layout.tasks) {
                 let h = self.hashes.entry(PageSpace::Task(t.pid)).or_default();
-                ranges.push(pass_ranges(&mut t.layout, h, &l.vmas, d.take()));
+                // Pass 0, and a process without a tracker: everything.
+                let d = if first || t.tracker.is_none() {
+                    None
+                } else {
+                    Some(dirty.remove(&t.pid).unwrap_or_default())
+                };
+                ranges.push(pass_ranges(&mut t.layout, h, &l.vmas, d));
             }
+            first = false;
             let end = send_pass(
                 self.pass,
                 &layout,
@@ -467,23 +464,31 @@ impl Source {
             });
             self.pass += 1;
             let mut waiting = 0;
-            let mut found = Vec::with_capacity(self.tasks.len());
+            let mut found = HashMap::new();
             for t in &mut self.tasks {
-                let vmas = memory::collect_vmas(t.pid)?;
+                let Some(tr) = t.tracker.as_mut() else {
+                    continue;
+                };
+                let vmas = match memory::collect_vmas(t.pid) {
+                    Ok(v) => v,
+                    // Gone meanwhile: the next layout drops it.
+                    Err(_) if !ferry_engine::procfs::exists(t.pid) => continue,
+                    Err(e) => return Err(e),
+                };
                 let mut d = Vec::new();
-                if let Some(tr) = t.tracker.as_mut() {
-                    tr.collect(&vmas, &mut d)?;
-                }
+                tr.collect(&vmas, &mut d)?;
                 waiting += d.iter().map(PageRange::pages).sum::<u64>();
-                found.push(d);
+                found.insert(t.pid, d);
             }
             if let Some(r) = self.policy.decide(&self.history, waiting) {
-                for (t, d) in self.tasks.iter_mut().zip(found) {
-                    t.carried = d;
+                for t in &mut self.tasks {
+                    if let Some(d) = found.remove(&t.pid) {
+                        t.carried = d;
+                    }
                 }
                 return Ok(r);
             }
-            dirty = found.into_iter().map(Some).collect();
+            dirty = found;
         }
     }
 
@@ -530,6 +535,7 @@ impl Source {
         if self.tasks.is_empty() {
             return Ok(vec![None; layout.tasks.len()]);
         }
+        self.follow(layout);
         let mut out = Vec::with_capacity(self.tasks.len());
         for (t, l) in self.tasks.iter_mut().zip(&layout.tasks) {
             let d = match t.tracker.as_mut() {
@@ -585,7 +591,6 @@ pub fn run(
         hashes: HashMap::new(),
         history: Vec::new(),
         tasks: Vec::new(),
-        members: None,
         pass: 0,
         lazy,
         scope: if lazy { Scope::Process } else { Scope::Tree },
@@ -620,15 +625,6 @@ pub fn run(
         }
     };
     let layout = c.tree.layout();
-    let changed = src
-        .members
-        .as_ref()
-        .and_then(|first| changed_members(first, &layout));
-    if let Some(why) = changed {
-        src.stop_trackers();
-        let _ = c.thaw();
-        return Err(format!("process {pid} cannot be migrated: {why}"));
-    }
     if lazy && !layout.shmem.is_empty() {
         src.stop_trackers();
         let _ = c.thaw();

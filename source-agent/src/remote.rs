@@ -429,7 +429,11 @@ fn gather(
     let mut seen = std::collections::HashSet::from([exe_path]);
     for t in &tasks {
         let tpid = t.pid;
-        let texe = ferry_engine::procfs::link(tpid, "exe")?;
+        // A child that exits meanwhile has nothing to check; the passes
+        // follow the tree as it changes.
+        let Ok(texe) = ferry_engine::procfs::link(tpid, "exe") else {
+            continue;
+        };
         let texe = undeleted(&texe).to_string();
         if seen.insert(texe.clone()) {
             let open = PathBuf::from(format!("/proc/{tpid}/exe"));
@@ -438,7 +442,10 @@ fn gather(
                     .with_context(|| format!("reading the executable {texe} of {tpid}"))?,
             );
         }
-        for m in ferry_engine::procfs::maps(tpid)? {
+        let Ok(maps) = ferry_engine::procfs::maps(tpid) else {
+            continue;
+        };
+        for m in maps {
             if ferry_engine::shmem::is_shmem_mapping(&m) {
                 continue;
             }

@@ -72,13 +72,20 @@ impl FrozenTree {
     fn walk(&mut self, root: i32) -> Result<()> {
         let mut queue = VecDeque::from([root]);
         while let Some(pid) = queue.pop_front() {
-            let frozen = Frozen::freeze(pid)?;
+            let frozen = match Frozen::freeze(pid) {
+                Ok(f) => f,
+                // Exited before its turn: not part of the tree any more.
+                Err(Error::NoSuchProcess { .. }) if pid != root => continue,
+                Err(e) => return Err(e),
+            };
             let id = identity(pid)?;
             self.tasks.push((id, frozen));
             for child in children(pid)? {
-                match zombie(pid, child)? {
-                    Some(z) => self.zombies.push(z),
-                    None => queue.push_back(child),
+                match zombie(pid, child) {
+                    Ok(Some(z)) => self.zombies.push(z),
+                    Ok(None) => queue.push_back(child),
+                    Err(_) if !procfs::exists(child) => {}
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -188,8 +195,13 @@ pub fn live_layout(root: i32, scope: Scope) -> Result<(TreeLayout, ShmemCollecto
     let mut shmem = ShmemCollector::new();
     let mut tasks = Vec::with_capacity(ids.len());
     for id in ids {
-        let vmas = super::memory::collect_vmas_with(id.pid, &mut shmem)?;
-        shmem_fds(id.pid, &mut shmem)?;
+        let read = super::memory::collect_vmas_with(id.pid, &mut shmem)
+            .and_then(|vmas| shmem_fds(id.pid, &mut shmem).map(|()| vmas));
+        let vmas = match read {
+            Ok(v) => v,
+            Err(_) if id.pid != root && !procfs::exists(id.pid) => continue,
+            Err(e) => return Err(e),
+        };
         tasks.push(TaskLayout { id, vmas });
     }
     let layout = TreeLayout {
@@ -207,11 +219,19 @@ pub fn live_members(root: i32) -> Result<(Vec<TaskIdentity>, Vec<Zombie>)> {
     let mut zombies = Vec::new();
     let mut queue = VecDeque::from([root]);
     while let Some(pid) = queue.pop_front() {
-        tasks.push(identity(pid)?);
-        for child in children(pid)? {
-            match zombie(pid, child)? {
-                Some(z) => zombies.push(z),
-                None => queue.push_back(child),
+        // A child may exit while the tree is read: it is not part of it.
+        let (id, kids) = match identity(pid).and_then(|id| Ok((id, children(pid)?))) {
+            Ok(x) => x,
+            Err(_) if pid != root && !procfs::exists(pid) => continue,
+            Err(e) => return Err(e),
+        };
+        tasks.push(id);
+        for child in kids {
+            match zombie(pid, child) {
+                Ok(Some(z)) => zombies.push(z),
+                Ok(None) => queue.push_back(child),
+                Err(_) if !procfs::exists(child) => {}
+                Err(e) => return Err(e),
             }
         }
     }
@@ -241,7 +261,8 @@ pub fn live_ids(tasks: &[TaskIdentity], zombies: &[Zombie]) -> Result<Vec<i32>> 
     let mut ids = Vec::new();
     for t in tasks {
         ids.push(t.pid);
-        let mut tids = procfs::tasks(t.pid)?;
+        // A child that exited meanwhile has no threads left to name.
+        let mut tids = procfs::tasks(t.pid).unwrap_or_default();
         tids.retain(|&tid| tid != t.pid);
         ids.extend(tids);
     }

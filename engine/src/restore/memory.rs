@@ -332,6 +332,17 @@ pub fn remapped(old: &[Vma], new: &[Vma]) -> Vec<Vma> {
 /// again in full); the others keep their pages. Special areas cannot
 /// change.
 pub fn relayout(inj: &mut Injector, old: &[Vma], new: &[Vma]) -> Result<()> {
+    relayout_with(inj, old, new, &ShmemHandles::default())
+}
+
+/// [`relayout`] for areas that may map the shared memory objects of
+/// `shmem`.
+pub fn relayout_with(
+    inj: &mut Injector,
+    old: &[Vma],
+    new: &[Vma],
+    shmem: &ShmemHandles,
+) -> Result<()> {
     let special = |v: &&Vma| matches!(v.kind, VmaKind::Special { .. });
     let olds: Vec<&Vma> = old.iter().filter(special).collect();
     let news: Vec<&Vma> = new.iter().filter(special).collect();
@@ -340,10 +351,18 @@ pub fn relayout(inj: &mut Injector, old: &[Vma], new: &[Vma]) -> Result<()> {
             "the vDSO areas moved between passes".into(),
         ));
     }
+    unmap_gone(inj, old, new)?;
+    map_areas(inj, &remapped(old, new), shmem)
+}
+
+/// Unmap every area of `old` (but the vDSO areas) that `new` does not have
+/// exactly.
+pub fn unmap_gone(inj: &mut Injector, old: &[Vma], new: &[Vma]) -> Result<()> {
+    let special = |v: &&Vma| matches!(v.kind, VmaKind::Special { .. });
     for v in old.iter().filter(|v| !special(v) && !new.contains(v)) {
         inj.call("munmap(area)", libc::SYS_munmap, &[v.start, v.len()])?;
     }
-    map_areas(inj, &remapped(old, new), &ShmemHandles::default())
+    Ok(())
 }
 
 /// Give every area its final protection.

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::files::{Opened, StdioPolicy};
 use crate::shmem::ShmemHandles;
 use ferry_protocol::image::read_tree_image;
-use ferry_protocol::model::{HostInfo, TreeImage, TreeLayout, Vma};
+use ferry_protocol::model::{HostInfo, TaskIdentity, TreeImage, TreeLayout, Vma, Zombie};
 use ferry_protocol::pages::{PageBatch, PageReader, PageSpace};
 use std::collections::HashMap;
 use std::path::Path;
@@ -51,9 +51,9 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreSummary> {
 /// method on that thread.
 pub struct TreeRestorer {
     layout: TreeLayout,
-    /// In `layout.tasks` order.
-    stubs: Vec<Stub>,
-    fillers: Vec<memory::PageFiller>,
+    b: Builder,
+    /// Per process.
+    fillers: HashMap<i32, memory::PageFiller>,
     shmem: ShmemHandles,
     /// A pass after the first: zero pages must drop earlier contents.
     later_pass: bool,
@@ -81,20 +81,19 @@ impl TreeRestorer {
         }
         let shmem = ShmemHandles::create_objects(&layout.shmem)?;
         let mut b = Builder::new(layout)?;
-        b.fork_all()?;
-        let mut stubs = std::mem::take(&mut b.stubs);
-        let mut fillers = Vec::with_capacity(stubs.len());
-        for (t, stub) in layout.tasks.iter().zip(stubs.iter_mut()) {
+        b.fork_all(layout)?;
+        let mut fillers = HashMap::new();
+        for (t, stub) in layout.tasks.iter().zip(b.stubs.iter_mut()) {
             let tramp = stub.tramp_range();
             let pid = stub.pid;
             let mut inj = stub.injector()?;
             memory::place_special(&mut inj, pid, &t.vmas, tramp)?;
             memory::map_areas(&mut inj, &t.vmas, &shmem)?;
-            fillers.push(memory::PageFiller::new(pid, &t.vmas));
+            fillers.insert(pid, memory::PageFiller::new(pid, &t.vmas));
         }
         Ok(TreeRestorer {
             layout: layout.clone(),
-            stubs,
+            b,
             fillers,
             shmem,
             later_pass: false,
@@ -114,37 +113,114 @@ impl TreeRestorer {
         self.layout.root_pid()
     }
 
-    fn index(&self, pid: i32) -> Result<usize> {
-        self.layout
-            .tasks
-            .iter()
-            .position(|t| t.id.pid == pid)
-            .ok_or_else(|| Error::Incompatible(format!("process {pid} is not in the tree")))
+    /// The layout changed between passes: processes and zombies that came
+    /// are made (a new process is forked from its parent's stub and mapped
+    /// afresh: all its pages come in this pass), those gone are removed,
+    /// new shared memory objects are made, and each process's areas that
+    /// differ are remapped (their pages must be sent again in full). A
+    /// process keeps its PID, parent, group and session; the root stays.
+    pub fn relayout(&mut self, layout: &TreeLayout) -> Result<()> {
+        let old = std::mem::replace(&mut self.layout, layout.clone());
+        let r = self.apply_layout(&old, layout);
+        if r.is_err() {
+            self.layout = old;
+        }
+        r
     }
 
-    /// The layout changed between passes: remap what differs in each
-    /// process (those areas' pages must be sent again in full). The members
-    /// (processes, zombies, shared memory objects) must be the same.
-    pub fn relayout(&mut self, layout: &TreeLayout) -> Result<()> {
-        if !layout.same_members(&self.layout) {
-            return Err(Error::Incompatible(
-                "the process tree changed during pre-copy (a process or zombie came or went, \
-                 or shared memory was made or resized); try the migration again"
-                    .into(),
-            ));
+    fn apply_layout(&mut self, old: &TreeLayout, new: &TreeLayout) -> Result<()> {
+        let changed = |why: String| {
+            Error::Incompatible(format!(
+                "the process tree changed during pre-copy in a way that cannot be followed: \
+                 {why}; try the migration again"
+            ))
+        };
+        if new.root_pid() != old.root_pid() {
+            return Err(changed("another root".into()));
         }
-        for (i, t) in layout.tasks.iter().enumerate() {
-            if t.vmas == self.layout.tasks[i].vmas {
+        for t in &new.tasks {
+            if let Some(o) = old.task(t.id.pid) {
+                if o.id != t.id {
+                    return Err(changed(format!(
+                        "process {} changed its parent, group or session",
+                        t.id.pid
+                    )));
+                }
+            }
+        }
+        for o in &old.shmem {
+            if let Some(n) = new.shmem.iter().find(|n| n.id == o.id) {
+                if n != o {
+                    return Err(changed(format!("shared memory object {} changed", o.id)));
+                }
+            }
+        }
+        let fresh: Vec<_> = new
+            .shmem
+            .iter()
+            .filter(|n| !old.shmem.iter().any(|o| o.id == n.id))
+            .cloned()
+            .collect();
+        self.shmem.add_objects(&fresh)?;
+        // Gone: zombies reaped, processes exited (children first).
+        for z in &old.zombies {
+            if !new.zombies.iter().any(|n| n.pid == z.pid) && self.b.index(z.ppid).is_ok() {
+                self.b.reap_zombie(z)?;
+            }
+        }
+        for t in old.tasks.iter().rev() {
+            if new.task(t.id.pid).is_none() {
+                self.b.remove(t.id.pid)?;
+                self.fillers.remove(&t.id.pid);
+            }
+        }
+        for t in &new.tasks {
+            let pid = t.id.pid;
+            let Some(o) = old.task(pid) else {
+                check_ids_free(&[pid])?;
+                check_files(&t.vmas)?;
+                let parent = old
+                    .task(t.id.ppid)
+                    .or_else(|| new.task(t.id.ppid))
+                    .map(|p| p.vmas.clone())
+                    .unwrap_or_default();
+                let i = self.b.add(t.id)?;
+                let stub = &mut self.b.stubs[i];
+                let tramp = stub.tramp_range();
+                let mut inj = stub.injector()?;
+                // A copy of the parent: drop all of it, map its own.
+                memory::unmap_gone(&mut inj, &parent, &[])?;
+                memory::place_special(&mut inj, pid, &t.vmas, tramp)?;
+                memory::map_areas(&mut inj, &t.vmas, &self.shmem)?;
+                self.fillers
+                    .insert(pid, memory::PageFiller::new(pid, &t.vmas));
+                continue;
+            };
+            if t.vmas == o.vmas {
                 continue;
             }
             check_files(&t.vmas)?;
+            let i = self.b.index(pid)?;
             {
-                let mut inj = self.stubs[i].injector()?;
-                memory::relayout(&mut inj, &self.layout.tasks[i].vmas, &t.vmas)?;
+                let mut inj = self.b.stubs[i].injector()?;
+                memory::relayout_with(&mut inj, &o.vmas, &t.vmas, &self.shmem)?;
             }
-            self.fillers[i].set_layout(&t.vmas);
+            if let Some(f) = self.fillers.get_mut(&pid) {
+                f.set_layout(&t.vmas);
+            }
         }
-        self.layout = layout.clone();
+        let born: Vec<Zombie> = new
+            .zombies
+            .iter()
+            .filter(|z| !old.zombies.iter().any(|o| o.pid == z.pid))
+            .copied()
+            .collect();
+        self.b.make_zombies(&born)?;
+        // Keep the stubs in the layout's order.
+        let order: Vec<i32> = new.tasks.iter().map(|t| t.id.pid).collect();
+        self.b
+            .stubs
+            .sort_by_key(|s| order.iter().position(|&p| p == s.pid).unwrap_or(usize::MAX));
         self.later_pass = true;
         Ok(())
     }
@@ -157,11 +233,15 @@ impl TreeRestorer {
             PageSpace::Shmem(id) => return self.shmem.fill(id, batch),
             PageSpace::Task(pid) => pid,
         };
-        let i = self.index(pid)?;
+        let filler = self
+            .fillers
+            .get_mut(&pid)
+            .ok_or_else(|| Error::Incompatible(format!("process {pid} is not in the tree")))?;
         let mut anon_zero = Vec::new();
-        self.fillers[i].write_batch(batch, &mut anon_zero)?;
+        filler.write_batch(batch, &mut anon_zero)?;
         if self.later_pass && !anon_zero.is_empty() {
-            let mut inj = self.stubs[i].injector()?;
+            let i = self.b.index(pid)?;
+            let mut inj = self.b.stubs[i].injector()?;
             for (addr, len) in anon_zero {
                 inj.call(
                     "madvise(MADV_DONTNEED)",
@@ -210,12 +290,12 @@ impl TreeRestorer {
         }
         let opened = Opened::open_all(img, &self.shmem, &self.stdio)?;
         let mut uffd = None;
-        for (i, (task, stub)) in img.tasks.iter().zip(self.stubs.iter_mut()).enumerate() {
+        for (i, (task, stub)) in img.tasks.iter().zip(self.b.stubs.iter_mut()).enumerate() {
             let u = build_task(stub, task, &opened, owed, i == 0)?;
             uffd = uffd.or(u);
         }
         self.shmem.finish()?;
-        let pages = self.fillers.iter().map(|f| f.pages).sum();
+        let pages = self.fillers.values().map(|f| f.pages).sum();
         Ok(Ready {
             summary: RestoreSummary {
                 pid: img.root_pid(),
@@ -225,7 +305,7 @@ impl TreeRestorer {
                 duration: self.t0.elapsed(),
                 stdio_log: opened.stdio_log.clone(),
             },
-            stubs: std::mem::take(&mut self.stubs),
+            stubs: std::mem::take(&mut self.b.stubs),
             shmem: std::mem::take(&mut self.shmem),
             uffd,
         })
@@ -269,19 +349,21 @@ impl Ready {
     }
 }
 
-/// The stubs of a tree, one per live process in the layout's order.
-pub struct Builder<'a> {
-    tree: &'a TreeLayout,
-    /// Stubs of the live processes, in `tree.tasks` order.
+/// The stubs of a tree, one per live process, parents before children.
+pub struct Builder {
+    /// The root's identity at checkpoint (its group and session may lie
+    /// outside the tree).
+    root: TaskIdentity,
+    /// Stubs of the live processes.
     pub stubs: Vec<Stub>,
     /// Process group each stub has now.
     pgid_now: HashMap<i32, i32>,
 }
 
-impl<'a> Builder<'a> {
+impl Builder {
     /// The root's stub, with a trampoline at an address that is free in
     /// every process of the tree.
-    pub fn new(tree: &'a TreeLayout) -> Result<Builder<'a>> {
+    pub fn new(tree: &TreeLayout) -> Result<Builder> {
         let root = tree
             .tasks
             .first()
@@ -293,17 +375,16 @@ impl<'a> Builder<'a> {
         // SAFETY: getpgid(0) reads our own process group.
         pgid_now.insert(root.pid, unsafe { libc::getpgid(0) });
         Ok(Builder {
-            tree,
+            root,
             stubs: vec![stub],
             pgid_now,
         })
     }
 
-    /// Fork every child and zombie from its parent's stub and give each
-    /// its session and process group.
-    pub fn fork_all(&mut self) -> Result<()> {
-        let tree = self.tree;
-        let root = tree.tasks[0].id;
+    /// Fork every child and zombie of `tree` from its parent's stub and give
+    /// each its session and process group.
+    pub fn fork_all(&mut self, tree: &TreeLayout) -> Result<()> {
+        let root = self.root;
         // The root: its own session when it led its group (a shell job, a
         // daemon); else it stays in the restorer's group and session.
         if root.pgid == root.pid {
@@ -319,10 +400,43 @@ impl<'a> Builder<'a> {
         for (i, t) in tree.tasks.iter().map(|t| t.id).enumerate() {
             self.join_group(i, t.pid, t.pgid)?;
         }
-        self.make_zombies()
+        self.make_zombies(&tree.zombies)
     }
 
-    fn index(&self, pid: i32) -> Result<usize> {
+    /// Fork one more process (appeared during pre-copy) from its parent's
+    /// stub, with its session and group. Its stub holds a copy of the
+    /// parent's address space: the caller maps the child's own.
+    pub fn add(&mut self, id: TaskIdentity) -> Result<usize> {
+        let child = self.fork(id.ppid, id.pid)?;
+        self.stubs.push(child);
+        let i = self.stubs.len() - 1;
+        self.own_ids(i, id.pid, id.pgid, id.sid)?;
+        self.join_group(i, id.pid, id.pgid)?;
+        Ok(i)
+    }
+
+    /// Kill the stub of a process that is gone (exited during pre-copy).
+    pub fn remove(&mut self, pid: i32) -> Result<()> {
+        let i = self.index(pid)?;
+        drop(self.stubs.remove(i));
+        self.pgid_now.remove(&pid);
+        Ok(())
+    }
+
+    /// Reap zombie `z` (its parent reaped it during pre-copy).
+    pub fn reap_zombie(&mut self, z: &Zombie) -> Result<()> {
+        let pi = self.index(z.ppid)?;
+        let mut inj = self.stubs[pi].injector()?;
+        inj.call(
+            "wait4(zombie)",
+            libc::SYS_wait4,
+            &[z.pid as u64, 0, (libc::WNOHANG | libc::__WALL) as u64, 0],
+        )?;
+        Ok(())
+    }
+
+    /// The stub of `pid`.
+    pub fn index(&self, pid: i32) -> Result<usize> {
         self.stubs
             .iter()
             .position(|s| s.pid == pid)
@@ -365,7 +479,7 @@ impl<'a> Builder<'a> {
     /// The group `pgid` names now: the root's group stands for itself even
     /// when it lay outside the tree.
     fn group_here(&self, pgid: i32) -> i32 {
-        let root = self.tree.tasks[0].id;
+        let root = self.root;
         if pgid == root.pgid {
             self.pgid_now.get(&root.pid).copied().unwrap_or(pgid)
         } else {
@@ -392,10 +506,9 @@ impl<'a> Builder<'a> {
 
     /// Fork each zombie, give it its ids, and let it die with its status;
     /// then take the SIGCHLD it sent back from its parent.
-    fn make_zombies(&mut self) -> Result<()> {
-        let tree = self.tree;
+    pub fn make_zombies(&mut self, zombies: &[Zombie]) -> Result<()> {
         let mut parents = Vec::new();
-        for z in &tree.zombies {
+        for z in zombies {
             let pi = self.index(z.ppid)?;
             {
                 // Whatever the restorer's SIGCHLD disposition, the child

@@ -465,6 +465,12 @@ impl ShmemHandles {
     /// Create the objects of a layout (see [`ShmemHandles::create`]).
     pub fn create_objects(objects: &[ShmemObject]) -> Result<ShmemHandles> {
         let mut out = ShmemHandles::default();
+        out.add_objects(objects)?;
+        Ok(out)
+    }
+
+    /// Create more objects (that appeared during pre-copy).
+    pub fn add_objects(&mut self, objects: &[ShmemObject]) -> Result<()> {
         for obj in objects {
             let h = match &obj.kind {
                 ShmemKind::Anonymous => anon::create(obj)?,
@@ -472,9 +478,9 @@ impl ShmemHandles {
                 ShmemKind::Posix { .. } => posix::create(obj)?,
                 ShmemKind::SysV { .. } => sysv::create(obj)?,
             };
-            out.handles.push(h);
+            self.handles.push(h);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Every process has mapped its objects: add the memfd seals and drop
