@@ -82,8 +82,12 @@
 //!   layout of the pass ([`TreeLayout`]): the processes of the tree with
 //!   their identities (PID, parent, group, session) and address-space
 //!   layouts (sorted, non-overlapping VMAs), its zombies and its shared
-//!   memory objects; the members are the same in every pass (a tree that
-//!   forks or loses a process during pre-copy aborts the migration). Every
+//!   memory objects. The members may change from one pass to the next (a
+//!   process forks or exits while the tree runs): the destination forks a
+//!   new process from its parent and maps it afresh (the pass then sends all
+//!   of its pages), removes one that is gone, makes new zombies and shared
+//!   memory objects and reaps zombies that are gone; a process keeps its
+//!   parent, group and session, and the root stays. Every
 //!   page frame names its page space: a process of the layout, or a shared
 //!   memory object (pages keyed by offset into it); every page run must lie
 //!   inside one non-special, non-shared VMA of that process's layout, or
@@ -822,7 +826,7 @@ pub enum ControlMsg {
         pass: u32,
         /// The tree's layout in this pass: its processes (each with its
         /// sorted, non-overlapping areas), zombies and shared memory
-        /// objects. The members are the same in every pass.
+        /// objects.
         layout: Box<TreeLayout>,
     },
     /// Source → destination: pass `pass` sent these totals on the page
