@@ -23,6 +23,7 @@ pub mod files;
 pub mod freeze;
 pub mod host;
 pub mod lazy;
+pub mod net;
 pub mod procfs;
 pub mod regs;
 pub mod restore;

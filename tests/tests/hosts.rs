@@ -493,7 +493,10 @@ fn addr_lines(netns: &str, dev: &str) -> Vec<String> {
         .args(["-n", netns, "-o", "addr", "show", "dev", dev])
         .output()
         .expect("run ip addr show");
-    assert!(out.status.success(), "ip -n {netns} addr show dev {dev} failed");
+    assert!(
+        out.status.success(),
+        "ip -n {netns} addr show dev {dev} failed"
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {
@@ -531,11 +534,13 @@ fn client_c_reaches_a_and_b_and_the_service_address_answers_on_a() {
     // own stays primary); the switch has the bridge and no address.
     let on_a = addr_lines(&hosts.netns_a(), "veth-a");
     assert!(
-        on_a.iter().any(|l| l.starts_with("198.18.0.1/24 ") && !l.contains("secondary")),
+        on_a.iter()
+            .any(|l| l.starts_with("198.18.0.1/24 ") && !l.contains("secondary")),
         "A's own address is not primary on veth-a: {on_a:?}"
     );
     assert!(
-        on_a.iter().any(|l| l.starts_with("198.18.0.100/24 ") && l.contains("secondary")),
+        on_a.iter()
+            .any(|l| l.starts_with("198.18.0.100/24 ") && l.contains("secondary")),
         "the service address is not a secondary address on veth-a: {on_a:?}"
     );
     assert!(
@@ -545,13 +550,16 @@ fn client_c_reaches_a_and_b_and_the_service_address_answers_on_a() {
     for (ns, dev) in [(hosts.netns_b(), "veth-b"), (hosts.netns_c(), "veth-c")] {
         let addrs = addr_lines(&ns, dev);
         assert!(
-            !addrs.iter().any(|l| l.starts_with("198.18.0.100/") || l.starts_with("2001:2:0:1::100/")),
+            !addrs
+                .iter()
+                .any(|l| l.starts_with("198.18.0.100/") || l.starts_with("2001:2:0:1::100/")),
             "the service address is on {ns}: {addrs:?}"
         );
     }
     let sw = addr_lines(&hosts.netns_sw(), "br0");
     assert!(
-        !sw.iter().any(|l| l.starts_with("198.18.") || l.starts_with("2001:2:")),
+        !sw.iter()
+            .any(|l| l.starts_with("198.18.") || l.starts_with("2001:2:")),
         "the switch has an address of the segment: {sw:?}"
     );
 
@@ -565,7 +573,11 @@ fn client_c_reaches_a_and_b_and_the_service_address_answers_on_a() {
     ] {
         let (port, server) = serve_once(&netns, addr);
         let answer = hosts.exec("exec-c", &["bash", "-c", &tcp_client(addr, port, "from-c")]);
-        assert_eq!(answer.trim(), format!("pong from-c from {from}"), "{addr} on {netns}");
+        assert_eq!(
+            answer.trim(),
+            format!("pong from-c from {from}"),
+            "{addr} on {netns}"
+        );
         let peer = server
             .join()
             .unwrap()
