@@ -201,6 +201,12 @@ fn the_service_address_moves_from_a_to_b_and_c_reaches_it_there() {
 
         let removed = in_ns(&net.a, move || addr::remove(&h_a).expect("remove on A"));
         assert!(!has(&net.a, "veth-a", service), "{service} still on A");
+        // The switchover order on B: block, add, (sockets), announce,
+        // unblock. While blocked, B does not answer C (a reset would kill
+        // a migrated connection whose socket is not there yet).
+        let guard = in_ns(&net.b, move || {
+            block::install("sw", &[service], &[]).expect("block on B")
+        });
         let added = in_ns(&net.b, move || {
             addr::add(service, plen, None).expect("add on B")
         });
@@ -218,6 +224,14 @@ fn the_service_address_moves_from_a_to_b_and_c_reaches_it_there() {
             ),
             || neigh_of_c(&net, service).as_deref() == Some(mac_b.as_str()),
         );
+        let probe = SocketAddr::new(service, 9);
+        let e = connect_from_c(&net, probe, Duration::from_millis(800))
+            .expect_err("B answered port 9 while blocked");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "B answered: {e}");
+        assert!(guard.dropped().expect("counters") >= 1, "{service}");
+        guard.remove().expect("unblock B");
+        let e = connect_from_c(&net, probe, Duration::from_secs(5)).expect_err("port 9 on B");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
         served_by(&net, &net.b, service);
         removed.commit();
         added.commit();
@@ -238,6 +252,7 @@ fn the_service_address_moves_from_a_to_b_and_c_reaches_it_there() {
         served_by(&net, &net.b, service);
     }
     assert_eq!(tables(&net.a), Vec::<String>::new());
+    assert_eq!(tables(&net.b), Vec::<String>::new());
     down_and_check(h);
 }
 
