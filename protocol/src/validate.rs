@@ -17,6 +17,7 @@ use crate::model::{
     FileKind, HostInfo, PendingSignal, ProcessImage, ShmemKind, TaskIdentity, TreeImage,
     TreeLayout, Vma, VmaKind, Zombie, PAGE_SIZE,
 };
+use crate::model::{InotifyWatch, LockOwner};
 
 /// One past the highest user-space address on x86-64 with 4-level paging.
 pub const TASK_SIZE: u64 = 0x0000_8000_0000_0000;
@@ -206,6 +207,101 @@ pub enum ValidationError {
     /// An unknown resource limit or a duplicate one.
     #[error("rlimit #{index}: resource {resource} is unknown or repeated")]
     BadRlimit { index: usize, resource: u32 },
+    /// A file lock that cannot be taken again as described.
+    #[error("lock #{index} on open file {file}: {why}")]
+    BadLock {
+        index: usize,
+        file: u32,
+        why: String,
+    },
+    /// An inotify instance whose watches cannot be recreated.
+    #[error("open file {file} (inotify): {why}")]
+    BadInotify { file: u32, why: String },
+}
+
+/// At most this many file locks in one image.
+pub const MAX_LOCKS: usize = 1 << 16;
+/// At most this many watches in one inotify instance.
+pub const MAX_INOTIFY_WATCHES: usize = 1 << 16;
+
+/// Every lock names an open file of the image that can be locked, a POSIX
+/// lock a process that holds an fd of it, and a range the kernel accepts.
+fn check_locks(tree: &TreeImage) -> Result<(), ValidationError> {
+    bound("file locks", tree.locks.len(), MAX_LOCKS)?;
+    for (index, l) in tree.locks.iter().enumerate() {
+        let bad = |why: String| ValidationError::BadLock {
+            index,
+            file: l.file,
+            why,
+        };
+        let Some(f) = tree.file(l.file) else {
+            return Err(ValidationError::UndefinedObject {
+                user: format!("lock #{index}"),
+                what: "open file",
+                id: l.file,
+            });
+        };
+        match f.kind {
+            FileKind::Regular { .. }
+            | FileKind::Directory { .. }
+            | FileKind::Deleted { .. }
+            | FileKind::Shmem { .. } => {}
+            _ => {
+                return Err(bad(
+                    "locks are restored on files and directories only".into()
+                ))
+            }
+        }
+        let end = l.start.checked_add(l.len);
+        if end.is_none_or(|e| e > i64::MAX as u64) {
+            return Err(bad(format!(
+                "range {}+{} is beyond the largest file offset",
+                l.start, l.len
+            )));
+        }
+        match l.owner {
+            LockOwner::Flock if l.start != 0 || l.len != 0 => {
+                return Err(bad("a flock lock covers the whole file".into()));
+            }
+            LockOwner::Posix { pid } => {
+                let holds = tree
+                    .task(pid)
+                    .is_some_and(|t| t.fds.iter().any(|e| e.file == l.file));
+                if !holds {
+                    return Err(bad(format!(
+                        "its owner, process {pid}, is not a process of the tree with an fd of it"
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Watches with distinct positive descriptors and paths the kernel takes.
+fn check_inotify(file: u32, watches: &[InotifyWatch]) -> Result<(), ValidationError> {
+    let bad = |why: String| ValidationError::BadInotify { file, why };
+    if watches.len() > MAX_INOTIFY_WATCHES {
+        return Err(bad(format!(
+            "{} watches (at most {MAX_INOTIFY_WATCHES})",
+            watches.len()
+        )));
+    }
+    let mut wds = HashSet::new();
+    for w in watches {
+        if w.wd < 1 || w.wd > MAX_INOTIFY_WATCHES as i32 * 4 {
+            return Err(bad(format!("watch descriptor {} is out of range", w.wd)));
+        }
+        if !wds.insert(w.wd) {
+            return Err(bad(format!("watch descriptor {} appears twice", w.wd)));
+        }
+        if w.mask == 0 {
+            return Err(bad(format!("watch {} has an empty mask", w.wd)));
+        }
+        check_str(|| format!("open file {file} watch {} path", w.wd), &w.path)?;
+    }
+    Ok(())
 }
 
 fn check_str(field: impl FnOnce() -> String, s: &str) -> Result<(), ValidationError> {
@@ -518,8 +614,16 @@ impl TreeImage {
                         return undefined(format!("open file {}", f.id), "deleted file", *id);
                     }
                 }
+                FileKind::Fifo { path, pipe, .. } => {
+                    check_str(|| format!("open file {} path", f.id), path)?;
+                    if self.pipe(*pipe).is_none() {
+                        return undefined(format!("open file {}", f.id), "pipe", *pipe);
+                    }
+                }
+                FileKind::Inotify { watches, .. } => check_inotify(f.id, watches)?,
             }
         }
+        check_locks(self)?;
         for t in &self.tasks {
             for e in &t.fds {
                 let Some(f) = self.file(e.file) else {
@@ -839,6 +943,7 @@ pub(crate) mod tests {
             }],
             shmem: vec![],
             deleted: vec![],
+            locks: vec![],
         }
     }
 

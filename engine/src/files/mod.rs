@@ -21,6 +21,11 @@
 //! side before the transfer.
 
 pub mod deleted;
+pub mod fifo;
+#[cfg(test)]
+mod fs_tests;
+pub mod inotify;
+pub mod locks;
 pub mod pipe;
 pub mod regular;
 pub mod stdio;
@@ -36,6 +41,7 @@ use ferry_parasite::remote::Injector;
 use ferry_protocol::model::{
     DeletedFile, FdEntry, FileId, FileKind, OpenFile, PipeId, PipeObject, TreeImage,
 };
+use ferry_protocol::model::{FileLock, LockOwner};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::io;
@@ -77,6 +83,10 @@ pub struct FileCollector {
     users: HashMap<FileId, Vec<(i32, i32)>>,
     /// Files deleted while open.
     deleted: deleted::DeletedCollector,
+    /// Named pipes.
+    fifos: fifo::FifoCollector,
+    /// File locks.
+    locks: locks::LockCollector,
 }
 
 impl FileCollector {
@@ -112,6 +122,7 @@ impl FileCollector {
             let md =
                 std::fs::metadata(&magic).map_err(|e| Error::io(format!("stat {magic}"), e))?;
             if let Some(file) = self.shared_with(pid, fd, &md)? {
+                self.locks.fd(pid, fd, file, md.dev(), md.ino())?;
                 self.users.entry(file).or_default().push((pid, fd));
                 out.push(FdEntry { fd, cloexec, file });
                 continue;
@@ -132,6 +143,7 @@ impl FileCollector {
                 ino: md.ino(),
                 file,
             });
+            self.locks.fd(pid, fd, file, md.dev(), md.ino())?;
             self.users.entry(file).or_default().push((pid, fd));
             out.push(FdEntry { fd, cloexec, file });
         }
@@ -175,7 +187,7 @@ impl FileCollector {
                 .strip_suffix(']')
                 .and_then(|s| s.parse::<u64>().ok())
                 .ok_or_else(|| Error::parse(format!("link of fd {fd} of process {pid}"), link))?;
-            let next = self.pipes.len() as PipeId + 1;
+            let next = (self.pipes.len() + self.fifos.count()) as PipeId + 1;
             let p = self.pipes.entry(ino).or_insert(PipeState {
                 id: next,
                 reader: None,
@@ -197,6 +209,9 @@ impl FileCollector {
             }
             return Err(unsupported(format!("a socket ({link})")));
         }
+        if link == "anon_inode:inotify" {
+            return inotify::classify(pid, fd);
+        }
         if let Some(rest) = link.strip_prefix("anon_inode:") {
             let what = match rest {
                 "[eventfd]" => "an eventfd".to_string(),
@@ -208,6 +223,11 @@ impl FileCollector {
                 "[userfaultfd]" => "a userfaultfd".to_string(),
                 "[pidfd]" => "a pidfd".to_string(),
                 "[io_uring]" => "an io_uring instance".to_string(),
+                "[perf_event]" => "a perf event fd (perf_event_open)".to_string(),
+                "bpf-map" => "a BPF map".to_string(),
+                "bpf-prog" => "a BPF program".to_string(),
+                "bpf_link" => "a BPF link".to_string(),
+                "bpf_iter" => "a BPF iterator".to_string(),
                 other => format!("an anonymous-inode fd ({other})"),
             };
             return Err(unsupported(what));
@@ -223,6 +243,10 @@ impl FileCollector {
         use std::os::unix::fs::FileTypeExt;
         if stdio && md.file_type().is_char_device() && regular::is_terminal(md.rdev()) {
             return Ok(FileKind::Outside { what: link.into() });
+        }
+        if md.file_type().is_fifo() {
+            let next = (self.pipes.len() + self.fifos.count()) as PipeId + 1;
+            return self.fifos.classify(pid, fd, flags, link, md, next);
         }
         if md.is_file() && md.nlink() == 0 {
             let id = self.deleted.add(pid, fd, link, md)?;
@@ -264,7 +288,14 @@ impl FileCollector {
                 None => self.pipe_outside(id, ino)?,
             }
         }
+        pipes.extend(std::mem::take(&mut self.fifos).finish()?);
         Ok((self.files, pipes, self.deleted.finish()))
+    }
+
+    /// The file locks held by the tasks collected so far (call before
+    /// [`FileCollector::finish`]).
+    pub fn locks(&mut self) -> Vec<FileLock> {
+        self.locks.take()
     }
 
     /// Every description of pipe `id` becomes `Outside`, or the first fd
@@ -296,6 +327,8 @@ pub struct Opened {
     fds: HashMap<FileId, OwnedFd>,
     /// Where stdio that reached outside went, if any did.
     pub stdio_log: Option<std::path::PathBuf>,
+    /// POSIX locks, taken by their owners in [`install`].
+    locks: Vec<FileLock>,
 }
 
 impl Opened {
@@ -323,12 +356,16 @@ impl Opened {
                 FileKind::Shmem { id } => format!("{who} (shared memory object {id})"),
                 FileKind::Deleted { id } => format!("{who} (deleted file {id})"),
                 FileKind::Outside { what } => format!("{who} ({what}, outside the tree)"),
+                FileKind::Fifo { path, .. } => format!("{who} (named pipe {path})"),
+                FileKind::Inotify { .. } => format!("{who} (inotify instance)"),
             }
         };
         let mut opened = Opened {
             fds: HashMap::new(),
             stdio_log: None,
+            locks: Vec::new(),
         };
+        let mut by_fifo: BTreeMap<PipeId, Vec<&OpenFile>> = BTreeMap::new();
         let mut by_pipe: BTreeMap<PipeId, Vec<&OpenFile>> = BTreeMap::new();
         let mut inodes: HashMap<u32, OwnedFd> = HashMap::new();
         for d in &tree.deleted {
@@ -351,6 +388,11 @@ impl Opened {
                     })?;
                     deleted::reopen(inode, f, &d)?
                 }
+                FileKind::Fifo { pipe, .. } => {
+                    by_fifo.entry(*pipe).or_default().push(f);
+                    continue;
+                }
+                FileKind::Inotify { .. } => inotify::open(f, &d)?,
                 FileKind::Outside { .. } => {
                     if !stdio::reads_only(f) {
                         opened.stdio_log = Some(stdio.log.clone());
@@ -368,6 +410,30 @@ impl Opened {
             for (file, fd) in pipe::open(p, &users, &describe)? {
                 opened.fds.insert(file, fd);
             }
+        }
+        for (id, users) in by_fifo {
+            let p = tree.pipe(id).ok_or_else(|| {
+                Error::parse("image", format!("named pipe {id} is used but not defined"))
+            })?;
+            for (file, fd) in fifo::open(p, &users, &describe)? {
+                opened.fds.insert(file, fd);
+            }
+        }
+        for l in &tree.locks {
+            let f = tree.file(l.file).ok_or_else(|| {
+                Error::parse(
+                    "image",
+                    format!("a lock is on open file {}, which is not defined", l.file),
+                )
+            })?;
+            if let LockOwner::Posix { .. } = l.owner {
+                opened.locks.push(*l);
+                continue;
+            }
+            let fd = opened.fds.get(&l.file).ok_or_else(|| {
+                Error::parse("image", format!("open file {} was not opened", l.file))
+            })?;
+            locks::take_on_description(fd.as_fd(), l, &describe(f))?;
         }
         Ok(opened)
     }
@@ -435,7 +501,8 @@ pub fn install(inj: &mut Injector<'_>, fds: &[FdEntry], opened: &Opened) -> Resu
     let closed = inj.call("close(pidfd)", libc::SYS_close, &[pidfd]);
     result?;
     closed.map_err(|e| remote("closing the agent's pidfd in the target", e))?;
-    Ok(())
+    let pid = inj.tid();
+    locks::take_posix(inj, pid, fds, opened)
 }
 
 /// Pull the agent's `local` fd into the target at `e.fd`.

@@ -1,0 +1,519 @@
+//! Tests of the filesystem-side kinds: named pipes, file locks, O_PATH fds
+//! and directories, renamed files, inotify, and the refusals of the kinds
+//! that cannot move. Real processes: a forked child sets its fds up with
+//! raw system calls and pauses; restore goes into stubs.
+
+use super::testkit::{ScriptChild, TempDir};
+use super::*;
+use crate::shmem::ShmemHandles;
+use crate::testutil::{with_stub, StubGuard};
+use ferry_parasite::Tracee;
+use ferry_protocol::model::{MmFields, ProcessImage, ProcessMisc};
+use std::ffi::CString;
+use std::io::Read;
+
+// ---------------------------------------------------------------- helpers
+
+/// Fork a child that closes every fd, runs `setup` (raw libc calls on data
+/// prepared before, returning false on failure) and pauses.
+fn child(setup: impl FnOnce() -> bool) -> ScriptChild {
+    // SAFETY: the child only makes async-signal-safe libc calls (the
+    // closure's and ours) on data prepared before the fork, then pauses
+    // forever or `_exit`s.
+    let pid = unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+            if !setup() {
+                libc::_exit(99);
+            }
+            loop {
+                libc::syscall(libc::SYS_pause);
+            }
+        }
+        pid
+    };
+    assert!(pid > 0, "fork failed");
+    let c = ScriptChild { pid };
+    for _ in 0..5000 {
+        let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        if sc.starts_with(&format!("{} ", libc::SYS_pause)) {
+            return c;
+        }
+        let mut st = 0;
+        // SAFETY: non-blocking wait of our own child into a valid local.
+        if unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) } == pid {
+            panic!("child set-up failed (status {st:#x})");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    panic!("child {pid} did not reach pause()");
+}
+
+/// In a child: `open(path, flags)` moved to fd `at`.
+///
+/// # Safety
+/// Async-signal-safe only; `path` must be valid.
+unsafe fn open_at(path: &CString, flags: i32, at: i32) -> bool {
+    let fd = libc::open(path.as_ptr(), flags, 0o644);
+    if fd < 0 {
+        return false;
+    }
+    if fd != at {
+        if libc::dup2(fd, at) < 0 {
+            return false;
+        }
+        libc::close(fd);
+    }
+    true
+}
+
+/// A `struct flock`.
+fn flock_of(ty: i32, start: i64, len: i64) -> libc::flock {
+    libc::flock {
+        l_type: ty as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    }
+}
+
+/// Collect the files of the frozen `pids`.
+fn try_collect(pids: &[i32]) -> Result<TreeImage> {
+    let mut held = Vec::new();
+    for &pid in pids {
+        let mut t = Tracee::seize(pid).expect("seize");
+        t.interrupt().expect("interrupt");
+        held.push(t);
+    }
+    let r = (|| {
+        let mut files = FileCollector::new();
+        let mut shmem = ShmemCollector::new();
+        let mut tasks = Vec::new();
+        for &pid in pids {
+            tasks.push(process(pid, files.task(pid, &mut shmem)?));
+        }
+        let locks = files.locks();
+        let (files, pipes, deleted) = files.finish()?;
+        Ok(TreeImage {
+            host: crate::host::host_info(),
+            tasks,
+            zombies: vec![],
+            files,
+            pipes,
+            shmem: vec![],
+            deleted,
+            locks,
+        })
+    })();
+    for t in held {
+        t.detach().expect("detach");
+    }
+    r
+}
+
+fn collect(pids: &[i32]) -> TreeImage {
+    try_collect(pids).expect("collect")
+}
+
+fn process(pid: i32, fds: Vec<FdEntry>) -> ProcessImage {
+    ProcessImage {
+        pid,
+        ppid: 1,
+        pgid: pid,
+        sid: pid,
+        vmas: vec![],
+        mm: MmFields::default(),
+        threads: vec![],
+        fds,
+        misc: ProcessMisc::default(),
+    }
+}
+
+fn policy(dir: &TempDir) -> StdioPolicy {
+    StdioPolicy {
+        log: dir.path.join("stdio.log"),
+    }
+}
+
+/// Open the files of `tree` and install those of its first task in a stub.
+fn try_restore(tree: &TreeImage, dir: &TempDir) -> Result<StubGuard> {
+    let mut opened = Opened::open_all(tree, &ShmemHandles::default(), &policy(dir))?;
+    let (guard, r) = with_stub(true, |pid, inj| {
+        // The stub stands for the first task (a real restore gives it
+        // that task's PID).
+        for l in &mut opened.locks {
+            if l.owner
+                == (LockOwner::Posix {
+                    pid: tree.tasks[0].pid,
+                })
+            {
+                l.owner = LockOwner::Posix { pid };
+            }
+        }
+        install(inj, &tree.tasks[0].fds, &opened)
+    });
+    r?;
+    Ok(guard)
+}
+
+fn restore(tree: &TreeImage, dir: &TempDir) -> StubGuard {
+    try_restore(tree, dir).expect("restore")
+}
+
+/// A copy of fd `fd` of `pid` (the same open file description).
+fn copy_fd(pid: i32, fd: i32) -> std::fs::File {
+    let pidfd = sys::pidfd_open(pid).expect("pidfd_open");
+    std::fs::File::from(sys::pidfd_getfd(pidfd.as_fd(), fd).expect("pidfd_getfd"))
+}
+
+/// The `flags:` of fdinfo (with O_CLOEXEC).
+fn fdflags(pid: i32, fd: i32) -> u32 {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("fdinfo");
+    parse_fdinfo(&t).expect("fdinfo").0
+}
+
+/// `F_GETLK` (or `F_OFD_GETLK` with `ofd`) from a fresh description of
+/// `path`: the lock that blocks a write lock on `start`+`len`.
+fn conflicting(path: &str, ofd: bool, start: i64, len: i64) -> libc::flock {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut fl = flock_of(libc::F_WRLCK, start, len);
+    let cmd = if ofd {
+        locks::F_OFD_GETLK
+    } else {
+        libc::F_GETLK
+    };
+    // SAFETY: F_GETLK reads and writes one `struct flock`, a valid local.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut fl) };
+    assert_eq!(r, 0, "F_GETLK: {}", io::Error::last_os_error());
+    fl
+}
+
+/// Does a fresh description get `flock(LOCK_EX | LOCK_NB)` on `path`?
+fn flock_free(path: &str) -> bool {
+    let f = std::fs::File::open(path).expect("open");
+    // SAFETY: integer arguments only.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+// ------------------------------------------------------------------ FIFOs
+
+/// A child with FIFO `path` open read-write at fd 3 (holding `data`) and
+/// write-only, non-blocking at fd 4.
+fn fifo_child(path: &str, data: &'static [u8]) -> ScriptChild {
+    let c = cs(path);
+    child(move || {
+        // SAFETY: raw calls on prepared data.
+        unsafe {
+            open_at(&c, libc::O_RDWR, 3)
+                && open_at(&c, libc::O_WRONLY | libc::O_NONBLOCK, 4)
+                && libc::write(3, data.as_ptr().cast(), data.len()) == data.len() as isize
+        }
+    })
+}
+
+fn cs(s: &str) -> CString {
+    CString::new(s).expect("no NUL")
+}
+
+fn mkfifo(path: &str) {
+    // SAFETY: a valid NUL-terminated path.
+    let r = unsafe { libc::mkfifo(cs(path).as_ptr(), 0o600) };
+    assert_eq!(r, 0, "mkfifo: {}", io::Error::last_os_error());
+}
+
+/// Bytes waiting in the FIFO at fd `fd` of `pid`, consumed.
+fn drain(pid: i32, fd: i32) -> Vec<u8> {
+    let mut f = copy_fd(pid, fd);
+    let n = sys::fionread(f.as_fd()).expect("FIONREAD");
+    let mut buf = vec![0u8; n];
+    f.read_exact(&mut buf).expect("read");
+    buf
+}
+
+#[test]
+fn fifo_with_unread_data_round_trips() {
+    const DATA: &[u8] = b"unread bytes in a named pipe";
+    let dir = TempDir::new("fifo");
+    let path = dir.file("ff");
+    mkfifo(&path);
+    let c = fifo_child(&path, DATA);
+    let tree = collect(&[c.pid]);
+    let md = std::fs::metadata(&path).expect("stat");
+    let kinds: Vec<&FileKind> = tree.files.iter().map(|f| &f.kind).collect();
+    let want = FileKind::Fifo {
+        path: path.clone(),
+        dev: md.dev(),
+        ino: md.ino(),
+        pipe: 1,
+    };
+    assert_eq!(kinds, vec![&want, &want], "one FIFO, two descriptions");
+    assert_eq!(tree.pipes.len(), 1);
+    assert_eq!(tree.pipes[0].data, DATA);
+    // The capture left the data in place.
+    let f = copy_fd(c.pid, 3);
+    assert_eq!(sys::fionread(f.as_fd()).expect("FIONREAD"), DATA.len());
+    drop(f);
+    // The holder dies, and the FIFO's buffer with it.
+    drop(c);
+    let s = restore(&tree, &dir);
+    assert_eq!(fdflags(s.0, 3) & 0o3, libc::O_RDWR as u32);
+    let fl4 = fdflags(s.0, 4);
+    assert_eq!(fl4 & 0o3, libc::O_WRONLY as u32);
+    assert_ne!(fl4 & libc::O_NONBLOCK as u32, 0, "fd 4 stays non-blocking");
+    assert_eq!(fdflags(s.0, 3) & libc::O_NONBLOCK as u32, 0, "fd 3 blocks");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/fd/4", s.0)).expect("link"),
+        std::path::Path::new(&path)
+    );
+    assert_eq!(drain(s.0, 3), DATA);
+}
+
+#[test]
+fn fifo_still_holding_its_data_is_not_filled_twice() {
+    const DATA: &[u8] = b"still there";
+    let dir = TempDir::new("fifo-kept");
+    let path = dir.file("ff");
+    mkfifo(&path);
+    let c = fifo_child(&path, DATA);
+    let tree = collect(&[c.pid]);
+    // The source is still alive (a migration on one kernel).
+    let s = restore(&tree, &dir);
+    drop(c);
+    assert_eq!(drain(s.0, 3), DATA);
+}
+
+#[test]
+fn fifo_with_other_data_is_refused() {
+    let dir = TempDir::new("fifo-other");
+    let path = dir.file("ff");
+    mkfifo(&path);
+    let c = fifo_child(&path, b"saved");
+    let tree = collect(&[c.pid]);
+    let mut w = copy_fd(c.pid, 4);
+    std::io::Write::write_all(&mut w, b"more").expect("write");
+    match try_restore(&tree, &dir) {
+        Err(Error::Incompatible(m)) => {
+            assert!(m.contains(&path) && m.contains("not the 5 bytes"), "{m}")
+        }
+        other => panic!("expected Incompatible, got {:?}", other.map(|g| g.0)),
+    }
+}
+
+#[test]
+fn fifo_written_only_is_captured_through_the_path() {
+    const DATA: &[u8] = b"for a reader that is gone";
+    let dir = TempDir::new("fifo-w");
+    let path = dir.file("ff");
+    mkfifo(&path);
+    // A reader of ours so that the child's open for writing succeeds.
+    let reader = sys::open(&cs(&path), libc::O_RDONLY | libc::O_NONBLOCK).expect("open");
+    let c = {
+        let p = cs(&path);
+        child(move || {
+            // SAFETY: raw calls on prepared data.
+            unsafe {
+                open_at(&p, libc::O_WRONLY, 5)
+                    && libc::write(5, DATA.as_ptr().cast(), DATA.len()) == DATA.len() as isize
+            }
+        })
+    };
+    drop(reader);
+    let tree = collect(&[c.pid]);
+    assert_eq!(tree.pipes[0].data, DATA);
+    drop(c);
+    let s = restore(&tree, &dir);
+    assert_eq!(fdflags(s.0, 5) & 0o3, libc::O_WRONLY as u32);
+    // The restored writer kept the data for the next reader.
+    let mut r = std::fs::File::from(
+        sys::open(&cs(&path), libc::O_RDONLY | libc::O_NONBLOCK).expect("open"),
+    );
+    let mut buf = vec![0u8; 100];
+    let n = r.read(&mut buf).expect("read");
+    assert_eq!(&buf[..n], DATA);
+}
+
+#[test]
+fn replaced_fifo_is_incompatible() {
+    let dir = TempDir::new("fifo-replaced");
+    let path = dir.file("ff");
+    mkfifo(&path);
+    let c = fifo_child(&path, b"x");
+    let tree = collect(&[c.pid]);
+    drop(c);
+    // Another FIFO (made while the first exists: another inode) takes its name.
+    let other = dir.file("other");
+    mkfifo(&other);
+    std::fs::rename(&other, &path).expect("rename");
+    match try_restore(&tree, &dir) {
+        Err(Error::Incompatible(m)) => assert!(m.contains("replaced"), "{m}"),
+        other => panic!("expected Incompatible, got {:?}", other.map(|g| g.0)),
+    }
+}
+
+// ------------------------------------------------------------------ locks
+
+/// A child holding: flock(LOCK_EX) through fd 3, a POSIX write lock on
+/// bytes 10..20 through fd 4, an OFD read lock on 100.. through fd 5, all
+/// on `path`.
+fn lock_child(path: &str) -> ScriptChild {
+    let p = cs(path);
+    let posix = flock_of(libc::F_WRLCK, 10, 10);
+    let ofd = flock_of(libc::F_RDLCK, 100, 0);
+    child(move || {
+        // SAFETY: raw calls on prepared data.
+        unsafe {
+            open_at(&p, libc::O_RDWR, 3)
+                && open_at(&p, libc::O_RDWR, 4)
+                && open_at(&p, libc::O_RDWR, 5)
+                && libc::flock(3, libc::LOCK_EX | libc::LOCK_NB) == 0
+                && libc::fcntl(4, libc::F_SETLK, &posix) == 0
+                && libc::fcntl(5, locks::F_OFD_SETLK, &ofd) == 0
+        }
+    })
+}
+
+#[test]
+fn flock_posix_and_ofd_locks_are_held_again_after_restore() {
+    let dir = TempDir::new("locks");
+    let path = dir.file("locked");
+    std::fs::write(&path, vec![0u8; 200]).expect("write");
+    let c = lock_child(&path);
+    let tree = collect(&[c.pid]);
+    let fid = |fd: i32| {
+        tree.tasks[0]
+            .fds
+            .iter()
+            .find(|e| e.fd == fd)
+            .expect("fd")
+            .file
+    };
+    let mut got = tree.locks.clone();
+    got.sort_by_key(|l| l.file);
+    let want = vec![
+        FileLock {
+            file: fid(3),
+            owner: LockOwner::Flock,
+            write: true,
+            start: 0,
+            len: 0,
+        },
+        FileLock {
+            file: fid(4),
+            owner: LockOwner::Posix { pid: c.pid },
+            write: true,
+            start: 10,
+            len: 10,
+        },
+        FileLock {
+            file: fid(5),
+            owner: LockOwner::Ofd,
+            write: false,
+            start: 100,
+            len: 0,
+        },
+    ];
+    assert_eq!(got, want);
+    // While the child lives, they are taken.
+    assert!(!flock_free(&path));
+    drop(c);
+    assert!(flock_free(&path), "the child's death freed the flock");
+    let s = restore(&tree, &dir);
+    assert!(!flock_free(&path), "flock held again");
+    let fl = conflicting(&path, false, 12, 1);
+    assert_eq!(fl.l_type, libc::F_WRLCK as libc::c_short, "POSIX lock held");
+    assert_eq!((fl.l_start, fl.l_len), (10, 10));
+    assert_eq!(fl.l_pid, s.0, "held by the restored process");
+    let fl = conflicting(&path, true, 150, 1);
+    assert_eq!(fl.l_type, libc::F_RDLCK as libc::c_short, "OFD lock held");
+    assert_eq!((fl.l_start, fl.l_len), (100, 0));
+    assert_eq!(fl.l_pid, -1, "an OFD lock");
+    // Nothing else is locked.
+    let fl = conflicting(&path, false, 30, 10);
+    assert_eq!(fl.l_type, libc::F_UNLCK as libc::c_short);
+    // And a checkpoint of the restored process finds the same locks.
+    let again = collect(&[s.0]);
+    let mut locks = again.locks.clone();
+    locks.sort_by_key(|l| l.file);
+    let owners: Vec<LockOwner> = locks.iter().map(|l| l.owner).collect();
+    assert_eq!(
+        owners,
+        vec![
+            LockOwner::Flock,
+            LockOwner::Posix { pid: s.0 },
+            LockOwner::Ofd
+        ]
+    );
+}
+
+#[test]
+fn a_lock_held_by_someone_else_fails_the_restore() {
+    let dir = TempDir::new("locks-held");
+    let path = dir.file("locked");
+    std::fs::write(&path, vec![0u8; 200]).expect("write");
+    let c = lock_child(&path);
+    let tree = collect(&[c.pid]);
+    // The original holder still holds them.
+    match try_restore(&tree, &dir) {
+        Err(Error::Incompatible(m)) => {
+            assert!(m.contains("held by another process"), "{m}");
+            assert!(m.contains(&path), "{m}");
+        }
+        other => panic!("expected Incompatible, got {:?}", other.map(|g| g.0)),
+    }
+    drop(c);
+}
+
+// --------------------------------------------------------------- refusals
+
+/// Collecting a child that made one fd with `make` fails naming `needle`.
+fn refused(make: fn() -> bool, needle: &str) {
+    let c = child(make);
+    match try_collect(&[c.pid]) {
+        Err(e @ Error::UnsupportedFd { .. }) => {
+            let m = e.to_string();
+            assert!(m.contains(needle), "{m}");
+        }
+        other => panic!("expected UnsupportedFd, got {other:?}"),
+    }
+}
+
+#[test]
+fn io_uring_userfaultfd_perf_and_fanotify_are_refused_by_name() {
+    refused(
+        || {
+            let mut params = [0u8; 120];
+            // SAFETY: io_uring_setup reads and writes one 120-byte params struct.
+            unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr()) >= 0 }
+        },
+        "io_uring",
+    );
+    refused(
+        // SAFETY: integer arguments only.
+        || unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) >= 0 },
+        "userfaultfd",
+    );
+    refused(
+        // SAFETY: integer arguments only.
+        || unsafe { libc::syscall(libc::SYS_fanotify_init, 0u32, libc::O_RDONLY as u32) >= 0 },
+        "fanotify",
+    );
+    refused(
+        || {
+            // A software clock event of this process.
+            let mut attr = [0u8; 128];
+            attr[0..4].copy_from_slice(&1u32.to_ne_bytes()); // PERF_TYPE_SOFTWARE
+            attr[4..8].copy_from_slice(&128u32.to_ne_bytes()); // size
+                                                               // config 0 = PERF_COUNT_SW_CPU_CLOCK; disabled | exclude_kernel | exclude_hv
+            attr[40..48].copy_from_slice(&(1u64 | 1 << 5 | 1 << 6).to_ne_bytes());
+            // SAFETY: perf_event_open reads one 128-byte attr struct.
+            unsafe { libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), 0, -1, -1, 0u64) >= 0 }
+        },
+        "perf event",
+    );
+}
