@@ -517,3 +517,223 @@ fn io_uring_userfaultfd_perf_and_fanotify_are_refused_by_name() {
         "perf event",
     );
 }
+
+// ------------------------------------------------- O_PATH, directories, renames
+
+#[test]
+fn o_path_fds_directories_and_renamed_files_round_trip() {
+    let dir = TempDir::new("opath");
+    let file = dir.file("f");
+    let sub = dir.file("sub");
+    let old = dir.file("old");
+    std::fs::write(&file, b"x").expect("write");
+    std::fs::create_dir(&sub).expect("mkdir");
+    std::fs::write(&old, b"renamed").expect("write");
+    let (f, s, o) = (cs(&file), cs(&sub), cs(&old));
+    let c = child(move || {
+        // SAFETY: raw calls on prepared data.
+        unsafe {
+            open_at(&f, libc::O_PATH, 3)
+                && open_at(&s, libc::O_PATH | libc::O_DIRECTORY, 4)
+                && open_at(&s, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK, 5)
+                && open_at(&o, libc::O_RDWR, 6)
+                && libc::lseek(6, 3, libc::SEEK_SET) == 3
+        }
+    });
+    // Renamed while open: the link names the new path.
+    let new = dir.file("new");
+    std::fs::rename(&old, &new).expect("rename");
+    let tree = collect(&[c.pid]);
+    let kind = |fd: i32| {
+        let id = tree.tasks[0]
+            .fds
+            .iter()
+            .find(|e| e.fd == fd)
+            .expect("fd")
+            .file;
+        tree.file(id).expect("file").kind.clone()
+    };
+    assert!(matches!(kind(3), FileKind::Regular { path, .. } if path == file));
+    assert!(matches!(kind(4), FileKind::Directory { path } if path == sub));
+    assert!(matches!(kind(6), FileKind::Regular { path, .. } if path == new));
+    let s = restore(&tree, &dir);
+    for fd in 3..=6 {
+        assert_eq!(fdflags(s.0, fd), fdflags(c.pid, fd), "flags of fd {fd}");
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{}/fd/{fd}", s.0)).expect("link"),
+            std::fs::read_link(format!("/proc/{}/fd/{fd}", c.pid)).expect("link"),
+            "fd {fd}"
+        );
+    }
+    let mut f6 = copy_fd(s.0, 6);
+    let mut rest = String::new();
+    f6.read_to_string(&mut rest).expect("read");
+    assert_eq!(rest, "amed", "renamed file at its offset");
+}
+
+#[test]
+fn a_file_renamed_over_after_the_checkpoint_is_incompatible() {
+    let dir = TempDir::new("renamed-over");
+    let path = dir.file("f");
+    std::fs::write(&path, b"one").expect("write");
+    let p = cs(&path);
+    // SAFETY: raw calls on prepared data.
+    let c = child(move || unsafe { open_at(&p, libc::O_RDONLY, 3) });
+    let tree = collect(&[c.pid]);
+    drop(c);
+    let other = dir.file("other");
+    std::fs::write(&other, b"two").expect("write");
+    std::fs::rename(&other, &path).expect("rename");
+    match try_restore(&tree, &dir) {
+        Err(Error::Incompatible(m)) => assert!(m.contains("replaced") && m.contains(&path), "{m}"),
+        other => panic!("expected Incompatible, got {:?}", other.map(|g| g.0)),
+    }
+}
+
+// ----------------------------------------------------------------- inotify
+
+/// A child with an inotify instance at fd 3 (non-blocking) watching `a`
+/// (wd 1, IN_CREATE) and `c` (wd 3, IN_MODIFY | IN_ONESHOT), wd 2 (on `b`)
+/// removed. With `drain`, the IN_IGNORED of wd 2 is read away; with
+/// `touch`, a file is then created in `a` (an event waits).
+fn inotify_child(a: &str, b: &str, c: &str, drain: bool, touch: &str) -> ScriptChild {
+    let (a, b, c) = (cs(a), cs(b), cs(c));
+    let t = cs(touch);
+    let touch = !touch.is_empty();
+    child(move || {
+        // SAFETY: raw calls on prepared data.
+        unsafe {
+            let fd = libc::inotify_init1(libc::IN_NONBLOCK);
+            if fd < 0 || libc::dup2(fd, 3) < 0 {
+                return false;
+            }
+            if fd != 3 {
+                libc::close(fd);
+            }
+            if libc::inotify_add_watch(3, a.as_ptr(), libc::IN_CREATE) != 1
+                || libc::inotify_add_watch(3, b.as_ptr(), libc::IN_MODIFY) != 2
+                || libc::inotify_add_watch(3, c.as_ptr(), libc::IN_MODIFY | libc::IN_ONESHOT) != 3
+                || libc::inotify_rm_watch(3, 2) != 0
+            {
+                return false;
+            }
+            let mut buf = [0u8; 256];
+            if drain && libc::read(3, buf.as_mut_ptr().cast(), buf.len()) <= 0 {
+                return false;
+            }
+            if touch {
+                let f = libc::open(t.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o600);
+                if f < 0 {
+                    return false;
+                }
+                libc::close(f);
+            }
+            true
+        }
+    })
+}
+
+/// `(wd, ino, mask)` of each watch in the fdinfo of fd `fd` of `pid`.
+fn watch_lines(pid: i32, fd: i32) -> Vec<(i32, u64, u32)> {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("fdinfo");
+    t.lines()
+        .filter_map(|l| l.strip_prefix("inotify "))
+        .map(|l| {
+            let get = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .map(|v| u64::from_str_radix(v, 16).expect("hex"))
+                    .expect("field")
+            };
+            (get("wd:") as i32, get("ino:"), get("mask:") as u32)
+        })
+        .collect()
+}
+
+/// The events waiting on fd `fd` of `pid`: `(wd, mask, name)`.
+fn events(pid: i32, fd: i32) -> Vec<(i32, u32, String)> {
+    let mut f = copy_fd(pid, fd);
+    let mut buf = vec![0u8; 4096];
+    let mut out = Vec::new();
+    let n = match f.read(&mut buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return out,
+        Err(e) => panic!("read: {e}"),
+    };
+    let mut off = 0;
+    while off + 16 <= n {
+        let word =
+            |i: usize| u32::from_ne_bytes(buf[off + i..off + i + 4].try_into().expect("4 bytes"));
+        let len = word(12) as usize;
+        let name = String::from_utf8_lossy(&buf[off + 16..off + 16 + len])
+            .trim_end_matches('\0')
+            .to_string();
+        out.push((word(0) as i32, word(4), name));
+        off += 16 + len;
+    }
+    out
+}
+
+#[test]
+fn inotify_watches_come_back_on_their_descriptors() {
+    let dir = TempDir::new("inotify");
+    let (a, b, c) = (dir.file("a"), dir.file("b"), dir.file("c"));
+    std::fs::create_dir(&a).expect("mkdir");
+    std::fs::write(&b, b"").expect("write");
+    std::fs::write(&c, b"").expect("write");
+    let ch = inotify_child(&a, &b, &c, true, "");
+    let before = watch_lines(ch.pid, 3);
+    let tree = collect(&[ch.pid]);
+    let FileKind::Inotify { watches, queued } = &tree.files[0].kind else {
+        panic!("not inotify: {:?}", tree.files[0].kind);
+    };
+    assert!(!queued, "nothing was waiting");
+    let got: Vec<(i32, &str)> = watches.iter().map(|w| (w.wd, w.path.as_str())).collect();
+    assert_eq!(got, vec![(1, a.as_str()), (3, c.as_str())]);
+    drop(ch);
+    let s = restore(&tree, &dir);
+    assert_eq!(watch_lines(s.0, 3), before, "same wds, inodes and masks");
+    assert_ne!(fdflags(s.0, 3) & libc::O_NONBLOCK as u32, 0);
+    assert_eq!(
+        events(s.0, 3),
+        vec![],
+        "no stray events (the gap's IN_IGNORED)"
+    );
+    std::fs::write(format!("{a}/new"), b"").expect("create");
+    assert_eq!(
+        events(s.0, 3),
+        vec![(1, libc::IN_CREATE, "new".to_string())]
+    );
+}
+
+#[test]
+fn inotify_events_waiting_at_the_freeze_become_an_overflow() {
+    let dir = TempDir::new("inotify-q");
+    let (a, b, c) = (dir.file("a"), dir.file("b"), dir.file("c"));
+    std::fs::create_dir(&a).expect("mkdir");
+    std::fs::write(&b, b"").expect("write");
+    std::fs::write(&c, b"").expect("write");
+    let ch = inotify_child(&a, &b, &c, true, &format!("{a}/early"));
+    let tree = collect(&[ch.pid]);
+    assert!(matches!(
+        &tree.files[0].kind,
+        FileKind::Inotify { queued: true, .. }
+    ));
+    // The original still holds its event.
+    assert_eq!(
+        events(ch.pid, 3),
+        vec![(1, libc::IN_CREATE, "early".to_string())]
+    );
+    drop(ch);
+    let s = restore(&tree, &dir);
+    assert_eq!(
+        events(s.0, 3),
+        vec![(-1, inotify::IN_Q_OVERFLOW, String::new())],
+        "the lost event is reported"
+    );
+    std::fs::write(format!("{a}/late"), b"").expect("create");
+    assert_eq!(
+        events(s.0, 3),
+        vec![(1, libc::IN_CREATE, "late".to_string())]
+    );
+}

@@ -173,7 +173,7 @@ fn resolve(l: &Line) -> std::result::Result<String, String> {
     Ok(path)
 }
 
-/// An `O_PATH` fd of a mount of device `dev` (from our mountinfo).
+/// An fd of a mount of device `dev` (from our mountinfo).
 fn mount_of(dev: u64) -> std::result::Result<OwnedFd, String> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
@@ -198,7 +198,8 @@ fn mount_of(dev: u64) -> std::result::Result<OwnedFd, String> {
         let Ok(c) = CString::new(*point) else {
             continue;
         };
-        if let Ok(fd) = sys::open(&c, libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) {
+        // Not O_PATH: open_by_handle_at wants a real fd (EBADF).
+        if let Ok(fd) = sys::open(&c, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) {
             return Ok(fd);
         }
     }
