@@ -1264,3 +1264,150 @@ pub(crate) mod tests {
         assert_eq!(rejects_tree(&|t| t.tasks.clear()), ValidationError::NoTasks);
     }
 }
+
+#[cfg(test)]
+mod fs_kinds_tests {
+    use super::tests::sample_image;
+    use super::*;
+    use crate::model::{FdEntry, FileLock, OpenFile};
+
+    /// `sample_image` with a regular file (open file 9 at fd 9 of 4242), a
+    /// FIFO on pipe 77 and an inotify instance, and a lock of each owner.
+    fn image() -> TreeImage {
+        let mut img = sample_image();
+        let file = |id, kind| OpenFile {
+            id,
+            flags: 2,
+            pos: 0,
+            kind,
+        };
+        img.files.push(file(
+            9,
+            FileKind::Regular {
+                path: "/tmp/x".into(),
+                dev: 1,
+                ino: 2,
+            },
+        ));
+        img.files.push(file(
+            10,
+            FileKind::Fifo {
+                path: "/tmp/ff".into(),
+                dev: 1,
+                ino: 3,
+                pipe: 77,
+            },
+        ));
+        img.files.push(file(
+            11,
+            FileKind::Inotify {
+                watches: vec![InotifyWatch {
+                    wd: 3,
+                    path: "/tmp".into(),
+                    mask: 0x100,
+                }],
+                queued: true,
+            },
+        ));
+        for (fd, id) in [(9, 9), (10, 10), (11, 11)] {
+            img.tasks[0].fds.push(FdEntry {
+                fd,
+                cloexec: false,
+                file: id,
+            });
+        }
+        let lock = |owner, start, len| FileLock {
+            file: 9,
+            owner,
+            write: true,
+            start,
+            len,
+        };
+        img.locks = vec![
+            lock(LockOwner::Flock, 0, 0),
+            lock(LockOwner::Ofd, 10, 0),
+            lock(LockOwner::Posix { pid: 4242 }, 0, 100),
+        ];
+        img
+    }
+
+    fn rejects(f: impl FnOnce(&mut TreeImage)) -> ValidationError {
+        let mut img = image();
+        f(&mut img);
+        match img.validate() {
+            Err(e) => e,
+            Ok(()) => panic!("image should have been rejected"),
+        }
+    }
+
+    #[test]
+    fn fifos_inotify_and_locks_are_valid() {
+        assert_eq!(image().validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_lock_on_an_undefined_file_is_refused() {
+        let e = rejects(|i| i.locks[1].file = 99);
+        assert_eq!(
+            e,
+            ValidationError::UndefinedObject {
+                user: "lock #1".into(),
+                what: "open file",
+                id: 99
+            }
+        );
+        assert!(e.to_string().contains("which the image does not define"));
+    }
+
+    #[test]
+    fn bad_locks_are_refused() {
+        let bad = |e: ValidationError| match e {
+            ValidationError::BadLock { why, .. } => why,
+            other => panic!("expected BadLock, got {other:?}"),
+        };
+        assert!(
+            bad(rejects(|i| i.locks[2].owner = LockOwner::Posix { pid: 7 })).contains("process 7")
+        );
+        assert!(bad(rejects(|i| i.locks[0].start = 5)).contains("whole file"));
+        assert!(bad(rejects(|i| i.locks[1].start = u64::MAX)).contains("beyond"));
+        assert!(bad(rejects(|i| i.locks[1].file = 10)).contains("files and directories"));
+    }
+
+    #[test]
+    fn bad_fifos_and_inotify_are_refused() {
+        assert!(matches!(
+            rejects(
+                |i| if let FileKind::Fifo { pipe, .. } = &mut i.files[4].kind {
+                    *pipe = 5
+                }
+            ),
+            ValidationError::UndefinedObject {
+                what: "pipe",
+                id: 5,
+                ..
+            }
+        ));
+        let watches = |i: &mut TreeImage| match &mut i.files[5].kind {
+            FileKind::Inotify { watches, .. } => watches.clone(),
+            _ => unreachable!(),
+        };
+        let with = |w: Vec<InotifyWatch>| {
+            rejects(move |i| {
+                if let FileKind::Inotify { watches, .. } = &mut i.files[5].kind {
+                    *watches = w;
+                }
+            })
+        };
+        let mut w = watches(&mut image());
+        w.push(w[0].clone());
+        assert!(
+            matches!(with(w), ValidationError::BadInotify { file: 11, why } if why.contains("twice"))
+        );
+        let mut w = watches(&mut image());
+        w[0].wd = 0;
+        assert!(matches!(with(w), ValidationError::BadInotify { .. }));
+        let mut w = watches(&mut image());
+        w[0].mask = 0;
+        assert!(matches!(with(w), ValidationError::BadInotify { .. }));
+    }
+}
