@@ -72,7 +72,11 @@ impl FifoCollector {
             path: link.to_string(),
             reader: None,
         });
-        if flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32 && s.reader.is_none() {
+        let path_only = flags & libc::O_PATH as u32 != 0;
+        if !path_only
+            && flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32
+            && s.reader.is_none()
+        {
             s.reader = Some((pid, fd));
         }
         Ok(FileKind::Fifo {
@@ -211,6 +215,10 @@ pub fn open(
     let mut out = Vec::with_capacity(users.len());
     for f in users {
         let acc = f.flags as i32 & libc::O_ACCMODE;
+        if f.flags as i32 & libc::O_PATH != 0 {
+            out.push((f.id, checked(f, libc::O_PATH)?));
+            continue;
+        }
         let fd = checked(f, acc | libc::O_NONBLOCK)?;
         let status = f.flags as i32 & FIFO_SETFL;
         set_status(fd.as_fd(), status)

@@ -203,14 +203,15 @@ fn flock_free(path: &str) -> bool {
 
 // ------------------------------------------------------------------ FIFOs
 
-/// A child with FIFO `path` open read-write at fd 3 (holding `data`) and
-/// write-only, non-blocking at fd 4.
+/// A child with FIFO `path` open with O_PATH at fd 2, read-write at fd 3
+/// (holding `data`) and write-only, non-blocking at fd 4.
 fn fifo_child(path: &str, data: &'static [u8]) -> ScriptChild {
     let c = cs(path);
     child(move || {
         // SAFETY: raw calls on prepared data.
         unsafe {
-            open_at(&c, libc::O_RDWR, 3)
+            open_at(&c, libc::O_PATH, 2)
+                && open_at(&c, libc::O_RDWR, 3)
                 && open_at(&c, libc::O_WRONLY | libc::O_NONBLOCK, 4)
                 && libc::write(3, data.as_ptr().cast(), data.len()) == data.len() as isize
         }
@@ -252,16 +253,23 @@ fn fifo_with_unread_data_round_trips() {
         ino: md.ino(),
         pipe: 1,
     };
-    assert_eq!(kinds, vec![&want, &want], "one FIFO, two descriptions");
+    assert_eq!(
+        kinds,
+        vec![&want, &want, &want],
+        "one FIFO, three descriptions"
+    );
     assert_eq!(tree.pipes.len(), 1);
     assert_eq!(tree.pipes[0].data, DATA);
     // The capture left the data in place.
     let f = copy_fd(c.pid, 3);
     assert_eq!(sys::fionread(f.as_fd()).expect("FIONREAD"), DATA.len());
     drop(f);
+    let path_flags = fdflags(c.pid, 2);
+    assert_ne!(path_flags & libc::O_PATH as u32, 0);
     // The holder dies, and the FIFO's buffer with it.
     drop(c);
     let s = restore(&tree, &dir);
+    assert_eq!(fdflags(s.0, 2), path_flags, "the O_PATH fd");
     assert_eq!(fdflags(s.0, 3) & 0o3, libc::O_RDWR as u32);
     let fl4 = fdflags(s.0, 4);
     assert_eq!(fl4 & 0o3, libc::O_WRONLY as u32);
