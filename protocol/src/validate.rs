@@ -241,16 +241,10 @@ fn check_locks(tree: &TreeImage) -> Result<(), ValidationError> {
                 id: l.file,
             });
         };
-        match f.kind {
-            FileKind::Regular { .. }
-            | FileKind::Directory { .. }
-            | FileKind::Deleted { .. }
-            | FileKind::Shmem { .. } => {}
-            _ => {
-                return Err(bad(
-                    "locks are restored on files and directories only".into()
-                ))
-            }
+        if let FileKind::Outside { .. } = f.kind {
+            return Err(bad(
+                "a lock on stdio that reached outside the tree cannot be taken again".into(),
+            ));
         }
         let end = l.start.checked_add(l.len);
         if end.is_none_or(|e| e > i64::MAX as u64) {
@@ -1370,7 +1364,13 @@ mod fs_kinds_tests {
         );
         assert!(bad(rejects(|i| i.locks[0].start = 5)).contains("whole file"));
         assert!(bad(rejects(|i| i.locks[1].start = u64::MAX)).contains("beyond"));
-        assert!(bad(rejects(|i| i.locks[1].file = 10)).contains("files and directories"));
+        let outside = rejects(|i| {
+            i.files[0].kind = FileKind::Outside {
+                what: "pipe:[1]".into(),
+            };
+            i.locks[1].file = 1;
+        });
+        assert!(bad(outside).contains("outside the tree"));
     }
 
     #[test]
