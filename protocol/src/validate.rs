@@ -18,6 +18,7 @@ use crate::model::{
     TreeLayout, Vma, VmaKind, Zombie, PAGE_SIZE,
 };
 use crate::model::{InotifyWatch, LockOwner};
+use crate::model::{TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET, TIMERFD_CLOCKS};
 
 /// One past the highest user-space address on x86-64 with 4-level paging.
 pub const TASK_SIZE: u64 = 0x0000_8000_0000_0000;
@@ -207,6 +208,12 @@ pub enum ValidationError {
     /// An unknown resource limit or a duplicate one.
     #[error("rlimit #{index}: resource {resource} is unknown or repeated")]
     BadRlimit { index: usize, resource: u32 },
+    /// An eventfd counter at `u64::MAX`, which no eventfd can hold.
+    #[error("open file {id}: eventfd counter {count:#x} is above the maximum 0xfffffffffffffffe")]
+    BadEventFd { id: u32, count: u64 },
+    /// A timerfd with an unknown clock, unknown flags or an impossible time.
+    #[error("open file {id}: timerfd {why}")]
+    BadTimerFd { id: u32, why: String },
     /// A file lock that cannot be taken again as described.
     #[error("lock #{index} on open file {file}: {why}")]
     BadLock {
@@ -608,6 +615,9 @@ impl TreeImage {
                         return undefined(format!("open file {}", f.id), "deleted file", *id);
                     }
                 }
+                FileKind::EventFd { .. } | FileKind::TimerFd(_) | FileKind::SignalFd { .. } => {
+                    check_event_file(f.id, &f.kind)?;
+                }
                 FileKind::Fifo { path, pipe, .. } => {
                     check_str(|| format!("open file {} path", f.id), path)?;
                     if self.pipe(*pipe).is_none() {
@@ -760,6 +770,42 @@ fn check_shmem_areas(
         }
     }
     Ok(())
+}
+
+/// The rules of an eventfd, a timerfd or a signalfd (open file `id`).
+fn check_event_file(id: u32, kind: &FileKind) -> Result<(), ValidationError> {
+    match kind {
+        FileKind::EventFd { count, .. } if *count == u64::MAX => {
+            Err(ValidationError::BadEventFd { id, count: *count })
+        }
+        FileKind::TimerFd(t) => {
+            let bad = |why: String| Err(ValidationError::BadTimerFd { id, why });
+            if !TIMERFD_CLOCKS.contains(&t.clock) {
+                return bad(format!(
+                    "clock {} is not one a timerfd can use ({TIMERFD_CLOCKS:?})",
+                    t.clock
+                ));
+            }
+            let known = TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET;
+            if t.settime_flags & !known != 0 {
+                return bad(format!("settime flags {:#o} are unknown", t.settime_flags));
+            }
+            for (what, ts) in [
+                ("time to expiry", t.value),
+                ("interval", t.interval),
+                ("clock reading", t.now),
+            ] {
+                if ts.sec < 0 || !(0..1_000_000_000).contains(&ts.nsec) {
+                    return bad(format!(
+                        "{what} ({} s, {} ns) is not a valid non-negative time",
+                        ts.sec, ts.nsec
+                    ));
+                }
+            }
+            check_str(|| format!("open file {id} boot id"), &t.boot_id)
+        }
+        _ => Ok(()),
+    }
 }
 
 fn bound(what: &'static str, found: usize, max: usize) -> Result<(), ValidationError> {
@@ -1256,6 +1302,74 @@ pub(crate) mod tests {
             ValidationError::OutsideNotStdio { pid: 4242, fd: 3 }
         );
         assert_eq!(rejects_tree(&|t| t.tasks.clear()), ValidationError::NoTasks);
+    }
+
+    #[test]
+    fn event_file_rules() {
+        use crate::model::{TimerFd, Timespec};
+        let timer = || TimerFd {
+            clock: 1,
+            settime_flags: TFD_TIMER_ABSTIME,
+            value: Timespec { sec: 1, nsec: 5 },
+            interval: Timespec {
+                sec: 0,
+                nsec: 999_999_999,
+            },
+            ticks: 3,
+            now: Timespec { sec: 100, nsec: 0 },
+            boot_id: "b".into(),
+        };
+        let with = |kind: FileKind| {
+            let mut img = sample_image();
+            img.files[0].kind = kind;
+            img.validate()
+        };
+        let id = sample_image().files[0].id;
+        for ok in [
+            FileKind::EventFd {
+                count: u64::MAX - 1,
+                semaphore: true,
+            },
+            FileKind::SignalFd { mask: u64::MAX },
+            FileKind::TimerFd(timer()),
+        ] {
+            assert_eq!(with(ok.clone()), Ok(()), "{ok:?}");
+        }
+        assert_eq!(
+            with(FileKind::EventFd {
+                count: u64::MAX,
+                semaphore: false
+            }),
+            Err(ValidationError::BadEventFd {
+                id,
+                count: u64::MAX
+            })
+        );
+        let bad_timer = |f: &dyn Fn(&mut TimerFd), needle: &str| {
+            let mut t = timer();
+            f(&mut t);
+            match with(FileKind::TimerFd(t)) {
+                Err(e @ ValidationError::BadTimerFd { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+                }
+                other => panic!("expected BadTimerFd ({needle}), got {other:?}"),
+            }
+        };
+        bad_timer(&|t| t.clock = 2, "clock 2");
+        bad_timer(&|t| t.clock = -1, "clock -1");
+        bad_timer(&|t| t.settime_flags = 4, "settime flags");
+        bad_timer(&|t| t.interval.nsec = 1_000_000_000, "interval");
+        bad_timer(&|t| t.interval.nsec = -1, "interval");
+        bad_timer(&|t| t.value.sec = -1, "time to expiry");
+        bad_timer(&|t| t.now.nsec = 2_000_000_000, "clock reading");
+        assert!(matches!(
+            with(FileKind::TimerFd(TimerFd {
+                boot_id: "x\0".into(),
+                ..timer()
+            })),
+            Err(ValidationError::StringHasNul { .. })
+        ));
     }
 }
 

@@ -1,7 +1,7 @@
 //! Open files of a process tree, both directions, one module per kind:
 //! [`regular`] (files, directories, character devices), [`pipe`], [`stdio`]
-//! (stdio that reaches outside the tree), and memfds or `/dev/shm` files
-//! through [`crate::shmem`].
+//! (stdio that reaches outside the tree), [`eventfd`], [`timerfd`],
+//! [`signalfd`], and memfds or `/dev/shm` files through [`crate::shmem`].
 //!
 //! ```text
 //!  checkpoint  FileCollector::task(pid)  per fd: fdinfo, link, stat
@@ -21,6 +21,9 @@
 //! side before the transfer.
 
 pub mod deleted;
+#[cfg(test)]
+mod event_tests;
+pub mod eventfd;
 pub mod fifo;
 #[cfg(test)]
 mod fs_tests;
@@ -28,12 +31,14 @@ pub mod inotify;
 pub mod locks;
 pub mod pipe;
 pub mod regular;
+pub mod signalfd;
 pub mod stdio;
 pub(crate) mod sys;
 #[cfg(test)]
 pub(crate) mod testkit;
 #[cfg(test)]
 mod tests;
+pub mod timerfd;
 
 use crate::shmem::{ShmemCollector, ShmemHandles};
 use crate::{Error, Result};
@@ -110,7 +115,7 @@ impl FileCollector {
     /// All threads of `pid` must be frozen (the caller holds them in ptrace
     /// stops) so that nothing changes while the fds are read. Fails with
     /// [`Error::UnsupportedFd`] on the first fd of a kind ferry cannot
-    /// restore (sockets, eventfds, epoll, deleted files, ...).
+    /// restore (sockets, epoll, inotify, ...).
     pub fn task(&mut self, pid: i32, shmem: &mut ShmemCollector) -> Result<Vec<FdEntry>> {
         let numbers = list_fds(pid)?;
         let mut out = Vec::with_capacity(numbers.len());
@@ -213,6 +218,12 @@ impl FileCollector {
             return inotify::classify(pid, fd);
         }
         if let Some(rest) = link.strip_prefix("anon_inode:") {
+            match rest {
+                "[eventfd]" => return eventfd::capture(pid, fd),
+                "[timerfd]" => return timerfd::capture(pid, fd),
+                "[signalfd]" => return signalfd::capture(pid, fd),
+                _ => {}
+            }
             let what = match rest {
                 "[eventfd]" => "an eventfd".to_string(),
                 "[eventpoll]" => "an epoll instance".to_string(),
@@ -356,6 +367,9 @@ impl Opened {
                 FileKind::Shmem { id } => format!("{who} (shared memory object {id})"),
                 FileKind::Deleted { id } => format!("{who} (deleted file {id})"),
                 FileKind::Outside { what } => format!("{who} ({what}, outside the tree)"),
+                FileKind::EventFd { .. } => format!("{who} (an eventfd)"),
+                FileKind::TimerFd(_) => format!("{who} (a timerfd)"),
+                FileKind::SignalFd { .. } => format!("{who} (a signalfd)"),
                 FileKind::Fifo { path, .. } => format!("{who} (named pipe {path})"),
                 FileKind::Inotify { .. } => format!("{who} (inotify instance)"),
             }
@@ -399,6 +413,9 @@ impl Opened {
                     }
                     stdio::open(f, stdio, &d)?
                 }
+                FileKind::EventFd { count, semaphore } => eventfd::open(f, *count, *semaphore, &d)?,
+                FileKind::TimerFd(t) => timerfd::open(f, t, &d)?,
+                FileKind::SignalFd { mask } => signalfd::open(f, *mask, &d)?,
                 _ => regular::open(f, &d)?,
             };
             opened.fds.insert(f.id, fd);
@@ -611,4 +628,19 @@ fn read_link(pid: i32, fd: i32) -> Result<String> {
 /// A `CString` of a path for the wrappers in [`sys`].
 pub(crate) fn cpath(p: &str) -> Result<CString> {
     CString::new(p).map_err(|_| Error::parse("path", format!("NUL in {p:?}")))
+}
+
+/// `(path, text)` of `/proc/PID/fdinfo/FD`.
+pub(crate) fn fdinfo_text(pid: i32, fd: i32) -> Result<(String, String)> {
+    let path = format!("/proc/{pid}/fdinfo/{fd}");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {path}"), e))?;
+    Ok((path, text))
+}
+
+/// The value (trimmed) of the fdinfo line that starts with `key`.
+pub(crate) fn fdinfo_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
 }
