@@ -59,6 +59,9 @@ pub struct TreeImage {
     /// Regular files that were deleted while open, by id, with their
     /// contents.
     pub deleted: Vec<DeletedFile>,
+    /// File locks held at the freeze (flock, POSIX, OFD), taken again by
+    /// the same owner on restore.
+    pub locks: Vec<FileLock>,
 }
 
 impl TreeImage {
@@ -521,6 +524,57 @@ pub enum FileKind {
         /// The signals it reads: signal n is bit n-1 (`sigmask:` of fdinfo).
         mask: u64,
     },
+    /// A named pipe (FIFO) reopened by path (checked by dev/ino); its
+    /// unread data is pipe `pipe` (shared by every description of it).
+    Fifo {
+        path: String,
+        dev: u64,
+        ino: u64,
+        pipe: PipeId,
+    },
+    /// An inotify instance: its watches, recreated with the same watch
+    /// descriptors. `queued`: events were waiting at the freeze; they are
+    /// not carried, the restored instance reports `IN_Q_OVERFLOW` instead.
+    Inotify {
+        watches: Vec<InotifyWatch>,
+        queued: bool,
+    },
+}
+
+/// One watch of an inotify instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    /// Its watch descriptor.
+    pub wd: i32,
+    /// The watched inode's path.
+    pub path: String,
+    /// Its event mask (`IN_*` bits, as fdinfo shows them).
+    pub mask: u32,
+}
+
+/// Who owns a [`FileLock`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockOwner {
+    /// `flock(2)`: the open file description.
+    Flock,
+    /// `F_OFD_SETLK`: the open file description.
+    Ofd,
+    /// `F_SETLK` (POSIX record lock): the process `pid`.
+    Posix { pid: i32 },
+}
+
+/// A lock held on an open file at the freeze.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    /// The open file description it was taken through.
+    pub file: FileId,
+    pub owner: LockOwner,
+    /// A write (exclusive) lock; otherwise a read (shared) one.
+    pub write: bool,
+    /// First byte (0 for flock).
+    pub start: u64,
+    /// Number of bytes, 0 for "to the end of the file" (and for flock).
+    pub len: u64,
 }
 
 /// A regular file that was deleted while the tree held it open.

@@ -48,6 +48,7 @@ fn image(pid: i32, fds: Vec<FdEntry>, files: Vec<OpenFile>) -> TreeImage {
         pipes: vec![],
         shmem: vec![],
         deleted: vec![],
+        locks: vec![],
     }
 }
 

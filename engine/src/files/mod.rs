@@ -24,6 +24,11 @@ pub mod deleted;
 #[cfg(test)]
 mod event_tests;
 pub mod eventfd;
+pub mod fifo;
+#[cfg(test)]
+mod fs_tests;
+pub mod inotify;
+pub mod locks;
 pub mod pipe;
 pub mod regular;
 pub mod signalfd;
@@ -41,6 +46,7 @@ use ferry_parasite::remote::Injector;
 use ferry_protocol::model::{
     DeletedFile, FdEntry, FileId, FileKind, OpenFile, PipeId, PipeObject, TreeImage,
 };
+use ferry_protocol::model::{FileLock, LockOwner};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::io;
@@ -82,6 +88,10 @@ pub struct FileCollector {
     users: HashMap<FileId, Vec<(i32, i32)>>,
     /// Files deleted while open.
     deleted: deleted::DeletedCollector,
+    /// Named pipes.
+    fifos: fifo::FifoCollector,
+    /// File locks.
+    locks: locks::LockCollector,
 }
 
 impl FileCollector {
@@ -117,6 +127,7 @@ impl FileCollector {
             let md =
                 std::fs::metadata(&magic).map_err(|e| Error::io(format!("stat {magic}"), e))?;
             if let Some(file) = self.shared_with(pid, fd, &md)? {
+                self.locks.fd(pid, fd, file, md.dev(), md.ino())?;
                 self.users.entry(file).or_default().push((pid, fd));
                 out.push(FdEntry { fd, cloexec, file });
                 continue;
@@ -137,6 +148,7 @@ impl FileCollector {
                 ino: md.ino(),
                 file,
             });
+            self.locks.fd(pid, fd, file, md.dev(), md.ino())?;
             self.users.entry(file).or_default().push((pid, fd));
             out.push(FdEntry { fd, cloexec, file });
         }
@@ -180,7 +192,7 @@ impl FileCollector {
                 .strip_suffix(']')
                 .and_then(|s| s.parse::<u64>().ok())
                 .ok_or_else(|| Error::parse(format!("link of fd {fd} of process {pid}"), link))?;
-            let next = self.pipes.len() as PipeId + 1;
+            let next = (self.pipes.len() + self.fifos.count()) as PipeId + 1;
             let p = self.pipes.entry(ino).or_insert(PipeState {
                 id: next,
                 reader: None,
@@ -202,6 +214,9 @@ impl FileCollector {
             }
             return Err(unsupported(format!("a socket ({link})")));
         }
+        if link == "anon_inode:inotify" {
+            return inotify::classify(pid, fd);
+        }
         if let Some(rest) = link.strip_prefix("anon_inode:") {
             match rest {
                 "[eventfd]" => return eventfd::capture(pid, fd),
@@ -219,6 +234,11 @@ impl FileCollector {
                 "[userfaultfd]" => "a userfaultfd".to_string(),
                 "[pidfd]" => "a pidfd".to_string(),
                 "[io_uring]" => "an io_uring instance".to_string(),
+                "[perf_event]" => "a perf event fd (perf_event_open)".to_string(),
+                "bpf-map" => "a BPF map".to_string(),
+                "bpf-prog" => "a BPF program".to_string(),
+                "bpf_link" => "a BPF link".to_string(),
+                "bpf_iter" => "a BPF iterator".to_string(),
                 other => format!("an anonymous-inode fd ({other})"),
             };
             return Err(unsupported(what));
@@ -234,6 +254,10 @@ impl FileCollector {
         use std::os::unix::fs::FileTypeExt;
         if stdio && md.file_type().is_char_device() && regular::is_terminal(md.rdev()) {
             return Ok(FileKind::Outside { what: link.into() });
+        }
+        if md.file_type().is_fifo() {
+            let next = (self.pipes.len() + self.fifos.count()) as PipeId + 1;
+            return self.fifos.classify(pid, fd, flags, link, md, next);
         }
         if md.is_file() && md.nlink() == 0 {
             let id = self.deleted.add(pid, fd, link, md)?;
@@ -275,7 +299,14 @@ impl FileCollector {
                 None => self.pipe_outside(id, ino)?,
             }
         }
+        pipes.extend(std::mem::take(&mut self.fifos).finish()?);
         Ok((self.files, pipes, self.deleted.finish()))
+    }
+
+    /// The file locks held by the tasks collected so far (call before
+    /// [`FileCollector::finish`]).
+    pub fn locks(&mut self) -> Vec<FileLock> {
+        self.locks.take()
     }
 
     /// Every description of pipe `id` becomes `Outside`, or the first fd
@@ -307,6 +338,8 @@ pub struct Opened {
     fds: HashMap<FileId, OwnedFd>,
     /// Where stdio that reached outside went, if any did.
     pub stdio_log: Option<std::path::PathBuf>,
+    /// POSIX locks, taken by their owners in [`install`].
+    locks: Vec<FileLock>,
 }
 
 impl Opened {
@@ -337,12 +370,16 @@ impl Opened {
                 FileKind::EventFd { .. } => format!("{who} (an eventfd)"),
                 FileKind::TimerFd(_) => format!("{who} (a timerfd)"),
                 FileKind::SignalFd { .. } => format!("{who} (a signalfd)"),
+                FileKind::Fifo { path, .. } => format!("{who} (named pipe {path})"),
+                FileKind::Inotify { .. } => format!("{who} (inotify instance)"),
             }
         };
         let mut opened = Opened {
             fds: HashMap::new(),
             stdio_log: None,
+            locks: Vec::new(),
         };
+        let mut by_fifo: BTreeMap<PipeId, Vec<&OpenFile>> = BTreeMap::new();
         let mut by_pipe: BTreeMap<PipeId, Vec<&OpenFile>> = BTreeMap::new();
         let mut inodes: HashMap<u32, OwnedFd> = HashMap::new();
         for d in &tree.deleted {
@@ -365,6 +402,11 @@ impl Opened {
                     })?;
                     deleted::reopen(inode, f, &d)?
                 }
+                FileKind::Fifo { pipe, .. } => {
+                    by_fifo.entry(*pipe).or_default().push(f);
+                    continue;
+                }
+                FileKind::Inotify { .. } => inotify::open(f, &d)?,
                 FileKind::Outside { .. } => {
                     if !stdio::reads_only(f) {
                         opened.stdio_log = Some(stdio.log.clone());
@@ -385,6 +427,30 @@ impl Opened {
             for (file, fd) in pipe::open(p, &users, &describe)? {
                 opened.fds.insert(file, fd);
             }
+        }
+        for (id, users) in by_fifo {
+            let p = tree.pipe(id).ok_or_else(|| {
+                Error::parse("image", format!("named pipe {id} is used but not defined"))
+            })?;
+            for (file, fd) in fifo::open(p, &users, &describe)? {
+                opened.fds.insert(file, fd);
+            }
+        }
+        for l in &tree.locks {
+            let f = tree.file(l.file).ok_or_else(|| {
+                Error::parse(
+                    "image",
+                    format!("a lock is on open file {}, which is not defined", l.file),
+                )
+            })?;
+            if let LockOwner::Posix { .. } = l.owner {
+                opened.locks.push(*l);
+                continue;
+            }
+            let fd = opened.fds.get(&l.file).ok_or_else(|| {
+                Error::parse("image", format!("open file {} was not opened", l.file))
+            })?;
+            locks::take_on_description(fd.as_fd(), l, &describe(f))?;
         }
         Ok(opened)
     }
@@ -452,7 +518,8 @@ pub fn install(inj: &mut Injector<'_>, fds: &[FdEntry], opened: &Opened) -> Resu
     let closed = inj.call("close(pidfd)", libc::SYS_close, &[pidfd]);
     result?;
     closed.map_err(|e| remote("closing the agent's pidfd in the target", e))?;
-    Ok(())
+    let pid = inj.tid();
+    locks::take_posix(inj, pid, fds, opened)
 }
 
 /// Pull the agent's `local` fd into the target at `e.fd`.

@@ -278,3 +278,80 @@ pub fn poll_one(fd: BorrowedFd<'_>, events: libc::c_short, timeout_ms: i32) -> i
         Ok(p.revents)
     }
 }
+
+/// `inotify_init1(flags)`.
+pub fn inotify_init1(flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: integer argument only; a successful call returns a new fd
+    // that nothing else owns, wrapped exactly once.
+    unsafe {
+        let r = libc::inotify_init1(flags);
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(r))
+    }
+}
+
+/// `inotify_add_watch(fd, path, mask)`: the watch descriptor.
+pub fn inotify_add_watch(fd: BorrowedFd<'_>, path: &CStr, mask: u32) -> io::Result<i32> {
+    // SAFETY: `path` is a valid NUL-terminated string.
+    let r = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `inotify_rm_watch(fd, wd)`.
+pub fn inotify_rm_watch(fd: BorrowedFd<'_>, wd: i32) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    let r = unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), wd) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `open_by_handle_at(mount, handle, flags)` where `handle` is a whole
+/// `struct file_handle` (its 8-byte header, then the handle bytes).
+pub fn open_by_handle_at(mount: BorrowedFd<'_>, handle: &[u8], flags: i32) -> io::Result<OwnedFd> {
+    if handle.len() < 8 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: the kernel reads the 8-byte header and then `handle_bytes`
+    // (the first u32, which the caller set to `handle.len() - 8`) bytes of
+    // `handle`, all inside the slice; a successful call returns a new fd
+    // that nothing else owns, wrapped exactly once.
+    unsafe {
+        let r = libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            handle.as_ptr(),
+            flags,
+        );
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(r as RawFd))
+    }
+}
+
+/// `pread(fd, buf, off)` / `pwrite(fd, buf, off)` of one byte at 0.
+pub fn touch_byte(fd: BorrowedFd<'_>, write: bool) -> io::Result<()> {
+    let mut b = [0u8; 1];
+    // SAFETY: one byte read into or written from a valid local.
+    let r = unsafe {
+        if write {
+            libc::pwrite(fd.as_raw_fd(), b.as_ptr().cast(), 1, 0)
+        } else {
+            libc::pread(fd.as_raw_fd(), b.as_mut_ptr().cast(), 1, 0)
+        }
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
