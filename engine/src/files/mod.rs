@@ -21,9 +21,11 @@
 //! side before the transfer.
 
 pub mod deleted;
+pub mod epoll;
 #[cfg(test)]
 mod event_tests;
 pub mod eventfd;
+pub mod pidfd;
 pub mod pipe;
 pub mod regular;
 pub mod signalfd;
@@ -82,6 +84,8 @@ pub struct FileCollector {
     users: HashMap<FileId, Vec<(i32, i32)>>,
     /// Files deleted while open.
     deleted: deleted::DeletedCollector,
+    /// Every process seen, in order.
+    tasks: Vec<i32>,
 }
 
 impl FileCollector {
@@ -108,6 +112,7 @@ impl FileCollector {
     /// restore (sockets, epoll, inotify, ...).
     pub fn task(&mut self, pid: i32, shmem: &mut ShmemCollector) -> Result<Vec<FdEntry>> {
         let numbers = list_fds(pid)?;
+        self.tasks.push(pid);
         let mut out = Vec::with_capacity(numbers.len());
         for fd in numbers {
             let (raw_flags, pos) = read_fdinfo(pid, fd)?;
@@ -207,6 +212,12 @@ impl FileCollector {
                 "[eventfd]" => return eventfd::capture(pid, fd),
                 "[timerfd]" => return timerfd::capture(pid, fd),
                 "[signalfd]" => return signalfd::capture(pid, fd),
+                "[eventpoll]" => {
+                    return Ok(FileKind::Epoll {
+                        targets: Vec::new(),
+                    })
+                }
+                "[pidfd]" => return pidfd::classify(pid, fd, flags),
                 _ => {}
             }
             let what = match rest {
@@ -275,6 +286,8 @@ impl FileCollector {
                 None => self.pipe_outside(id, ino)?,
             }
         }
+        epoll::resolve(&mut self.files, &self.users, &self.seen)?;
+        pidfd::check(&self.files, &self.users, &self.tasks)?;
         Ok((self.files, pipes, self.deleted.finish()))
     }
 
@@ -337,6 +350,8 @@ impl Opened {
                 FileKind::EventFd { .. } => format!("{who} (an eventfd)"),
                 FileKind::TimerFd(_) => format!("{who} (a timerfd)"),
                 FileKind::SignalFd { .. } => format!("{who} (a signalfd)"),
+                FileKind::Epoll { .. } => format!("{who} (epoll instance)"),
+                FileKind::Pidfd { pid } => format!("{who} (pidfd of process {pid})"),
             }
         };
         let mut opened = Opened {
@@ -374,6 +389,8 @@ impl Opened {
                 FileKind::EventFd { count, semaphore } => eventfd::open(f, *count, *semaphore, &d)?,
                 FileKind::TimerFd(t) => timerfd::open(f, t, &d)?,
                 FileKind::SignalFd { mask } => signalfd::open(f, *mask, &d)?,
+                FileKind::Epoll { .. } => epoll::open(f, &d)?,
+                FileKind::Pidfd { pid } => pidfd::open(*pid, f, &d)?,
                 _ => regular::open(f, &d)?,
             };
             opened.fds.insert(f.id, fd);
