@@ -445,23 +445,25 @@ mod tests {
     #[test]
     fn newer_version() {
         let (dir, _, mut bytes) = written();
-        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&(IMAGE_VERSION + 1).to_le_bytes());
         rewrite(dir.path(), &bytes);
         let e = read_tree_image(dir.path()).unwrap_err();
         assert!(
             matches!(
                 e,
                 ImageError::VersionTooNew {
-                    found: 3,
-                    supported: 2,
+                    found,
+                    supported: IMAGE_VERSION,
                     ..
-                }
+                } if found == IMAGE_VERSION + 1
             ),
             "{e}"
         );
         assert!(
-            e.to_string()
-                .contains("image version 3 is newer than this ferry supports (2): upgrade ferry"),
+            e.to_string().contains(&format!(
+                "image version {} is newer than this ferry supports ({IMAGE_VERSION}): upgrade ferry",
+                IMAGE_VERSION + 1
+            )),
             "{e}"
         );
     }

@@ -539,6 +539,14 @@ pub enum FileKind {
         watches: Vec<InotifyWatch>,
         queued: bool,
     },
+    /// An epoll instance, with every file registered in it (made again on
+    /// restore, inner epoll instances before the ones they are registered
+    /// in).
+    Epoll { targets: Vec<EpollTarget> },
+    /// A pidfd (`pidfd_open`, `clone(CLONE_PIDFD)`) of a process of the
+    /// tree (live or zombie), which has the same PID after restore. Its
+    /// `PIDFD_NONBLOCK`/`PIDFD_THREAD` flags are in the status flags.
+    Pidfd { pid: i32 },
 }
 
 /// One watch of an inotify instance.
@@ -575,6 +583,24 @@ pub struct FileLock {
     pub start: u64,
     /// Number of bytes, 0 for "to the end of the file" (and for flock).
     pub len: u64,
+}
+
+/// One registration of an epoll instance (a `tfd:` line of its fdinfo).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollTarget {
+    /// The fd number it was registered under (`EPOLL_CTL_ADD`): with the
+    /// file, the key that `EPOLL_CTL_MOD`/`DEL` look it up by. The file may
+    /// have been closed or dup'd since; no process needs to hold it at this
+    /// number.
+    pub fd: i32,
+    /// The open file description registered.
+    pub file: FileId,
+    /// Event mask (`EPOLLIN`, `EPOLLET`, `EPOLLONESHOT`, ...), as the
+    /// kernel holds it (a fired one-shot registration keeps only its flag
+    /// bits).
+    pub events: u32,
+    /// The user data returned with its events.
+    pub data: u64,
 }
 
 /// A regular file that was deleted while the tree held it open.

@@ -224,6 +224,16 @@ pub enum ValidationError {
     /// An inotify instance whose watches cannot be recreated.
     #[error("open file {file} (inotify): {why}")]
     BadInotify { file: u32, why: String },
+    /// Epoll instances registered in each other in a loop (the kernel
+    /// refuses to make one).
+    #[error("open file {file}: an epoll instance that is registered, directly or through others, in itself")]
+    EpollLoop { file: u32 },
+    /// An epoll registration under an impossible fd number.
+    #[error("open file {file}: an epoll registration under fd number {fd}, out of range 0..={MAX_FD_NUMBER}")]
+    EpollBadFd { file: u32, fd: i32 },
+    /// A pidfd whose process is not one of the tree.
+    #[error("open file {file}: a pidfd of process {pid}, which is not a process of the tree")]
+    PidfdOutsideTree { file: u32, pid: i32 },
 }
 
 /// At most this many file locks in one image.
@@ -625,6 +635,37 @@ impl TreeImage {
                     }
                 }
                 FileKind::Inotify { watches, .. } => check_inotify(f.id, watches)?,
+                FileKind::Epoll { targets } => {
+                    bound("epoll registrations", targets.len(), MAX_OBJECTS)?;
+                    for t in targets {
+                        if !(0..=MAX_FD_NUMBER).contains(&t.fd) {
+                            return Err(ValidationError::EpollBadFd {
+                                file: f.id,
+                                fd: t.fd,
+                            });
+                        }
+                        if self.file(t.file).is_none() {
+                            return undefined(
+                                format!(
+                                    "epoll open file {} (its registration of fd {})",
+                                    f.id, t.fd
+                                ),
+                                "open file",
+                                t.file,
+                            );
+                        }
+                    }
+                }
+                FileKind::Pidfd { pid } => {
+                    let in_tree =
+                        self.task(*pid).is_some() || self.zombies.iter().any(|z| z.pid == *pid);
+                    if !in_tree {
+                        return Err(ValidationError::PidfdOutsideTree {
+                            file: f.id,
+                            pid: *pid,
+                        });
+                    }
+                }
             }
         }
         check_locks(self)?;
@@ -646,8 +687,66 @@ impl TreeImage {
             }
             check_shmem_areas(t.pid, &t.vmas, &self.shmem)?;
         }
+        epoll_order(&self.files)?;
         Ok(())
     }
+}
+
+/// The epoll instances of `files` in an order in which each comes after
+/// every epoll instance registered in it (the order restore registers
+/// them in); [`ValidationError::EpollLoop`] if they are registered in each
+/// other in a loop. Registrations of files `files` does not hold are
+/// ignored here.
+pub fn epoll_order(files: &[crate::model::OpenFile]) -> Result<Vec<u32>, ValidationError> {
+    use std::collections::{HashMap, VecDeque};
+    let epolls: HashMap<u32, &[crate::model::EpollTarget]> = files
+        .iter()
+        .filter_map(|f| match &f.kind {
+            FileKind::Epoll { targets } => Some((f.id, targets.as_slice())),
+            _ => None,
+        })
+        .collect();
+    // inner -> the epolls it is registered in (once per registration).
+    let mut outers: HashMap<u32, Vec<u32>> = HashMap::new();
+    let mut waiting: HashMap<u32, usize> = HashMap::new();
+    for f in files {
+        let Some(targets) = epolls.get(&f.id) else {
+            continue;
+        };
+        let inner = targets.iter().filter(|t| epolls.contains_key(&t.file));
+        let mut n = 0;
+        for t in inner {
+            outers.entry(t.file).or_default().push(f.id);
+            n += 1;
+        }
+        waiting.insert(f.id, n);
+    }
+    let mut ready: VecDeque<u32> = files
+        .iter()
+        .map(|f| f.id)
+        .filter(|id| waiting.get(id) == Some(&0))
+        .collect();
+    let mut order = Vec::with_capacity(waiting.len());
+    while let Some(id) = ready.pop_front() {
+        order.push(id);
+        for o in outers.get(&id).map(Vec::as_slice).unwrap_or_default() {
+            if let Some(n) = waiting.get_mut(o) {
+                *n -= 1;
+                if *n == 0 {
+                    ready.push_back(*o);
+                }
+            }
+        }
+    }
+    if order.len() < waiting.len() {
+        let stuck = files
+            .iter()
+            .map(|f| f.id)
+            .find(|id| waiting.get(id).is_some_and(|&n| n > 0))
+            .unwrap_or_default();
+        return Err(ValidationError::EpollLoop { file: stuck });
+    }
+    Ok(order)
 }
 
 /// The rules of a tree's shape: unique PIDs and TIDs (`ids`), every parent
@@ -1370,6 +1469,134 @@ pub(crate) mod tests {
             })),
             Err(ValidationError::StringHasNul { .. })
         ));
+    }
+
+    /// `sample_image` with two epoll instances (4 registered in 5) and a
+    /// pidfd of the root, each at an fd of the root.
+    fn with_epolls() -> TreeImage {
+        let mut img = sample_image();
+        let target = |fd, file| EpollTarget {
+            fd,
+            file,
+            events: 0x8000_0019,
+            data: 0x1122_3344_5566_7788,
+        };
+        img.files.push(OpenFile {
+            id: 4,
+            flags: 2,
+            pos: 0,
+            kind: FileKind::Epoll {
+                targets: vec![target(3, 2), target(9, 3)],
+            },
+        });
+        img.files.push(OpenFile {
+            id: 5,
+            flags: 2,
+            pos: 0,
+            kind: FileKind::Epoll {
+                targets: vec![target(5, 4)],
+            },
+        });
+        img.files.push(OpenFile {
+            id: 6,
+            flags: 2,
+            pos: 0,
+            kind: FileKind::Pidfd { pid: 4242 },
+        });
+        for (fd, file) in [(5, 4), (6, 5), (7, 6)] {
+            img.tasks[0].fds.push(FdEntry {
+                fd,
+                cloexec: false,
+                file,
+            });
+        }
+        img
+    }
+
+    fn epoll_targets(img: &mut TreeImage, id: u32) -> &mut Vec<EpollTarget> {
+        match &mut img
+            .files
+            .iter_mut()
+            .find(|f| f.id == id)
+            .expect("file")
+            .kind
+        {
+            FileKind::Epoll { targets } => targets,
+            other => panic!("open file {id} is {other:?}"),
+        }
+    }
+
+    #[test]
+    fn epoll_and_pidfd_rules() {
+        let img = with_epolls();
+        assert_eq!(img.validate(), Ok(()));
+        assert_eq!(epoll_order(&img.files), Ok(vec![4, 5]), "inner first");
+        let rejects = |f: &dyn Fn(&mut TreeImage)| {
+            let mut img = with_epolls();
+            f(&mut img);
+            img.validate().expect_err("image should have been rejected")
+        };
+        let e = rejects(&|i| epoll_targets(i, 4)[1].file = 99);
+        assert_eq!(
+            e,
+            ValidationError::UndefinedObject {
+                user: "epoll open file 4 (its registration of fd 9)".into(),
+                what: "open file",
+                id: 99
+            }
+        );
+        assert!(
+            e.to_string().contains("which the image does not define"),
+            "{e}"
+        );
+        assert_eq!(
+            rejects(&|i| epoll_targets(i, 4)[0].fd = -1),
+            ValidationError::EpollBadFd { file: 4, fd: -1 }
+        );
+        // 5 in 4 as well as 4 in 5; an epoll in itself.
+        let e = rejects(&|i| {
+            epoll_targets(i, 4).push(EpollTarget {
+                fd: 6,
+                file: 5,
+                events: 1,
+                data: 0,
+            })
+        });
+        assert!(
+            matches!(e, ValidationError::EpollLoop { file: 4 | 5 }),
+            "{e:?}"
+        );
+        let e = rejects(&|i| {
+            epoll_targets(i, 5).push(EpollTarget {
+                fd: 6,
+                file: 5,
+                events: 1,
+                data: 0,
+            })
+        });
+        assert_eq!(e, ValidationError::EpollLoop { file: 5 });
+        let e = rejects(&|i| {
+            i.files[5].kind = FileKind::Pidfd { pid: 1 };
+        });
+        assert_eq!(e, ValidationError::PidfdOutsideTree { file: 6, pid: 1 });
+        assert!(e
+            .to_string()
+            .contains("process 1, which is not a process of the tree"));
+        // A zombie of the tree is fine.
+        let mut t = sample_tree();
+        let z = t.zombies[0].pid;
+        t.files.push(OpenFile {
+            id: 9,
+            flags: 2,
+            pos: 0,
+            kind: FileKind::Pidfd { pid: z },
+        });
+        t.tasks[0].fds.push(FdEntry {
+            fd: 20,
+            cloexec: true,
+            file: 9,
+        });
+        assert_eq!(t.validate(), Ok(()));
     }
 }
 

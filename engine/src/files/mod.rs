@@ -21,6 +21,7 @@
 //! side before the transfer.
 
 pub mod deleted;
+pub mod epoll;
 #[cfg(test)]
 mod event_tests;
 pub mod eventfd;
@@ -29,6 +30,7 @@ pub mod fifo;
 mod fs_tests;
 pub mod inotify;
 pub mod locks;
+pub mod pidfd;
 pub mod pipe;
 pub mod regular;
 pub mod signalfd;
@@ -92,6 +94,8 @@ pub struct FileCollector {
     fifos: fifo::FifoCollector,
     /// File locks.
     locks: locks::LockCollector,
+    /// Every process seen, in order.
+    tasks: Vec<i32>,
 }
 
 impl FileCollector {
@@ -118,6 +122,7 @@ impl FileCollector {
     /// restore (sockets, epoll, inotify, ...).
     pub fn task(&mut self, pid: i32, shmem: &mut ShmemCollector) -> Result<Vec<FdEntry>> {
         let numbers = list_fds(pid)?;
+        self.tasks.push(pid);
         let mut out = Vec::with_capacity(numbers.len());
         for fd in numbers {
             let (raw_flags, pos) = read_fdinfo(pid, fd)?;
@@ -222,6 +227,12 @@ impl FileCollector {
                 "[eventfd]" => return eventfd::capture(pid, fd),
                 "[timerfd]" => return timerfd::capture(pid, fd),
                 "[signalfd]" => return signalfd::capture(pid, fd),
+                "[eventpoll]" => {
+                    return Ok(FileKind::Epoll {
+                        targets: Vec::new(),
+                    })
+                }
+                "[pidfd]" => return pidfd::classify(pid, fd, flags),
                 _ => {}
             }
             let what = match rest {
@@ -300,6 +311,8 @@ impl FileCollector {
             }
         }
         pipes.extend(std::mem::take(&mut self.fifos).finish()?);
+        epoll::resolve(&mut self.files, &self.users, &self.seen)?;
+        pidfd::check(&self.files, &self.users, &self.tasks)?;
         Ok((self.files, pipes, self.deleted.finish()))
     }
 
@@ -372,6 +385,8 @@ impl Opened {
                 FileKind::SignalFd { .. } => format!("{who} (a signalfd)"),
                 FileKind::Fifo { path, .. } => format!("{who} (named pipe {path})"),
                 FileKind::Inotify { .. } => format!("{who} (inotify instance)"),
+                FileKind::Epoll { .. } => format!("{who} (epoll instance)"),
+                FileKind::Pidfd { pid } => format!("{who} (pidfd of process {pid})"),
             }
         };
         let mut opened = Opened {
@@ -416,6 +431,8 @@ impl Opened {
                 FileKind::EventFd { count, semaphore } => eventfd::open(f, *count, *semaphore, &d)?,
                 FileKind::TimerFd(t) => timerfd::open(f, t, &d)?,
                 FileKind::SignalFd { mask } => signalfd::open(f, *mask, &d)?,
+                FileKind::Epoll { .. } => epoll::open(f, &d)?,
+                FileKind::Pidfd { pid } => pidfd::open(*pid, f, &d)?,
                 _ => regular::open(f, &d)?,
             };
             opened.fds.insert(f.id, fd);

@@ -355,3 +355,74 @@ pub fn touch_byte(fd: BorrowedFd<'_>, write: bool) -> io::Result<()> {
         Ok(())
     }
 }
+
+/// `pidfd_open(pid, flags)` (`PIDFD_NONBLOCK`, `PIDFD_THREAD`).
+pub fn pidfd_open_flags(pid: i32, flags: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers; on success it returns a new
+    // fd that nothing else owns, which we wrap exactly once.
+    unsafe {
+        let r = libc::syscall(libc::SYS_pidfd_open, pid, flags);
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(r as RawFd))
+    }
+}
+
+/// `epoll_create1(flags)`.
+pub fn epoll_create1(flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: an integer argument; a successful call returns a new fd that
+    // nothing else owns, wrapped exactly once.
+    unsafe {
+        let r = libc::epoll_create1(flags);
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(r))
+    }
+}
+
+/// `struct kcmp_epoll_slot` of the kernel's UAPI (`linux/kcmp.h`).
+#[repr(C)]
+struct KcmpEpollSlot {
+    efd: u32,
+    tfd: u32,
+    toff: u32,
+}
+
+/// `kcmp(pid1, pid2, KCMP_EPOLL_TFD, fd1, &{efd, tfd, toff}) == 0`: fd
+/// `fd1` of `pid1` is the file registered in the epoll instance at fd `efd`
+/// of `pid2` under fd number `tfd` (the `toff`-th registration under that
+/// number).
+pub fn same_epoll_target(
+    pid1: i32,
+    fd1: i32,
+    pid2: i32,
+    efd: i32,
+    tfd: i32,
+    toff: u32,
+) -> io::Result<bool> {
+    const KCMP_EPOLL_TFD: libc::c_long = 7;
+    let slot = KcmpEpollSlot {
+        efd: efd as u32,
+        tfd: tfd as u32,
+        toff,
+    };
+    // SAFETY: kcmp only reads the slot, a valid local of the size it
+    // expects, for the duration of the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1,
+            pid2,
+            KCMP_EPOLL_TFD,
+            fd1 as libc::c_ulong,
+            &slot as *const KcmpEpollSlot as libc::c_ulong,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r == 0)
+    }
+}

@@ -289,6 +289,10 @@ impl TreeRestorer {
             })?;
         }
         let opened = Opened::open_all(img, &self.shmem, &self.stdio)?;
+        // Before the root's stub has fds of its own: see files::epoll.
+        if let Some(root) = self.b.stubs.first_mut() {
+            crate::files::epoll::register_all(&mut root.injector()?, img, &opened)?;
+        }
         let mut uffd = None;
         for (i, (task, stub)) in img.tasks.iter().zip(self.b.stubs.iter_mut()).enumerate() {
             let u = build_task(stub, task, &opened, owed, i == 0)?;
