@@ -503,6 +503,8 @@ pub enum FileKind {
     /// `what` says what it was (the fd's link text). On restore it follows
     /// the stdio policy: reads see end of file, writes go to a log file.
     Outside { what: String },
+    /// A TCP socket (see [`crate::net`]).
+    Tcp { socket: Box<crate::net::TcpSocket> },
 }
 
 /// A regular file that was deleted while the tree held it open.

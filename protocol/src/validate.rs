@@ -206,6 +206,9 @@ pub enum ValidationError {
     /// An unknown resource limit or a duplicate one.
     #[error("rlimit #{index}: resource {resource} is unknown or repeated")]
     BadRlimit { index: usize, resource: u32 },
+    /// A socket record that cannot be rebuilt.
+    #[error("open file {file} (a socket): {why}")]
+    BadSocket { file: u32, why: String },
 }
 
 fn check_str(field: impl FnOnce() -> String, s: &str) -> Result<(), ValidationError> {
@@ -517,6 +520,11 @@ impl TreeImage {
                     if self.deleted_file(*id).is_none() {
                         return undefined(format!("open file {}", f.id), "deleted file", *id);
                     }
+                }
+                FileKind::Tcp { socket } => {
+                    socket
+                        .check()
+                        .map_err(|why| ValidationError::BadSocket { file: f.id, why })?;
                 }
             }
         }

@@ -197,7 +197,7 @@ fn checkpoint_refuses_a_socket_fd_and_leaves_the_process_running() {
     wl.out.wait_tick_above(2);
 
     let run = common::checkpoint(wl.pid, &tmp.path().join("img"), false);
-    run.assert_error(&["socket"]);
+    run.assert_error(&["UDP socket"]);
     assert!(
         mentions_number(&run.stderr, fd),
         "error should name fd {fd}: {}",
@@ -206,8 +206,9 @@ fn checkpoint_refuses_a_socket_fd_and_leaves_the_process_running() {
     common::assert_running_untraced(wl.pid);
     let last = wl.out.last_tick().expect("ticks");
     wl.out.wait_tick_above(last + 3);
-    // The socket is still there and still listening.
-    std::net::TcpStream::connect(("127.0.0.1", port)).expect("listener still accepts");
+    // The socket is still there and still holds its port.
+    let err = std::net::UdpSocket::bind(("127.0.0.1", port)).expect_err("port still taken");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! wl-socket: holds a TCP socket listening on 127.0.0.1 (a kind of fd that
+//! wl-socket: holds a UDP socket bound on 127.0.0.1 (a kind of fd that
 //! checkpoint does not support yet), prints `ready pid=P fd=N port=X`, then
 //! ticks every 20 ms.
 mod shared;
@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 fn main() {
-    let listener = match std::net::TcpListener::bind("127.0.0.1:0") {
+    let listener = match std::net::UdpSocket::bind("127.0.0.1:0") {
         Ok(l) => l,
         Err(e) => die(&format!("bind: {e}")),
     };

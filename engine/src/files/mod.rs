@@ -23,6 +23,7 @@
 pub mod deleted;
 pub mod pipe;
 pub mod regular;
+pub mod socket;
 pub mod stdio;
 pub(crate) mod sys;
 #[cfg(test)]
@@ -77,6 +78,8 @@ pub struct FileCollector {
     users: HashMap<FileId, Vec<(i32, i32)>>,
     /// Files deleted while open.
     deleted: deleted::DeletedCollector,
+    /// Sockets put into repair mode (shared with the frozen tree).
+    pub(crate) repair: socket::RepairSet,
 }
 
 impl FileCollector {
@@ -195,7 +198,7 @@ impl FileCollector {
             if stdio {
                 return Ok(FileKind::Outside { what: link.into() });
             }
-            return Err(unsupported(format!("a socket ({link})")));
+            return socket::classify(pid, fd, link, &self.repair);
         }
         if let Some(rest) = link.strip_prefix("anon_inode:") {
             let what = match rest {
@@ -323,6 +326,7 @@ impl Opened {
                 FileKind::Shmem { id } => format!("{who} (shared memory object {id})"),
                 FileKind::Deleted { id } => format!("{who} (deleted file {id})"),
                 FileKind::Outside { what } => format!("{who} ({what}, outside the tree)"),
+                FileKind::Tcp { .. } => format!("{who} (a TCP socket)"),
             }
         };
         let mut opened = Opened {
@@ -334,9 +338,14 @@ impl Opened {
         for d in &tree.deleted {
             inodes.insert(d.id, deleted::create(d)?);
         }
+        let mut sockets = Vec::new();
         for f in &tree.files {
             let d = describe(f);
             let fd = match &f.kind {
+                FileKind::Tcp { .. } => {
+                    sockets.push(f);
+                    continue;
+                }
                 FileKind::Pipe { pipe, .. } => {
                     by_pipe.entry(*pipe).or_default().push(f);
                     continue;
@@ -369,6 +378,7 @@ impl Opened {
                 opened.fds.insert(file, fd);
             }
         }
+        opened.fds.extend(socket::open_all(&sockets, &describe)?);
         Ok(opened)
     }
 
