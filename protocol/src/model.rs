@@ -505,6 +505,8 @@ pub enum FileKind {
     Outside { what: String },
     /// A TCP socket (see [`crate::net`]).
     Tcp { socket: Box<crate::net::TcpSocket> },
+    /// A UDP socket (see [`crate::net`]).
+    Udp { socket: Box<crate::net::UdpSocket> },
 }
 
 /// A regular file that was deleted while the tree held it open.

@@ -116,20 +116,60 @@ pub struct SocketOptions {
     /// `SO_RCVTIMEO` / `SO_SNDTIMEO` in microseconds (0: none).
     pub rcvtimeo_us: u64,
     pub sndtimeo_us: u64,
+    /// `SO_BROADCAST` (UDP).
+    pub broadcast: bool,
+}
+
+/// A UDP socket: bound and connected as it was. Datagrams queued at the
+/// checkpoint are not carried: `dropped` says how many there were (UDP
+/// allows loss; the checkpoint reports it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpSocket {
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    pub bound: Option<SocketAddr>,
+    /// The address it is connected to.
+    pub peer: Option<SocketAddr>,
+    pub options: SocketOptions,
+    /// Datagrams that were queued at the checkpoint (not carried).
+    pub dropped: u32,
+}
+
+impl UdpSocket {
+    /// Check the record; the error says what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let fam = family_name(self.family)?;
+        let v6 = self.family == AF_INET6;
+        if let Some(a) = self
+            .bound
+            .iter()
+            .chain(self.peer.iter())
+            .find(|a| a.is_ipv6() != v6)
+        {
+            return Err(format!("address {a} in an {fam} socket"));
+        }
+        if self.peer.is_some_and(|p| p.port() == 0) {
+            return Err("connected to port 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// "IPv4" or "IPv6", or why `family` is not supported.
+fn family_name(family: u16) -> Result<&'static str, String> {
+    match family {
+        AF_INET => Ok("IPv4"),
+        AF_INET6 => Ok("IPv6"),
+        other => Err(format!(
+            "address family {other} is not supported (only AF_INET {AF_INET} and AF_INET6 {AF_INET6})"
+        )),
+    }
 }
 
 impl TcpSocket {
     /// Check the record; the error says what is wrong.
     pub fn check(&self) -> Result<(), String> {
-        let fam = match self.family {
-            AF_INET => "IPv4",
-            AF_INET6 => "IPv6",
-            other => {
-                return Err(format!(
-                    "address family {other} is not supported (only AF_INET {AF_INET} and AF_INET6 {AF_INET6})"
-                ))
-            }
-        };
+        let fam = family_name(self.family)?;
         let fits = |a: &SocketAddr| match self.family {
             AF_INET => a.is_ipv4(),
             _ => a.is_ipv6(),
@@ -224,6 +264,29 @@ mod tests {
         match &mut s.state {
             TcpState::Established(c) => c,
             _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn images_check_their_sockets() {
+        use crate::model::FileKind;
+        use crate::validate::ValidationError;
+        let mut img = crate::validate::tests::sample_image();
+        img.files[0].kind = FileKind::Tcp {
+            socket: Box::new(sample()),
+        };
+        assert_eq!(img.validate(), Ok(()));
+        let mut bad = sample();
+        conn(&mut bad).send_queue.push(0);
+        img.files[0].kind = FileKind::Tcp {
+            socket: Box::new(bad),
+        };
+        match img.validate() {
+            Err(ValidationError::BadSocket { file, why }) => {
+                assert_eq!(file, img.files[0].id);
+                assert!(why.contains("send queue holds 4 bytes"), "{why}");
+            }
+            other => panic!("expected BadSocket, got {other:?}"),
         }
     }
 

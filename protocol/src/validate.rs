@@ -526,6 +526,11 @@ impl TreeImage {
                         .check()
                         .map_err(|why| ValidationError::BadSocket { file: f.id, why })?;
                 }
+                FileKind::Udp { socket } => {
+                    socket
+                        .check()
+                        .map_err(|why| ValidationError::BadSocket { file: f.id, why })?;
+                }
             }
         }
         for t in &self.tasks {

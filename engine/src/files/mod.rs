@@ -327,6 +327,7 @@ impl Opened {
                 FileKind::Deleted { id } => format!("{who} (deleted file {id})"),
                 FileKind::Outside { what } => format!("{who} ({what}, outside the tree)"),
                 FileKind::Tcp { .. } => format!("{who} (a TCP socket)"),
+                FileKind::Udp { .. } => format!("{who} (a UDP socket)"),
             }
         };
         let mut opened = Opened {
@@ -342,7 +343,7 @@ impl Opened {
         for f in &tree.files {
             let d = describe(f);
             let fd = match &f.kind {
-                FileKind::Tcp { .. } => {
+                FileKind::Tcp { .. } | FileKind::Udp { .. } => {
                     sockets.push(f);
                     continue;
                 }

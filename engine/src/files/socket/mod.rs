@@ -1,6 +1,8 @@
 //! Sockets, both directions, one module per kind: [`tcp`] (listening,
-//! closed and established TCP over IPv4 and IPv6). Every other kind of
-//! socket (unix, UDP, netlink, raw, packet) is refused, named.
+//! closed and established TCP over IPv4 and IPv6), [`udp`] (bound and
+//! connected UDP; queued datagrams are counted, not carried), with the
+//! options they share in [`options`]. Every other kind of socket (unix,
+//! netlink, raw, packet) is refused, named.
 //!
 //! ```text
 //!  checkpoint  classify(pid, fd)   pidfd_getfd: the agent's copy is the
@@ -15,10 +17,12 @@
 //!                 first, so that connections on their port bind after them)
 //! ```
 
+pub mod options;
 pub(crate) mod sys;
 pub mod tcp;
 #[cfg(test)]
 mod tests;
+pub mod udp;
 
 use crate::{Error, Result};
 use ferry_protocol::model::{FileId, FileKind, OpenFile};
@@ -109,6 +113,13 @@ pub fn classify(pid: i32, fd: i32, link: &str, repair: &RepairSet) -> Result<Fil
             socket: Box::new(socket),
         });
     }
+    if inet && ty == libc::SOCK_DGRAM && proto == libc::IPPROTO_UDP {
+        let what = format!("fd {fd} of process {pid} ({link})");
+        let socket = udp::dump(sock, &what)?;
+        return Ok(FileKind::Udp {
+            socket: Box::new(socket),
+        });
+    }
     Err(unsupported(format!(
         "{} ({link})",
         describe_kind(domain, ty, proto)
@@ -162,13 +173,14 @@ pub fn open_all(
     let mut order: Vec<&OpenFile> = files.to_vec();
     order.sort_by_key(|f| match &f.kind {
         FileKind::Tcp { socket } => tcp::restore_rank(socket),
-        _ => u8::MAX,
+        _ => 3,
     });
     let mut out = Vec::with_capacity(order.len());
     for f in order {
         let d = describe(f);
         let fd = match &f.kind {
             FileKind::Tcp { socket } => tcp::open(socket, f.flags, &d)?,
+            FileKind::Udp { socket } => udp::open(socket, f.flags, &d)?,
             _ => return Err(Error::parse("image", format!("{d} is not a socket"))),
         };
         out.push((f.id, fd));

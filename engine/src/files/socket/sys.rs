@@ -208,10 +208,15 @@ pub fn send(fd: BorrowedFd<'_>, buf: &[u8], flags: i32) -> io::Result<usize> {
 
 /// `socket(domain, SOCK_STREAM | SOCK_CLOEXEC, 0)`.
 pub fn tcp_socket(domain: i32) -> io::Result<OwnedFd> {
+    socket(domain, libc::SOCK_STREAM)
+}
+
+/// `socket(domain, ty | SOCK_CLOEXEC, 0)`.
+pub fn socket(domain: i32, ty: i32) -> io::Result<OwnedFd> {
     // SAFETY: integer arguments; a new fd that nothing else owns, wrapped
     // exactly once.
     unsafe {
-        let r = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let r = libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0);
         if r < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -19,6 +19,7 @@
 //! connections still being opened are refused naming their state; a
 //! listener with connections waiting to be accepted is refused.
 
+use super::options::{self, set_buffers};
 use super::sys::{self, get_int, set_int};
 use super::RepairSet;
 use crate::{Error, Result};
@@ -206,47 +207,24 @@ pub fn leave_repair(fd: BorrowedFd<'_>) -> io::Result<()> {
     set_int(fd, SOL_TCP, sys::TCP_REPAIR, sys::TCP_REPAIR_OFF)
 }
 
-fn get_bool(fd: BorrowedFd<'_>, level: i32, opt: i32) -> io::Result<bool> {
-    Ok(get_int(fd, level, opt)? != 0)
-}
-
-fn timeout_us(fd: BorrowedFd<'_>, opt: i32) -> io::Result<u64> {
-    let tv: libc::timeval = sys::getsockopt(fd, SOL_SOCKET, opt, 16)?;
-    Ok(tv.tv_sec.max(0) as u64 * 1_000_000 + tv.tv_usec.max(0) as u64)
-}
-
-/// The options ferry carries.
+/// The options ferry carries: those of every socket, then TCP's.
 fn read_options(fd: BorrowedFd<'_>, family: u16) -> io::Result<SocketOptions> {
+    let mut o = options::read_common(fd, family)?;
     let linger: libc::linger = sys::getsockopt(fd, SOL_SOCKET, libc::SO_LINGER, 8)?;
-    let v6 = family == AF_INET6;
-    Ok(SocketOptions {
-        reuseaddr: get_bool(fd, SOL_SOCKET, libc::SO_REUSEADDR)?,
-        reuseport: get_bool(fd, SOL_SOCKET, libc::SO_REUSEPORT)?,
-        keepalive: get_bool(fd, SOL_SOCKET, libc::SO_KEEPALIVE)?,
-        keepidle: get_int(fd, SOL_TCP, libc::TCP_KEEPIDLE)?,
-        keepintvl: get_int(fd, SOL_TCP, libc::TCP_KEEPINTVL)?,
-        keepcnt: get_int(fd, SOL_TCP, libc::TCP_KEEPCNT)?,
-        nodelay: get_bool(fd, SOL_TCP, libc::TCP_NODELAY)?,
-        sndbuf: get_int(fd, SOL_SOCKET, libc::SO_SNDBUF)?,
-        rcvbuf: get_int(fd, SOL_SOCKET, libc::SO_RCVBUF)?,
-        linger: (linger.l_onoff != 0).then_some(linger.l_linger),
-        tos: if v6 {
-            get_int(fd, libc::IPPROTO_IPV6, libc::IPV6_TCLASS)?
-        } else {
-            get_int(fd, libc::IPPROTO_IP, libc::IP_TOS)?
-        },
-        v6only: v6 && get_bool(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?,
-        rcvtimeo_us: timeout_us(fd, libc::SO_RCVTIMEO)?,
-        sndtimeo_us: timeout_us(fd, libc::SO_SNDTIMEO)?,
-    })
+    o.keepalive = get_int(fd, SOL_SOCKET, libc::SO_KEEPALIVE)? != 0;
+    o.keepidle = get_int(fd, SOL_TCP, libc::TCP_KEEPIDLE)?;
+    o.keepintvl = get_int(fd, SOL_TCP, libc::TCP_KEEPINTVL)?;
+    o.keepcnt = get_int(fd, SOL_TCP, libc::TCP_KEEPCNT)?;
+    o.nodelay = get_int(fd, SOL_TCP, libc::TCP_NODELAY)? != 0;
+    o.linger = (linger.l_onoff != 0).then_some(linger.l_linger);
+    Ok(o)
 }
 
 /// Set the options of `o` (all but `SO_REUSEADDR`, which repair mode
 /// overrides and which is set last).
 fn write_options(fd: BorrowedFd<'_>, family: u16, o: &SocketOptions) -> io::Result<()> {
-    let b = |v: bool| v as i32;
-    set_int(fd, SOL_SOCKET, libc::SO_REUSEPORT, b(o.reuseport))?;
-    set_int(fd, SOL_SOCKET, libc::SO_KEEPALIVE, b(o.keepalive))?;
+    options::write_common(fd, family, o)?;
+    set_int(fd, SOL_SOCKET, libc::SO_KEEPALIVE, o.keepalive as i32)?;
     for (opt, v) in [
         (libc::TCP_KEEPIDLE, o.keepidle),
         (libc::TCP_KEEPINTVL, o.keepintvl),
@@ -256,43 +234,12 @@ fn write_options(fd: BorrowedFd<'_>, family: u16, o: &SocketOptions) -> io::Resu
             set_int(fd, SOL_TCP, opt, v)?;
         }
     }
-    set_int(fd, SOL_TCP, libc::TCP_NODELAY, b(o.nodelay))?;
-    set_buffers(fd, o.sndbuf, o.rcvbuf)?;
+    set_int(fd, SOL_TCP, libc::TCP_NODELAY, o.nodelay as i32)?;
     let linger = libc::linger {
         l_onoff: o.linger.is_some() as i32,
         l_linger: o.linger.unwrap_or(0),
     };
-    sys::setsockopt(fd, SOL_SOCKET, libc::SO_LINGER, &linger)?;
-    if family == AF_INET6 {
-        set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_TCLASS, o.tos)?;
-    } else {
-        set_int(fd, libc::IPPROTO_IP, libc::IP_TOS, o.tos)?;
-    }
-    for (opt, us) in [
-        (libc::SO_RCVTIMEO, o.rcvtimeo_us),
-        (libc::SO_SNDTIMEO, o.sndtimeo_us),
-    ] {
-        let tv = libc::timeval {
-            tv_sec: (us / 1_000_000) as libc::time_t,
-            tv_usec: (us % 1_000_000) as libc::suseconds_t,
-        };
-        sys::setsockopt(fd, SOL_SOCKET, opt, &tv)?;
-    }
-    Ok(())
-}
-
-/// Set `SO_SNDBUF`/`SO_RCVBUF` to what they read (`sndbuf`, `rcvbuf`):
-/// the kernel doubles what is set and reports the doubled value; the FORCE
-/// forms pass the limits of net.core.[rw]mem_max, as the program (or the
-/// kernel's tuning) had it. 0 leaves a buffer as it is.
-fn set_buffers(fd: BorrowedFd<'_>, sndbuf: i32, rcvbuf: i32) -> io::Result<()> {
-    if sndbuf > 0 {
-        set_int(fd, SOL_SOCKET, libc::SO_SNDBUFFORCE, sndbuf / 2)?;
-    }
-    if rcvbuf > 0 {
-        set_int(fd, SOL_SOCKET, libc::SO_RCVBUFFORCE, rcvbuf / 2)?;
-    }
-    Ok(())
+    sys::setsockopt(fd, SOL_SOCKET, libc::SO_LINGER, &linger)
 }
 
 /// A buffer size (as `getsockopt` reads it) with room for `queue` bytes:
@@ -328,15 +275,7 @@ pub fn open(s: &TcpSocket, flags: u32, d: &str) -> Result<OwnedFd> {
         |step: &'static str| move |e: io::Error| Error::io(format!("restoring {d}: {step}"), e);
     let sock = sys::tcp_socket(domain).map_err(at("socket"))?;
     let fd = sock.as_fd();
-    if s.family == AF_INET6 {
-        set_int(
-            fd,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            s.options.v6only as i32,
-        )
-        .map_err(at("IPV6_V6ONLY"))?;
-    }
+    options::set_v6only(fd, s.family, &s.options).map_err(at("IPV6_V6ONLY"))?;
     write_options(fd, s.family, &s.options).map_err(at("setting its options"))?;
     match &s.state {
         TcpState::Closed { bound } => {

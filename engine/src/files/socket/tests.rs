@@ -275,11 +275,11 @@ fn half_closed_connection_is_refused_naming_its_state() {
 
 #[test]
 fn other_sockets_are_refused_by_kind() {
-    let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let (u, _v) = std::os::unix::net::UnixDatagram::pair().expect("pair");
     let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
     let me = std::process::id() as i32;
     for (fd, needle) in [
-        (u.as_raw_fd(), "a UDP socket (IPv4)"),
+        (u.as_raw_fd(), "a unix datagram socket"),
         (a.as_raw_fd(), "a unix stream socket"),
     ] {
         let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).expect("link");
@@ -300,4 +300,53 @@ fn an_image_of_an_unsupported_family_is_refused_on_restore() {
     image.family = 1;
     let msg = tcp::open(&image, 0, "open file 3").unwrap_err().to_string();
     assert!(msg.contains("unsupported address family 1"), "{msg}");
+}
+
+/// A UDP socket bound and connected, with options and two datagrams
+/// queued: the datagrams are counted (and left to the process), the
+/// socket comes back bound and connected with its options.
+#[test]
+fn udp_socket_comes_back_bound_and_connected() {
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer");
+    let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    u.connect(peer.local_addr().expect("addr"))
+        .expect("connect");
+    u.set_broadcast(true).expect("broadcast");
+    sys::set_int(u.as_fd(), libc::IPPROTO_IP, libc::IP_TOS, 0x10).expect("tos");
+    let addr = u.local_addr().expect("addr");
+    for m in [&b"one"[..], b"two"] {
+        peer.send_to(m, addr).expect("send");
+    }
+    settle("two datagrams queued", || q(u.as_fd(), sys::SIOCINQ) == 3);
+    let image = super::udp::dump(u.as_fd().try_clone_to_owned().expect("dup"), "u").expect("dump");
+    image.check().expect("valid");
+    assert_eq!(image.dropped, 2);
+    assert_eq!(image.bound, Some(addr));
+    assert_eq!(image.peer, Some(peer.local_addr().expect("addr")));
+    assert!(image.options.broadcast);
+    assert_eq!(image.options.tos, 0x10);
+    // Counting consumed nothing and left the peek offset as it was.
+    let mut buf = [0u8; 8];
+    assert_eq!(u.peek(&mut buf).expect("peek"), 3);
+    assert_eq!(&buf[..3], b"one");
+    assert_eq!(
+        sys::get_int(u.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF).expect("peek off"),
+        -1
+    );
+    drop(u);
+
+    let fd = super::udp::open(&image, 0, "u").expect("rebuild");
+    let u2 = std::net::UdpSocket::from(fd);
+    assert_eq!(u2.local_addr().expect("addr"), addr);
+    assert!(u2.broadcast().expect("broadcast"));
+    u2.send(b"back").expect("send on the connected socket");
+    peer.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let (n, from) = peer.recv_from(&mut buf).expect("recv");
+    assert_eq!((&buf[..n], from), (&b"back"[..], addr));
+    peer.send_to(b"again", addr).expect("send");
+    u2.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let n = u2.recv(&mut buf).expect("recv");
+    assert_eq!(&buf[..n], b"again");
 }
