@@ -1,18 +1,20 @@
 //! wl-tcp: a TCP server on 127.0.0.1. Listens (port chosen by the kernel),
 //! prints `ready pid=P port=X`, accepts one client and then, in one loop:
-//! sends 8-byte big-endian records 0, 1, 2, ... whenever the socket takes
-//! them, reads the client's records (which must also count 0, 1, 2, ...)
-//! in small pieces, and answers every further connection to the listener
+//! sends 8-byte big-endian records 0, 1, 2, ... (up to 64 a round) while
+//! the socket takes them, reads the client's records (which must also
+//! count 0, 1, 2, ...) one a round, so that they queue up (64 KiB a round
+//! after a SIGUSR1), and answers every further connection to the listener
 //! with one line `rx=N bad=B` (records received, and 1 if one was out of
 //! sequence) before closing it. Dies on any socket error.
 mod shared;
 
-use shared::{die, say};
+use shared::{die, install_sigusr1, say, take_sigusr1};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 
 fn main() {
+    install_sigusr1();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| die(&format!("bind: {e}")));
     let port = listener
         .local_addr()
@@ -42,6 +44,7 @@ fn serve(listener: &TcpListener, mut conn: TcpStream) {
     let mut bad = 0;
     let mut partial = [0u8; 8];
     let mut partial_len = 0;
+    let mut fast = false;
     loop {
         let mut fds = [
             libc::pollfd {
@@ -67,8 +70,8 @@ fn serve(listener: &TcpListener, mut conn: TcpStream) {
         if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
             die("the connection failed");
         }
-        // Writes: as many records as the socket takes.
-        loop {
+        // Writes: up to 64 records, as many as the socket takes.
+        for _ in 0..64 {
             match conn.write(&out[out_at..]) {
                 Ok(n) => {
                     out_at += n;
@@ -83,9 +86,12 @@ fn serve(listener: &TcpListener, mut conn: TcpStream) {
                 Err(e) => die(&format!("write: {e}")),
             }
         }
-        // Reads: a small piece, so that data waits in the receive queue.
-        let mut buf = [0u8; 256];
-        match conn.read(&mut buf) {
+        // Reads: one record, so that data waits in the receive queue, until
+        // told to hurry.
+        fast |= take_sigusr1();
+        let mut buf = [0u8; 64 << 10];
+        let piece = if fast { buf.len() } else { 8 };
+        match conn.read(&mut buf[..piece]) {
             Ok(0) => die("the client closed the connection"),
             Ok(n) => {
                 for &b in &buf[..n] {
