@@ -82,6 +82,20 @@ struct Client {
 impl Client {
     fn connect(port: u16) -> Client {
         let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to wl-tcp");
+        // A fixed, small receive buffer: the server fills the window
+        // quickly once the client pauses.
+        let size: libc::c_int = 64 << 10;
+        // SAFETY: SO_RCVBUF reads one int from `size`.
+        let r = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                4,
+            )
+        };
+        assert_eq!(r, 0, "SO_RCVBUF");
         stream
             .set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");
@@ -268,6 +282,28 @@ fn report(port: u16) -> (u64, u64) {
     (num(&line, "rx"), num(&line, "bad"))
 }
 
+/// Wait until the server has received more than `records` records, all in
+/// sequence; on a timeout, show the connection's state.
+fn server_reads_past(port: u16, records: u64) {
+    let start = std::time::Instant::now();
+    loop {
+        let (rx, bad) = report(port);
+        assert_eq!(bad, 0, "the server saw a record out of sequence");
+        if rx > records {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let ss = std::process::Command::new("ss")
+                .args(["-tinmoe", "sport", "=", &format!(":{port}")])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            panic!("the server received {rx} records, not more than {records}:\n{ss}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn start(procs: &mut Procs, dir: &std::path::Path) -> (common::Workload, u16, Client) {
     let wl = procs.workload(WL_TCP, &[], dir, "tcp");
     let (_, ready) = wl.out.wait_line(0, "ready ");
@@ -319,11 +355,7 @@ fn tcp_connection_and_listener_survive_checkpoint_and_restore() {
     assert!(client.sent() > sent && client.received() > received);
     // The server reads past everything sent before the checkpoint, every
     // record in sequence (the new connections go to the restored listener).
-    common::wait_until(Duration::from_secs(20), "the server reading on", || {
-        let (rx, bad) = report(port);
-        assert_eq!(bad, 0, "the server saw a record out of sequence");
-        (rx > sent + 1000).then_some(())
-    });
+    server_reads_past(port, sent + 1000);
     assert_eq!(state(client.fd()), (1, 0));
     client.stop();
     let _ = procs.kill(wl.pid);
@@ -344,11 +376,7 @@ fn tcp_connection_goes_on_after_checkpoint_leave_running() {
     let sent = client.sent();
     common::signal(wl.pid, libc::SIGUSR1);
     client.advance(2000);
-    common::wait_until(Duration::from_secs(20), "the server reading on", || {
-        let (rx, bad) = report(port);
-        assert_eq!(bad, 0, "the server saw a record out of sequence");
-        (rx > sent).then_some(())
-    });
+    server_reads_past(port, sent);
     assert_eq!(state(client.fd()), (1, 0));
     client.stop();
     let _ = procs.kill(wl.pid);

@@ -141,6 +141,7 @@ fn dump_connection(fd: BorrowedFd<'_>, before: &libc::tcp_info) -> io::Result<Tc
         let n = sys::ioctl_int(fd, req)?;
         u32::try_from(n).map_err(|_| io::Error::other(format!("{name} returned {n}")))
     };
+    mark_all_sent(fd)?;
     let inq = len(sys::SIOCINQ, "SIOCINQ")?;
     let outq = len(sys::SIOCOUTQ, "SIOCOUTQ")?;
     let unsent = len(sys::SIOCOUTQNSD, "SIOCOUTQNSD")?;
@@ -175,6 +176,22 @@ fn dump_connection(fd: BorrowedFd<'_>, before: &libc::tcp_info) -> io::Result<Tc
             rcv_wup: w.rcv_wup,
         },
     })
+}
+
+/// Count every byte of the send queue as sent, without sending it: in
+/// repair mode with the send queue selected, a push moves the whole queue
+/// past `snd_nxt` with no network transmission (toggling `TCP_NODELAY`
+/// pushes). Otherwise the socket, still live in the kernel until its
+/// process is gone, could send new data after it was read (on an ACK that
+/// opens the window, a persist probe), the peer would acknowledge bytes the
+/// image says were never sent, and the rebuilt socket would drop every
+/// segment of the peer as acknowledging unsent data. Now the peer can never
+/// acknowledge past what the image holds; what it lacks is retransmitted.
+fn mark_all_sent(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let nodelay = get_int(fd, SOL_TCP, libc::TCP_NODELAY)?;
+    set_int(fd, SOL_TCP, sys::TCP_REPAIR_QUEUE, sys::TCP_SEND_QUEUE)?;
+    set_int(fd, SOL_TCP, libc::TCP_NODELAY, 1)?;
+    set_int(fd, SOL_TCP, libc::TCP_NODELAY, nodelay)
 }
 
 /// Sequence number and contents of one queue (`len` bytes long).
