@@ -124,12 +124,7 @@ pub fn get_int(fd: BorrowedFd<'_>, level: i32, opt: i32) -> io::Result<i32> {
 }
 
 /// `setsockopt(fd, level, opt, v)` with the bytes of `v`.
-pub fn setsockopt<T: Plain + ?Sized>(
-    fd: BorrowedFd<'_>,
-    level: i32,
-    opt: i32,
-    v: &T,
-) -> io::Result<()> {
+pub fn setsockopt<T: Plain>(fd: BorrowedFd<'_>, level: i32, opt: i32, v: &T) -> io::Result<()> {
     set_bytes(
         fd,
         level,

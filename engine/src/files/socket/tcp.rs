@@ -4,12 +4,13 @@
 //! address, and an established connection through `TCP_REPAIR` (queues
 //! with their sequence numbers, MSS, window scale, SACK, timestamps, the
 //! window), with the options the program may have set. The connection
-//! stays in repair mode (held in a [`RepairSet`]) so that nothing is sent
-//! once the checkpoint has read it.
+//! stays in repair mode (held in a [`RepairSet`]); its whole send queue is
+//! first counted as sent without being transmitted, so that the kernel
+//! cannot send new data once the checkpoint has read it.
 //!
 //! Restore follows the order the kernel enforces: socket, options,
 //! `TCP_REPAIR` on, bind, `TCP_QUEUE_SEQ` of both queues (the sequences
-//! where the queues *start*), connect (no SYN in repair mode),
+//! where the queues *start*), `TCP_MAXSEG`, connect (no SYN in repair mode),
 //! `TCP_REPAIR_OPTIONS` (before anything is queued), `TCP_TIMESTAMP`, the
 //! receive queue, the sent-but-unacknowledged part of the send queue,
 //! `TCP_REPAIR_WINDOW`, repair off (a window probe), `SO_REUSEADDR`, then
@@ -31,6 +32,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 const SOL_TCP: i32 = libc::SOL_TCP;
 const SOL_SOCKET: i32 = libc::SOL_SOCKET;
+/// Largest `TCP_MAXSEG` the kernel takes (`MAX_TCP_WINDOW`).
+const MAX_USER_MSS: u32 = 32767;
 /// Chunk the receive queue is refilled in (halved on `ENOMEM`).
 const RECV_CHUNK: usize = 256 << 10;
 
@@ -355,6 +358,11 @@ fn restore_connection(fd: BorrowedFd<'_>, domain: i32, c: &TcpConnection, d: &st
         set_int(fd, SOL_TCP, sys::TCP_REPAIR_QUEUE, q).map_err(at("TCP_REPAIR_QUEUE"))?;
         set_int(fd, SOL_TCP, sys::TCP_QUEUE_SEQ, seq as i32).map_err(at("TCP_QUEUE_SEQ"))?;
     }
+    // connect() sizes segments from the MSS clamp it finds (536 unless
+    // the user set one); TCP_REPAIR_OPTIONS sets the clamp later but does
+    // not resize them. TCP_MAXSEG takes at most MAX_TCP_WINDOW.
+    let user_mss = c.mss.min(MAX_USER_MSS) as i32;
+    set_int(fd, SOL_TCP, libc::TCP_MAXSEG, user_mss).map_err(at("TCP_MAXSEG"))?;
     sys::connect(fd, &c.peer, domain).map_err(at("connect in repair mode"))?;
     set_buffers(
         fd,

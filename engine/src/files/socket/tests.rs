@@ -151,6 +151,14 @@ fn move_server_end(listen_on: &str) {
     };
     assert_eq!(c2.recv_seq, conn.recv_seq);
     assert_eq!(c2.mss, conn.mss);
+    let info = |fd| -> libc::tcp_info {
+        sys::getsockopt(fd, libc::SOL_TCP, libc::TCP_INFO, 32).expect("TCP_INFO")
+    };
+    let (mss, peer_mss) = (info(s2.as_fd()).tcpi_snd_mss, info(c.as_fd()).tcpi_snd_mss);
+    assert!(
+        mss >= peer_mss.min(32767) - 40,
+        "segments of {mss} bytes, not the default 536 (the peer sends {peer_mss})"
+    );
     assert_eq!(c2.wscale, conn.wscale);
     assert_eq!((c2.sack, c2.timestamps), (conn.sack, conn.timestamps));
     assert!(again.options.nodelay && again.options.keepalive);
