@@ -304,8 +304,12 @@ fn server_reads_past(port: u16, records: u64) {
     }
 }
 
-fn start(procs: &mut Procs, dir: &std::path::Path) -> (common::Workload, u16, Client) {
-    let wl = procs.workload(WL_TCP, &[], dir, "tcp");
+fn start(
+    procs: &mut Procs,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> (common::Workload, u16, Client) {
+    let wl = procs.workload(WL_TCP, args, dir, "tcp");
     let (_, ready) = wl.out.wait_line(0, "ready ");
     let port = num(&ready, "port") as u16;
     let mut client = Client::connect(port);
@@ -319,7 +323,7 @@ fn tcp_connection_and_listener_survive_checkpoint_and_restore() {
     let _serial = common::setup();
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut procs = Procs::new();
-    let (wl, port, mut client) = start(&mut procs, tmp.path());
+    let (wl, port, mut client) = start(&mut procs, tmp.path(), &[]);
 
     client.pause_and_quiesce();
     let (sent, received) = (client.sent(), client.received());
@@ -366,12 +370,33 @@ fn tcp_connection_goes_on_after_checkpoint_leave_running() {
     let _serial = common::setup();
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut procs = Procs::new();
-    let (wl, port, mut client) = start(&mut procs, tmp.path());
+    let (wl, port, mut client) = start(&mut procs, tmp.path(), &[]);
 
     // Streaming goes on during the checkpoint: the sockets leave repair
     // mode when the tree is let go.
     let cp = common::checkpoint(wl.pid, &tmp.path().join("img"), true);
     cp.assert_ok();
+    common::assert_running_untraced(wl.pid);
+    let sent = client.sent();
+    common::signal(wl.pid, libc::SIGUSR1);
+    client.advance(2000);
+    server_reads_past(port, sent);
+    assert_eq!(state(client.fd()), (1, 0));
+    client.stop();
+    let _ = procs.kill(wl.pid);
+}
+
+#[test]
+fn a_failed_checkpoint_takes_the_connection_out_of_repair_mode() {
+    let _serial = common::setup();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut procs = Procs::new();
+    let (wl, port, mut client) = start(&mut procs, tmp.path(), &["unix"]);
+
+    // The TCP connection (a lower fd) is read in repair mode before the
+    // unix socket is refused: the failed checkpoint must let it go.
+    let cp = common::checkpoint(wl.pid, &tmp.path().join("img"), false);
+    cp.assert_error(&["unix datagram socket"]);
     common::assert_running_untraced(wl.pid);
     let sent = client.sent();
     common::signal(wl.pid, libc::SIGUSR1);

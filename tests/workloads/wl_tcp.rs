@@ -5,7 +5,8 @@
 //! count 0, 1, 2, ...) one a round, so that they queue up (64 KiB a round
 //! after a SIGUSR1), and answers every further connection to the listener
 //! with one line `rx=N bad=B` (records received, and 1 if one was out of
-//! sequence) before closing it. Dies on any socket error.
+//! sequence) before closing it. Dies on any socket error. With the argument
+//! `unix` it also holds a unix datagram socket.
 mod shared;
 
 use shared::{die, install_sigusr1, say, take_sigusr1};
@@ -31,6 +32,12 @@ fn main() {
     listener
         .set_nonblocking(true)
         .unwrap_or_else(|e| die(&format!("nonblocking listener: {e}")));
+    // `wl-tcp unix`: also hold a unix socket (a kind checkpoint refuses),
+    // opened after the connection.
+    let _unix = (std::env::args().nth(1).as_deref() == Some("unix")).then(|| {
+        std::os::unix::net::UnixDatagram::unbound()
+            .unwrap_or_else(|e| die(&format!("unix socket: {e}")))
+    });
     say("connected");
     serve(&listener, conn);
 }

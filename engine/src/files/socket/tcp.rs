@@ -145,11 +145,15 @@ fn dump_connection(fd: BorrowedFd<'_>, before: &libc::tcp_info) -> io::Result<Tc
         u32::try_from(n).map_err(|_| io::Error::other(format!("{name} returned {n}")))
     };
     mark_all_sent(fd)?;
-    let inq = len(sys::SIOCINQ, "SIOCINQ")?;
+    // The peer's packets are still processed while the process is frozen:
+    // its data may grow the receive queue and its acknowledgements shrink
+    // the send queue (write_seq, where the send queue ends, stays put).
+    let (recv_seq, recv_queue) = read_recv_queue(fd, &len)?;
     let outq = len(sys::SIOCOUTQ, "SIOCOUTQ")?;
+    let (send_seq, send_queue) = read_queue(fd, sys::TCP_SEND_QUEUE, outq)?;
+    let outq = send_queue.len() as u32;
     let unsent = len(sys::SIOCOUTQNSD, "SIOCOUTQNSD")?;
-    let (recv_seq, recv_queue) = read_queue(fd, sys::TCP_RECV_QUEUE, inq, "receive")?;
-    let (send_seq, send_queue) = read_queue(fd, sys::TCP_SEND_QUEUE, outq, "send")?;
+    let inq = recv_queue.len() as u32;
     set_int(fd, SOL_TCP, sys::TCP_REPAIR_QUEUE, sys::TCP_NO_QUEUE)?;
     let mss = get_int(fd, SOL_TCP, libc::TCP_MAXSEG)? as u32;
     let timestamp = get_int(fd, SOL_TCP, sys::TCP_TIMESTAMP)? as u32;
@@ -197,28 +201,49 @@ fn mark_all_sent(fd: BorrowedFd<'_>) -> io::Result<()> {
     set_int(fd, SOL_TCP, libc::TCP_NODELAY, nodelay)
 }
 
-/// Sequence number and contents of one queue (`len` bytes long).
-fn read_queue(fd: BorrowedFd<'_>, queue: i32, len: u32, name: &str) -> io::Result<(u32, Vec<u8>)> {
+/// Sequence number (where it ends) and contents of one queue, at most
+/// `len` bytes long. One peek reads it whole (the send queue can only be
+/// peeked from its start), with a byte to spare.
+fn read_queue(fd: BorrowedFd<'_>, queue: i32, len: u32) -> io::Result<(u32, Vec<u8>)> {
     set_int(fd, SOL_TCP, sys::TCP_REPAIR_QUEUE, queue)?;
     let seq = get_int(fd, SOL_TCP, sys::TCP_QUEUE_SEQ)? as u32;
     if len == 0 {
         return Ok((seq, Vec::new()));
     }
-    // One byte more than the queue holds: the peek must return exactly
-    // `len` (the send queue can only be peeked from its start).
     let mut buf = vec![0u8; len as usize + 1];
     let n = match sys::recv(fd, &mut buf, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => 0,
         Err(e) => return Err(e),
     };
-    if n != len as usize {
+    if n > len as usize {
         return Err(io::Error::other(format!(
-            "the {name} queue holds {len} bytes but {n} could be read"
+            "the queue holds more than the {len} bytes it had"
         )));
     }
     buf.truncate(n);
     Ok((seq, buf))
+}
+
+/// The receive queue, read until its size, end and contents agree (data
+/// the peer sends meanwhile moves them; a few tries are enough unless the
+/// peer floods).
+fn read_recv_queue(
+    fd: BorrowedFd<'_>,
+    len: &dyn Fn(libc::c_ulong, &str) -> io::Result<u32>,
+) -> io::Result<(u32, Vec<u8>)> {
+    for _ in 0..20 {
+        let inq = len(sys::SIOCINQ, "SIOCINQ")?;
+        let (seq, data) = read_queue(fd, sys::TCP_RECV_QUEUE, inq.saturating_add(1 << 16))?;
+        let again = get_int(fd, SOL_TCP, sys::TCP_QUEUE_SEQ)? as u32;
+        let inq2 = len(sys::SIOCINQ, "SIOCINQ")?;
+        if again == seq && inq2 as usize == data.len() {
+            return Ok((seq, data));
+        }
+    }
+    Err(io::Error::other(
+        "the receive queue kept changing while it was read (the peer keeps sending)",
+    ))
 }
 
 /// Leave repair mode on a socket a checkpoint put in it.
