@@ -29,6 +29,12 @@ const TICK: Duration = Duration::from_millis(50);
 const PUSH_QUEUE: usize = 8;
 /// Pushed batches copied between two looks at faults and requested pages.
 const PUSH_BURST: usize = 4;
+/// No page for this long while some live address space still lacks pages
+/// and no request is out: ask the source for them
+/// ([`Pager::request_stragglers`]).
+const STRAGGLER_AFTER: Duration = Duration::from_secs(1);
+/// Pages asked for at most per straggler request round.
+const STRAGGLER_PAGES: u64 = 4096;
 
 /// What the lazy thread reports.
 #[derive(Debug)]
@@ -305,14 +311,32 @@ fn run(
         if pager.is_complete() {
             return LazyEvent::Complete(pager.stats());
         }
+        if last_page.elapsed() > STRAGGLER_AFTER
+            && pager.oldest_request().is_none()
+            && !pager.has_deferred()
+        {
+            let asked = pager.request_stragglers(STRAGGLER_PAGES);
+            let reqs = pager.take_requests();
+            if asked > 0 {
+                tracing::debug!(
+                    "process {pid}: no page for {:.1} s; asking again for {asked} pages still missing",
+                    last_page.elapsed().as_secs_f64()
+                );
+            }
+            if !reqs.is_empty() && events.send(LazyEvent::Requests(reqs)).is_err() {
+                return fail(pager, "the session is gone".to_string());
+            }
+        }
         // Pages still owed and none came for the whole bound (also when no
         // thread is waiting on a fault): the source is gone.
         if last_page.elapsed() > timeout {
             let why = format!(
                 "no page from the source for {:.1} s while {} are still missing \
-                 (the limit is {} s): the source or the link is gone",
+                 ({} in all, with the children it forked) (the limit is {} s): \
+                 the source or the link is gone",
                 last_page.elapsed().as_secs_f64(),
                 pager.remaining(),
+                pager.owed_sources().iter().map(|s| s.1).sum::<u64>(),
                 timeout.as_secs()
             );
             return fail(pager, why);

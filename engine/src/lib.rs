@@ -13,6 +13,8 @@
 //! Kinds of shared object keep dump and restore side by side: [`files`]
 //! (open file descriptions: regular files, pipes, stdio reaching outside)
 //! and [`shmem`] (shared anonymous memory, memfd, POSIX and SysV).
+//! [`net`] is the network around a migration: the service address that
+//! moves with the process, and the block that keeps resets away meanwhile.
 //!
 //! [`TreeImage`]: ferry_protocol::model::TreeImage
 
@@ -23,6 +25,7 @@ pub mod files;
 pub mod freeze;
 pub mod host;
 pub mod lazy;
+pub mod net;
 pub mod procfs;
 pub mod regs;
 pub mod restore;

@@ -59,6 +59,9 @@ pub struct TreeImage {
     /// Regular files that were deleted while open, by id, with their
     /// contents.
     pub deleted: Vec<DeletedFile>,
+    /// File locks held at the freeze (flock, POSIX, OFD), taken again by
+    /// the same owner on restore.
+    pub locks: Vec<FileLock>,
 }
 
 impl TreeImage {
@@ -503,10 +506,79 @@ pub enum FileKind {
     /// `what` says what it was (the fd's link text). On restore it follows
     /// the stdio policy: reads see end of file, writes go to a log file.
     Outside { what: String },
+    /// An eventfd (`eventfd(2)`): its counter, recreated with the same
+    /// value and mode; non-blocking is in the description's flags.
+    EventFd {
+        /// The counter (`eventfd-count:` of fdinfo), below `u64::MAX`.
+        count: u64,
+        /// `EFD_SEMAPHORE`: each read takes 1 from the counter.
+        semaphore: bool,
+    },
+    /// A timerfd (`timerfd_create(2)`), armed or not, with the expirations
+    /// not yet read.
+    TimerFd(TimerFd),
+    /// A signalfd (`signalfd(2)`). The signals it would read are the
+    /// pending signals of the process and its threads, which travel with
+    /// them ([`ProcessMisc::shared_pending`], [`ThreadState::pending`]).
+    SignalFd {
+        /// The signals it reads: signal n is bit n-1 (`sigmask:` of fdinfo).
+        mask: u64,
+    },
+    /// A named pipe (FIFO) reopened by path (checked by dev/ino); its
+    /// unread data is pipe `pipe` (shared by every description of it).
+    Fifo {
+        path: String,
+        dev: u64,
+        ino: u64,
+        pipe: PipeId,
+    },
+    /// An inotify instance: its watches, recreated with the same watch
+    /// descriptors. `queued`: events were waiting at the freeze; they are
+    /// not carried, the restored instance reports `IN_Q_OVERFLOW` instead.
+    Inotify {
+        watches: Vec<InotifyWatch>,
+        queued: bool,
+    },
     /// A TCP socket (see [`crate::net`]).
     Tcp { socket: Box<crate::net::TcpSocket> },
     /// A UDP socket (see [`crate::net`]).
     Udp { socket: Box<crate::net::UdpSocket> },
+}
+
+/// One watch of an inotify instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    /// Its watch descriptor.
+    pub wd: i32,
+    /// The watched inode's path.
+    pub path: String,
+    /// Its event mask (`IN_*` bits, as fdinfo shows them).
+    pub mask: u32,
+}
+
+/// Who owns a [`FileLock`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockOwner {
+    /// `flock(2)`: the open file description.
+    Flock,
+    /// `F_OFD_SETLK`: the open file description.
+    Ofd,
+    /// `F_SETLK` (POSIX record lock): the process `pid`.
+    Posix { pid: i32 },
+}
+
+/// A lock held on an open file at the freeze.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    /// The open file description it was taken through.
+    pub file: FileId,
+    pub owner: LockOwner,
+    /// A write (exclusive) lock; otherwise a read (shared) one.
+    pub write: bool,
+    /// First byte (0 for flock).
+    pub start: u64,
+    /// Number of bytes, 0 for "to the end of the file" (and for flock).
+    pub len: u64,
 }
 
 /// A regular file that was deleted while the tree held it open.
@@ -571,3 +643,54 @@ pub enum ShmemKind {
         gid: u32,
     },
 }
+
+/// A `struct timespec`: seconds and nanoseconds (`0..1_000_000_000`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Timespec {
+    pub sec: i64,
+    pub nsec: i64,
+}
+
+impl Timespec {
+    /// Zero: a disarmed timer's value, a one-shot timer's interval.
+    pub fn is_zero(&self) -> bool {
+        self.sec == 0 && self.nsec == 0
+    }
+}
+
+/// The state of a timerfd.
+///
+/// `value` is relative (time left until the next expiry when it was read),
+/// so it means the same on any host. An absolute timer
+/// (`TFD_TIMER_ABSTIME`) expires at `now + value` on its clock: restored
+/// where that clock reads the same (`CLOCK_REALTIME`, or
+/// `CLOCK_MONOTONIC`/`CLOCK_BOOTTIME` within the boot `boot_id`) it keeps
+/// that absolute expiry; elsewhere it expires `value` after the restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerFd {
+    /// `CLOCK_REALTIME`, `CLOCK_MONOTONIC`, `CLOCK_BOOTTIME`,
+    /// `CLOCK_REALTIME_ALARM` or `CLOCK_BOOTTIME_ALARM`.
+    pub clock: i32,
+    /// `TFD_TIMER_ABSTIME` and `TFD_TIMER_CANCEL_ON_SET`, as last given to
+    /// `timerfd_settime` (`settime flags:` of fdinfo).
+    pub settime_flags: u32,
+    /// Time left until the next expiry; zero: disarmed.
+    pub value: Timespec,
+    /// The period; zero: one-shot.
+    pub interval: Timespec,
+    /// Expirations not yet read (restored with `TFD_IOC_SET_TICKS`).
+    pub ticks: u64,
+    /// The reading of `clock` on the source when `value` was read.
+    pub now: Timespec,
+    /// The source's `/proc/sys/kernel/random/boot_id`: readings of
+    /// `CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` compare only within one boot.
+    pub boot_id: String,
+}
+
+/// The clocks a timerfd can use: `CLOCK_REALTIME`, `CLOCK_MONOTONIC`,
+/// `CLOCK_BOOTTIME`, `CLOCK_REALTIME_ALARM`, `CLOCK_BOOTTIME_ALARM`.
+pub const TIMERFD_CLOCKS: [i32; 5] = [0, 1, 7, 8, 9];
+/// `TFD_TIMER_ABSTIME`.
+pub const TFD_TIMER_ABSTIME: u32 = 1;
+/// `TFD_TIMER_CANCEL_ON_SET`.
+pub const TFD_TIMER_CANCEL_ON_SET: u32 = 2;

@@ -17,6 +17,8 @@ use crate::model::{
     FileKind, HostInfo, PendingSignal, ProcessImage, ShmemKind, TaskIdentity, TreeImage,
     TreeLayout, Vma, VmaKind, Zombie, PAGE_SIZE,
 };
+use crate::model::{InotifyWatch, LockOwner};
+use crate::model::{TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET, TIMERFD_CLOCKS};
 
 /// One past the highest user-space address on x86-64 with 4-level paging.
 pub const TASK_SIZE: u64 = 0x0000_8000_0000_0000;
@@ -206,9 +208,104 @@ pub enum ValidationError {
     /// An unknown resource limit or a duplicate one.
     #[error("rlimit #{index}: resource {resource} is unknown or repeated")]
     BadRlimit { index: usize, resource: u32 },
+    /// An eventfd counter at `u64::MAX`, which no eventfd can hold.
+    #[error("open file {id}: eventfd counter {count:#x} is above the maximum 0xfffffffffffffffe")]
+    BadEventFd { id: u32, count: u64 },
+    /// A timerfd with an unknown clock, unknown flags or an impossible time.
+    #[error("open file {id}: timerfd {why}")]
+    BadTimerFd { id: u32, why: String },
+    /// A file lock that cannot be taken again as described.
+    #[error("lock #{index} on open file {file}: {why}")]
+    BadLock {
+        index: usize,
+        file: u32,
+        why: String,
+    },
+    /// An inotify instance whose watches cannot be recreated.
+    #[error("open file {file} (inotify): {why}")]
+    BadInotify { file: u32, why: String },
     /// A socket record that cannot be rebuilt.
     #[error("open file {file} (a socket): {why}")]
     BadSocket { file: u32, why: String },
+}
+
+/// At most this many file locks in one image.
+pub const MAX_LOCKS: usize = 1 << 16;
+/// At most this many watches in one inotify instance.
+pub const MAX_INOTIFY_WATCHES: usize = 1 << 16;
+
+/// Every lock names an open file of the image that can be locked, a POSIX
+/// lock a process that holds an fd of it, and a range the kernel accepts.
+fn check_locks(tree: &TreeImage) -> Result<(), ValidationError> {
+    bound("file locks", tree.locks.len(), MAX_LOCKS)?;
+    for (index, l) in tree.locks.iter().enumerate() {
+        let bad = |why: String| ValidationError::BadLock {
+            index,
+            file: l.file,
+            why,
+        };
+        let Some(f) = tree.file(l.file) else {
+            return Err(ValidationError::UndefinedObject {
+                user: format!("lock #{index}"),
+                what: "open file",
+                id: l.file,
+            });
+        };
+        if let FileKind::Outside { .. } = f.kind {
+            return Err(bad(
+                "a lock on stdio that reached outside the tree cannot be taken again".into(),
+            ));
+        }
+        let end = l.start.checked_add(l.len);
+        if end.is_none_or(|e| e > i64::MAX as u64) {
+            return Err(bad(format!(
+                "range {}+{} is beyond the largest file offset",
+                l.start, l.len
+            )));
+        }
+        match l.owner {
+            LockOwner::Flock if l.start != 0 || l.len != 0 => {
+                return Err(bad("a flock lock covers the whole file".into()));
+            }
+            LockOwner::Posix { pid } => {
+                let holds = tree
+                    .task(pid)
+                    .is_some_and(|t| t.fds.iter().any(|e| e.file == l.file));
+                if !holds {
+                    return Err(bad(format!(
+                        "its owner, process {pid}, is not a process of the tree with an fd of it"
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Watches with distinct positive descriptors and paths the kernel takes.
+fn check_inotify(file: u32, watches: &[InotifyWatch]) -> Result<(), ValidationError> {
+    let bad = |why: String| ValidationError::BadInotify { file, why };
+    if watches.len() > MAX_INOTIFY_WATCHES {
+        return Err(bad(format!(
+            "{} watches (at most {MAX_INOTIFY_WATCHES})",
+            watches.len()
+        )));
+    }
+    let mut wds = HashSet::new();
+    for w in watches {
+        if w.wd < 1 || w.wd > MAX_INOTIFY_WATCHES as i32 * 4 {
+            return Err(bad(format!("watch descriptor {} is out of range", w.wd)));
+        }
+        if !wds.insert(w.wd) {
+            return Err(bad(format!("watch descriptor {} appears twice", w.wd)));
+        }
+        if w.mask == 0 {
+            return Err(bad(format!("watch {} has an empty mask", w.wd)));
+        }
+        check_str(|| format!("open file {file} watch {} path", w.wd), &w.path)?;
+    }
+    Ok(())
 }
 
 fn check_str(field: impl FnOnce() -> String, s: &str) -> Result<(), ValidationError> {
@@ -521,6 +618,16 @@ impl TreeImage {
                         return undefined(format!("open file {}", f.id), "deleted file", *id);
                     }
                 }
+                FileKind::EventFd { .. } | FileKind::TimerFd(_) | FileKind::SignalFd { .. } => {
+                    check_event_file(f.id, &f.kind)?;
+                }
+                FileKind::Fifo { path, pipe, .. } => {
+                    check_str(|| format!("open file {} path", f.id), path)?;
+                    if self.pipe(*pipe).is_none() {
+                        return undefined(format!("open file {}", f.id), "pipe", *pipe);
+                    }
+                }
+                FileKind::Inotify { watches, .. } => check_inotify(f.id, watches)?,
                 FileKind::Tcp { socket } => {
                     socket
                         .check()
@@ -533,6 +640,7 @@ impl TreeImage {
                 }
             }
         }
+        check_locks(self)?;
         for t in &self.tasks {
             for e in &t.fds {
                 let Some(f) = self.file(e.file) else {
@@ -675,6 +783,42 @@ fn check_shmem_areas(
         }
     }
     Ok(())
+}
+
+/// The rules of an eventfd, a timerfd or a signalfd (open file `id`).
+fn check_event_file(id: u32, kind: &FileKind) -> Result<(), ValidationError> {
+    match kind {
+        FileKind::EventFd { count, .. } if *count == u64::MAX => {
+            Err(ValidationError::BadEventFd { id, count: *count })
+        }
+        FileKind::TimerFd(t) => {
+            let bad = |why: String| Err(ValidationError::BadTimerFd { id, why });
+            if !TIMERFD_CLOCKS.contains(&t.clock) {
+                return bad(format!(
+                    "clock {} is not one a timerfd can use ({TIMERFD_CLOCKS:?})",
+                    t.clock
+                ));
+            }
+            let known = TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET;
+            if t.settime_flags & !known != 0 {
+                return bad(format!("settime flags {:#o} are unknown", t.settime_flags));
+            }
+            for (what, ts) in [
+                ("time to expiry", t.value),
+                ("interval", t.interval),
+                ("clock reading", t.now),
+            ] {
+                if ts.sec < 0 || !(0..1_000_000_000).contains(&ts.nsec) {
+                    return bad(format!(
+                        "{what} ({} s, {} ns) is not a valid non-negative time",
+                        ts.sec, ts.nsec
+                    ));
+                }
+            }
+            check_str(|| format!("open file {id} boot id"), &t.boot_id)
+        }
+        _ => Ok(()),
+    }
 }
 
 fn bound(what: &'static str, found: usize, max: usize) -> Result<(), ValidationError> {
@@ -852,6 +996,7 @@ pub(crate) mod tests {
             }],
             shmem: vec![],
             deleted: vec![],
+            locks: vec![],
         }
     }
 
@@ -1170,5 +1315,226 @@ pub(crate) mod tests {
             ValidationError::OutsideNotStdio { pid: 4242, fd: 3 }
         );
         assert_eq!(rejects_tree(&|t| t.tasks.clear()), ValidationError::NoTasks);
+    }
+
+    #[test]
+    fn event_file_rules() {
+        use crate::model::{TimerFd, Timespec};
+        let timer = || TimerFd {
+            clock: 1,
+            settime_flags: TFD_TIMER_ABSTIME,
+            value: Timespec { sec: 1, nsec: 5 },
+            interval: Timespec {
+                sec: 0,
+                nsec: 999_999_999,
+            },
+            ticks: 3,
+            now: Timespec { sec: 100, nsec: 0 },
+            boot_id: "b".into(),
+        };
+        let with = |kind: FileKind| {
+            let mut img = sample_image();
+            img.files[0].kind = kind;
+            img.validate()
+        };
+        let id = sample_image().files[0].id;
+        for ok in [
+            FileKind::EventFd {
+                count: u64::MAX - 1,
+                semaphore: true,
+            },
+            FileKind::SignalFd { mask: u64::MAX },
+            FileKind::TimerFd(timer()),
+        ] {
+            assert_eq!(with(ok.clone()), Ok(()), "{ok:?}");
+        }
+        assert_eq!(
+            with(FileKind::EventFd {
+                count: u64::MAX,
+                semaphore: false
+            }),
+            Err(ValidationError::BadEventFd {
+                id,
+                count: u64::MAX
+            })
+        );
+        let bad_timer = |f: &dyn Fn(&mut TimerFd), needle: &str| {
+            let mut t = timer();
+            f(&mut t);
+            match with(FileKind::TimerFd(t)) {
+                Err(e @ ValidationError::BadTimerFd { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+                }
+                other => panic!("expected BadTimerFd ({needle}), got {other:?}"),
+            }
+        };
+        bad_timer(&|t| t.clock = 2, "clock 2");
+        bad_timer(&|t| t.clock = -1, "clock -1");
+        bad_timer(&|t| t.settime_flags = 4, "settime flags");
+        bad_timer(&|t| t.interval.nsec = 1_000_000_000, "interval");
+        bad_timer(&|t| t.interval.nsec = -1, "interval");
+        bad_timer(&|t| t.value.sec = -1, "time to expiry");
+        bad_timer(&|t| t.now.nsec = 2_000_000_000, "clock reading");
+        assert!(matches!(
+            with(FileKind::TimerFd(TimerFd {
+                boot_id: "x\0".into(),
+                ..timer()
+            })),
+            Err(ValidationError::StringHasNul { .. })
+        ));
+    }
+}
+
+#[cfg(test)]
+mod fs_kinds_tests {
+    use super::tests::sample_image;
+    use super::*;
+    use crate::model::{FdEntry, FileLock, OpenFile};
+
+    /// `sample_image` with a regular file (open file 9 at fd 9 of 4242), a
+    /// FIFO on pipe 77 and an inotify instance, and a lock of each owner.
+    fn image() -> TreeImage {
+        let mut img = sample_image();
+        let file = |id, kind| OpenFile {
+            id,
+            flags: 2,
+            pos: 0,
+            kind,
+        };
+        img.files.push(file(
+            9,
+            FileKind::Regular {
+                path: "/tmp/x".into(),
+                dev: 1,
+                ino: 2,
+            },
+        ));
+        img.files.push(file(
+            10,
+            FileKind::Fifo {
+                path: "/tmp/ff".into(),
+                dev: 1,
+                ino: 3,
+                pipe: 77,
+            },
+        ));
+        img.files.push(file(
+            11,
+            FileKind::Inotify {
+                watches: vec![InotifyWatch {
+                    wd: 3,
+                    path: "/tmp".into(),
+                    mask: 0x100,
+                }],
+                queued: true,
+            },
+        ));
+        for (fd, id) in [(9, 9), (10, 10), (11, 11)] {
+            img.tasks[0].fds.push(FdEntry {
+                fd,
+                cloexec: false,
+                file: id,
+            });
+        }
+        let lock = |owner, start, len| FileLock {
+            file: 9,
+            owner,
+            write: true,
+            start,
+            len,
+        };
+        img.locks = vec![
+            lock(LockOwner::Flock, 0, 0),
+            lock(LockOwner::Ofd, 10, 0),
+            lock(LockOwner::Posix { pid: 4242 }, 0, 100),
+        ];
+        img
+    }
+
+    fn rejects(f: impl FnOnce(&mut TreeImage)) -> ValidationError {
+        let mut img = image();
+        f(&mut img);
+        match img.validate() {
+            Err(e) => e,
+            Ok(()) => panic!("image should have been rejected"),
+        }
+    }
+
+    #[test]
+    fn fifos_inotify_and_locks_are_valid() {
+        assert_eq!(image().validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_lock_on_an_undefined_file_is_refused() {
+        let e = rejects(|i| i.locks[1].file = 99);
+        assert_eq!(
+            e,
+            ValidationError::UndefinedObject {
+                user: "lock #1".into(),
+                what: "open file",
+                id: 99
+            }
+        );
+        assert!(e.to_string().contains("which the image does not define"));
+    }
+
+    #[test]
+    fn bad_locks_are_refused() {
+        let bad = |e: ValidationError| match e {
+            ValidationError::BadLock { why, .. } => why,
+            other => panic!("expected BadLock, got {other:?}"),
+        };
+        assert!(
+            bad(rejects(|i| i.locks[2].owner = LockOwner::Posix { pid: 7 })).contains("process 7")
+        );
+        assert!(bad(rejects(|i| i.locks[0].start = 5)).contains("whole file"));
+        assert!(bad(rejects(|i| i.locks[1].start = u64::MAX)).contains("beyond"));
+        let outside = rejects(|i| {
+            i.files[0].kind = FileKind::Outside {
+                what: "pipe:[1]".into(),
+            };
+            i.locks[1].file = 1;
+        });
+        assert!(bad(outside).contains("outside the tree"));
+    }
+
+    #[test]
+    fn bad_fifos_and_inotify_are_refused() {
+        assert!(matches!(
+            rejects(
+                |i| if let FileKind::Fifo { pipe, .. } = &mut i.files[4].kind {
+                    *pipe = 5
+                }
+            ),
+            ValidationError::UndefinedObject {
+                what: "pipe",
+                id: 5,
+                ..
+            }
+        ));
+        let watches = |i: &mut TreeImage| match &mut i.files[5].kind {
+            FileKind::Inotify { watches, .. } => watches.clone(),
+            _ => unreachable!(),
+        };
+        let with = |w: Vec<InotifyWatch>| {
+            rejects(move |i| {
+                if let FileKind::Inotify { watches, .. } = &mut i.files[5].kind {
+                    *watches = w;
+                }
+            })
+        };
+        let mut w = watches(&mut image());
+        w.push(w[0].clone());
+        assert!(
+            matches!(with(w), ValidationError::BadInotify { file: 11, why } if why.contains("twice"))
+        );
+        let mut w = watches(&mut image());
+        w[0].wd = 0;
+        assert!(matches!(with(w), ValidationError::BadInotify { .. }));
+        let mut w = watches(&mut image());
+        w[0].mask = 0;
+        assert!(matches!(with(w), ValidationError::BadInotify { .. }));
     }
 }

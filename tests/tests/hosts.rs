@@ -1,14 +1,16 @@
-//! `scripts/hosts`: two hosts on one machine. Host A (a network namespace,
-//! root pid and IPC namespaces, the host's /dev/shm) and host B (a network
+//! `scripts/hosts`: three hosts on one machine. Host A (a network namespace,
+//! root pid and IPC namespaces, the host's /dev/shm), host B (a network
 //! namespace plus its own pid namespace with its own /proc, its own IPC
-//! namespace and its own /dev/shm) are joined by a veth pair in
-//! 198.18.0.0/15; `down` removes everything, also what a failed `up` left,
-//! and may be run any number of times.
+//! namespace and its own /dev/shm) and client C (a network namespace) are
+//! on one L2 segment (a bridge in a namespace of its own) in 198.18.0.0/15
+//! and 2001:2::/48, with a service address that starts on A as a secondary
+//! address; `down` removes everything, also what a failed `up` left, and
+//! may be run any number of times.
 mod common;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -70,6 +72,14 @@ impl Hosts {
         format!("{}-b", self.prefix)
     }
 
+    fn netns_c(&self) -> String {
+        format!("{}-c", self.prefix)
+    }
+
+    fn netns_sw(&self) -> String {
+        format!("{}-sw", self.prefix)
+    }
+
     fn state_dir(&self) -> PathBuf {
         self.state.path().join(&self.prefix)
     }
@@ -82,6 +92,8 @@ impl Hosts {
         for var in [
             "FERRY_HOSTS_ADDR_A",
             "FERRY_HOSTS_ADDR_B",
+            "FERRY_HOSTS_ADDR_C",
+            "FERRY_HOSTS_SERVICE",
             "FERRY_HOSTS_PLEN",
             "FERRY_HOSTS_FAIL_AFTER",
         ] {
@@ -227,8 +239,9 @@ fn proc_mounts() -> usize {
 /// Returns the port and the thread (which yields the peer's address).
 fn serve_once(
     netns: &str,
-    addr: Ipv4Addr,
+    addr: impl Into<IpAddr>,
 ) -> (u16, std::thread::JoinHandle<Result<SocketAddr, String>>) {
+    let addr = addr.into();
     let path = format!("/run/netns/{netns}");
     let (tx, rx) = mpsc::channel();
     let thread = std::thread::spawn(move || -> Result<SocketAddr, String> {
@@ -282,7 +295,8 @@ fn serve_once(
 }
 
 /// bash one-liner: connect to ADDR:PORT, send a line, print the answer.
-fn tcp_client(addr: Ipv4Addr, port: u16, msg: &str) -> String {
+fn tcp_client(addr: impl Into<IpAddr>, port: u16, msg: &str) -> String {
+    let addr = addr.into();
     format!(
         "exec 3<>/dev/tcp/{addr}/{port} && echo {msg} >&3 && read -r -t 10 answer <&3 && echo \"$answer\""
     )
@@ -314,7 +328,15 @@ fn up_makes_two_connected_hosts_and_b_has_its_own_pid_namespace() {
     hosts.up();
     let mut listed = hosts.listed();
     listed.sort();
-    assert_eq!(listed, vec![hosts.netns_a(), hosts.netns_b()]);
+    assert_eq!(
+        listed,
+        vec![
+            hosts.netns_a(),
+            hosts.netns_b(),
+            hosts.netns_c(),
+            hosts.netns_sw()
+        ]
+    );
     let status = hosts.run(&["status"], &[]).ok("status");
     assert!(
         status.stdout.contains("status: up"),
@@ -464,6 +486,124 @@ fn up_makes_two_connected_hosts_and_b_has_its_own_pid_namespace() {
     );
 }
 
+/// The IPv4/IPv6 address lines of `ip -o addr show dev DEV` in `netns`:
+/// "ADDR/PLEN FLAGS..." each (the words after the address).
+fn addr_lines(netns: &str, dev: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-n", netns, "-o", "addr", "show", "dev", dev])
+        .output()
+        .expect("run ip addr show");
+    assert!(
+        out.status.success(),
+        "ip -n {netns} addr show dev {dev} failed"
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "inet" || *w == "inet6")?;
+            Some(words[at + 1..].join(" "))
+        })
+        .collect()
+}
+
+#[test]
+fn client_c_reaches_a_and_b_and_the_service_address_answers_on_a() {
+    let _serial = common::setup();
+    let hosts = Hosts::new("c");
+    hosts.up();
+    let env = hosts.run(&["env"], &[]).ok("env").stdout;
+    for want in [
+        "FERRY_HOST_C_ADDR=198.18.0.3",
+        "FERRY_SERVICE_ADDR=198.18.0.100",
+        "FERRY_SERVICE_ADDR6=2001:2:0:1::100",
+        &format!("FERRY_HOST_C_NETNS={}", hosts.netns_c()),
+        &format!("FERRY_HOSTS_SWITCH_NETNS={}", hosts.netns_sw()),
+    ] {
+        assert!(env.lines().any(|l| l == want), "`env` lacks {want}:\n{env}");
+    }
+
+    let a = Ipv4Addr::new(198, 18, 0, 1);
+    let b = Ipv4Addr::new(198, 18, 0, 2);
+    let c = Ipv4Addr::new(198, 18, 0, 3);
+    let service = Ipv4Addr::new(198, 18, 0, 100);
+    let c6: Ipv6Addr = "2001:2:0:1::3".parse().unwrap();
+    let service6: Ipv6Addr = "2001:2:0:1::100".parse().unwrap();
+
+    // The service address is on A only, and a secondary address there (A's
+    // own stays primary); the switch has the bridge and no address.
+    let on_a = addr_lines(&hosts.netns_a(), "veth-a");
+    assert!(
+        on_a.iter()
+            .any(|l| l.starts_with("198.18.0.1/24 ") && !l.contains("secondary")),
+        "A's own address is not primary on veth-a: {on_a:?}"
+    );
+    assert!(
+        on_a.iter()
+            .any(|l| l.starts_with("198.18.0.100/24 ") && l.contains("secondary")),
+        "the service address is not a secondary address on veth-a: {on_a:?}"
+    );
+    assert!(
+        on_a.iter().any(|l| l.starts_with("2001:2:0:1::100/64 ")),
+        "the IPv6 service address is not on veth-a: {on_a:?}"
+    );
+    for (ns, dev) in [(hosts.netns_b(), "veth-b"), (hosts.netns_c(), "veth-c")] {
+        let addrs = addr_lines(&ns, dev);
+        assert!(
+            !addrs
+                .iter()
+                .any(|l| l.starts_with("198.18.0.100/") || l.starts_with("2001:2:0:1::100/")),
+            "the service address is on {ns}: {addrs:?}"
+        );
+    }
+    let sw = addr_lines(&hosts.netns_sw(), "br0");
+    assert!(
+        !sw.iter()
+            .any(|l| l.starts_with("198.18.") || l.starts_with("2001:2:")),
+        "the switch has an address of the segment: {sw:?}"
+    );
+
+    // C connects to listeners on A, on B and on A's service address (both
+    // families); each listener sees C's address.
+    for (netns, addr, from) in [
+        (hosts.netns_a(), IpAddr::from(a), IpAddr::from(c)),
+        (hosts.netns_b(), IpAddr::from(b), IpAddr::from(c)),
+        (hosts.netns_a(), IpAddr::from(service), IpAddr::from(c)),
+        (hosts.netns_a(), IpAddr::from(service6), IpAddr::from(c6)),
+    ] {
+        let (port, server) = serve_once(&netns, addr);
+        let answer = hosts.exec("exec-c", &["bash", "-c", &tcp_client(addr, port, "from-c")]);
+        assert_eq!(
+            answer.trim(),
+            format!("pong from-c from {from}"),
+            "{addr} on {netns}"
+        );
+        let peer = server
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("listener on {addr} in {netns}: {e}"));
+        assert_eq!(peer.ip(), from);
+    }
+
+    // exec-c is in C's network namespace.
+    let ns_c = ns_id_of_file(
+        "net",
+        &PathBuf::from(format!("/run/netns/{}", hosts.netns_c())),
+    );
+    let out = hosts.exec("exec-c", &["readlink", "/proc/self/ns/net"]);
+    assert_eq!(out.trim(), ns_c, "exec-c");
+
+    hosts.down();
+    reap_zombie_children();
+    hosts.assert_gone();
+    let out = hosts.run(&["exec-c", "true"], &[]);
+    assert!(
+        !out.status.success() && out.stderr.contains("does not exist"),
+        "exec-c after down: {}",
+        out.stderr
+    );
+}
+
 #[test]
 fn down_is_idempotent_and_up_cleans_up_after_a_failure() {
     let _serial = common::setup();
@@ -499,7 +639,7 @@ fn down_is_idempotent_and_up_cleans_up_after_a_failure() {
 
     // up fails at each step: it removes what it made, holder included.
     let before = living_children();
-    for step in ["netns", "veth", "addr", "holder", "check"] {
+    for step in ["netns", "veth", "bridge", "addr", "holder", "check"] {
         let out = hosts.run(&["up"], &[("FERRY_HOSTS_FAIL_AFTER", step)]);
         assert!(
             !out.status.success(),

@@ -286,6 +286,7 @@ fn capture_tree(
     for (id, f) in frozen.tasks.iter_mut() {
         tasks.push(capture_task(*id, f, host.xstate_size, &mut files, shmem)?);
     }
+    let locks = files.locks();
     let (files, pipes, deleted) = files.finish()?;
     Ok(TreeImage {
         host,
@@ -295,6 +296,7 @@ fn capture_tree(
         pipes,
         shmem: shmem.objects(),
         deleted,
+        locks,
     })
 }
 

@@ -1,7 +1,7 @@
 //! Open files of a process tree, both directions, one module per kind:
 //! [`regular`] (files, directories, character devices), [`pipe`], [`stdio`]
-//! (stdio that reaches outside the tree), and memfds or `/dev/shm` files
-//! through [`crate::shmem`].
+//! (stdio that reaches outside the tree), [`eventfd`], [`timerfd`],
+//! [`signalfd`], and memfds or `/dev/shm` files through [`crate::shmem`].
 //!
 //! ```text
 //!  checkpoint  FileCollector::task(pid)  per fd: fdinfo, link, stat
@@ -21,8 +21,17 @@
 //! side before the transfer.
 
 pub mod deleted;
+#[cfg(test)]
+mod event_tests;
+pub mod eventfd;
+pub mod fifo;
+#[cfg(test)]
+mod fs_tests;
+pub mod inotify;
+pub mod locks;
 pub mod pipe;
 pub mod regular;
+pub mod signalfd;
 pub mod socket;
 pub mod stdio;
 pub(crate) mod sys;
@@ -30,6 +39,7 @@ pub(crate) mod sys;
 pub(crate) mod testkit;
 #[cfg(test)]
 mod tests;
+pub mod timerfd;
 
 use crate::shmem::{ShmemCollector, ShmemHandles};
 use crate::{Error, Result};
@@ -37,6 +47,7 @@ use ferry_parasite::remote::Injector;
 use ferry_protocol::model::{
     DeletedFile, FdEntry, FileId, FileKind, OpenFile, PipeId, PipeObject, TreeImage,
 };
+use ferry_protocol::model::{FileLock, LockOwner};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::io;
@@ -78,6 +89,10 @@ pub struct FileCollector {
     users: HashMap<FileId, Vec<(i32, i32)>>,
     /// Files deleted while open.
     deleted: deleted::DeletedCollector,
+    /// Named pipes.
+    fifos: fifo::FifoCollector,
+    /// File locks.
+    locks: locks::LockCollector,
     /// Sockets put into repair mode (shared with the frozen tree).
     pub(crate) repair: socket::RepairSet,
 }
@@ -103,7 +118,7 @@ impl FileCollector {
     /// All threads of `pid` must be frozen (the caller holds them in ptrace
     /// stops) so that nothing changes while the fds are read. Fails with
     /// [`Error::UnsupportedFd`] on the first fd of a kind ferry cannot
-    /// restore (sockets, eventfds, epoll, deleted files, ...).
+    /// restore (sockets, epoll, inotify, ...).
     pub fn task(&mut self, pid: i32, shmem: &mut ShmemCollector) -> Result<Vec<FdEntry>> {
         let numbers = list_fds(pid)?;
         let mut out = Vec::with_capacity(numbers.len());
@@ -115,6 +130,7 @@ impl FileCollector {
             let md =
                 std::fs::metadata(&magic).map_err(|e| Error::io(format!("stat {magic}"), e))?;
             if let Some(file) = self.shared_with(pid, fd, &md)? {
+                self.locks.fd(pid, fd, file, md.dev(), md.ino())?;
                 self.users.entry(file).or_default().push((pid, fd));
                 out.push(FdEntry { fd, cloexec, file });
                 continue;
@@ -135,6 +151,7 @@ impl FileCollector {
                 ino: md.ino(),
                 file,
             });
+            self.locks.fd(pid, fd, file, md.dev(), md.ino())?;
             self.users.entry(file).or_default().push((pid, fd));
             out.push(FdEntry { fd, cloexec, file });
         }
@@ -178,7 +195,7 @@ impl FileCollector {
                 .strip_suffix(']')
                 .and_then(|s| s.parse::<u64>().ok())
                 .ok_or_else(|| Error::parse(format!("link of fd {fd} of process {pid}"), link))?;
-            let next = self.pipes.len() as PipeId + 1;
+            let next = (self.pipes.len() + self.fifos.count()) as PipeId + 1;
             let p = self.pipes.entry(ino).or_insert(PipeState {
                 id: next,
                 reader: None,
@@ -200,7 +217,16 @@ impl FileCollector {
             }
             return socket::classify(pid, fd, link, &self.repair);
         }
+        if link == "anon_inode:inotify" {
+            return inotify::classify(pid, fd);
+        }
         if let Some(rest) = link.strip_prefix("anon_inode:") {
+            match rest {
+                "[eventfd]" => return eventfd::capture(pid, fd),
+                "[timerfd]" => return timerfd::capture(pid, fd),
+                "[signalfd]" => return signalfd::capture(pid, fd),
+                _ => {}
+            }
             let what = match rest {
                 "[eventfd]" => "an eventfd".to_string(),
                 "[eventpoll]" => "an epoll instance".to_string(),
@@ -211,6 +237,11 @@ impl FileCollector {
                 "[userfaultfd]" => "a userfaultfd".to_string(),
                 "[pidfd]" => "a pidfd".to_string(),
                 "[io_uring]" => "an io_uring instance".to_string(),
+                "[perf_event]" => "a perf event fd (perf_event_open)".to_string(),
+                "bpf-map" => "a BPF map".to_string(),
+                "bpf-prog" => "a BPF program".to_string(),
+                "bpf_link" => "a BPF link".to_string(),
+                "bpf_iter" => "a BPF iterator".to_string(),
                 other => format!("an anonymous-inode fd ({other})"),
             };
             return Err(unsupported(what));
@@ -226,6 +257,10 @@ impl FileCollector {
         use std::os::unix::fs::FileTypeExt;
         if stdio && md.file_type().is_char_device() && regular::is_terminal(md.rdev()) {
             return Ok(FileKind::Outside { what: link.into() });
+        }
+        if md.file_type().is_fifo() {
+            let next = (self.pipes.len() + self.fifos.count()) as PipeId + 1;
+            return self.fifos.classify(pid, fd, flags, link, md, next);
         }
         if md.is_file() && md.nlink() == 0 {
             let id = self.deleted.add(pid, fd, link, md)?;
@@ -267,7 +302,14 @@ impl FileCollector {
                 None => self.pipe_outside(id, ino)?,
             }
         }
+        pipes.extend(std::mem::take(&mut self.fifos).finish()?);
         Ok((self.files, pipes, self.deleted.finish()))
+    }
+
+    /// The file locks held by the tasks collected so far (call before
+    /// [`FileCollector::finish`]).
+    pub fn locks(&mut self) -> Vec<FileLock> {
+        self.locks.take()
     }
 
     /// Every description of pipe `id` becomes `Outside`, or the first fd
@@ -299,6 +341,8 @@ pub struct Opened {
     fds: HashMap<FileId, OwnedFd>,
     /// Where stdio that reached outside went, if any did.
     pub stdio_log: Option<std::path::PathBuf>,
+    /// POSIX locks, taken by their owners in [`install`].
+    locks: Vec<FileLock>,
 }
 
 impl Opened {
@@ -326,6 +370,11 @@ impl Opened {
                 FileKind::Shmem { id } => format!("{who} (shared memory object {id})"),
                 FileKind::Deleted { id } => format!("{who} (deleted file {id})"),
                 FileKind::Outside { what } => format!("{who} ({what}, outside the tree)"),
+                FileKind::EventFd { .. } => format!("{who} (an eventfd)"),
+                FileKind::TimerFd(_) => format!("{who} (a timerfd)"),
+                FileKind::SignalFd { .. } => format!("{who} (a signalfd)"),
+                FileKind::Fifo { path, .. } => format!("{who} (named pipe {path})"),
+                FileKind::Inotify { .. } => format!("{who} (inotify instance)"),
                 FileKind::Tcp { .. } => format!("{who} (a TCP socket)"),
                 FileKind::Udp { .. } => format!("{who} (a UDP socket)"),
             }
@@ -333,7 +382,9 @@ impl Opened {
         let mut opened = Opened {
             fds: HashMap::new(),
             stdio_log: None,
+            locks: Vec::new(),
         };
+        let mut by_fifo: BTreeMap<PipeId, Vec<&OpenFile>> = BTreeMap::new();
         let mut by_pipe: BTreeMap<PipeId, Vec<&OpenFile>> = BTreeMap::new();
         let mut inodes: HashMap<u32, OwnedFd> = HashMap::new();
         for d in &tree.deleted {
@@ -361,12 +412,20 @@ impl Opened {
                     })?;
                     deleted::reopen(inode, f, &d)?
                 }
+                FileKind::Fifo { pipe, .. } => {
+                    by_fifo.entry(*pipe).or_default().push(f);
+                    continue;
+                }
+                FileKind::Inotify { .. } => inotify::open(f, &d)?,
                 FileKind::Outside { .. } => {
                     if !stdio::reads_only(f) {
                         opened.stdio_log = Some(stdio.log.clone());
                     }
                     stdio::open(f, stdio, &d)?
                 }
+                FileKind::EventFd { count, semaphore } => eventfd::open(f, *count, *semaphore, &d)?,
+                FileKind::TimerFd(t) => timerfd::open(f, t, &d)?,
+                FileKind::SignalFd { mask } => signalfd::open(f, *mask, &d)?,
                 _ => regular::open(f, &d)?,
             };
             opened.fds.insert(f.id, fd);
@@ -380,6 +439,30 @@ impl Opened {
             }
         }
         opened.fds.extend(socket::open_all(&sockets, &describe)?);
+        for (id, users) in by_fifo {
+            let p = tree.pipe(id).ok_or_else(|| {
+                Error::parse("image", format!("named pipe {id} is used but not defined"))
+            })?;
+            for (file, fd) in fifo::open(p, &users, &describe)? {
+                opened.fds.insert(file, fd);
+            }
+        }
+        for l in &tree.locks {
+            let f = tree.file(l.file).ok_or_else(|| {
+                Error::parse(
+                    "image",
+                    format!("a lock is on open file {}, which is not defined", l.file),
+                )
+            })?;
+            if let LockOwner::Posix { .. } = l.owner {
+                opened.locks.push(*l);
+                continue;
+            }
+            let fd = opened.fds.get(&l.file).ok_or_else(|| {
+                Error::parse("image", format!("open file {} was not opened", l.file))
+            })?;
+            locks::take_on_description(fd.as_fd(), l, &describe(f))?;
+        }
         Ok(opened)
     }
 
@@ -446,7 +529,8 @@ pub fn install(inj: &mut Injector<'_>, fds: &[FdEntry], opened: &Opened) -> Resu
     let closed = inj.call("close(pidfd)", libc::SYS_close, &[pidfd]);
     result?;
     closed.map_err(|e| remote("closing the agent's pidfd in the target", e))?;
-    Ok(())
+    let pid = inj.tid();
+    locks::take_posix(inj, pid, fds, opened)
 }
 
 /// Pull the agent's `local` fd into the target at `e.fd`.
@@ -555,4 +639,19 @@ fn read_link(pid: i32, fd: i32) -> Result<String> {
 /// A `CString` of a path for the wrappers in [`sys`].
 pub(crate) fn cpath(p: &str) -> Result<CString> {
     CString::new(p).map_err(|_| Error::parse("path", format!("NUL in {p:?}")))
+}
+
+/// `(path, text)` of `/proc/PID/fdinfo/FD`.
+pub(crate) fn fdinfo_text(pid: i32, fd: i32) -> Result<(String, String)> {
+    let path = format!("/proc/{pid}/fdinfo/{fd}");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| Error::io(format!("reading {path}"), e))?;
+    Ok((path, text))
+}
+
+/// The value (trimmed) of the fdinfo line that starts with `key`.
+pub(crate) fn fdinfo_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(str::trim)
 }

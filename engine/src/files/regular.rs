@@ -100,7 +100,9 @@ pub fn open(f: &OpenFile, d: &str) -> Result<OwnedFd> {
         }
         FileKind::Directory { path } => (
             path,
-            libc::O_DIRECTORY | libc::O_RDONLY | (saved & (libc::O_PATH | libc::O_NOATIME)),
+            libc::O_DIRECTORY
+                | libc::O_RDONLY
+                | (saved & (libc::O_PATH | libc::O_NOATIME | libc::O_NONBLOCK)),
         ),
         _ => {
             return Err(Error::parse(

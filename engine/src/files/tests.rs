@@ -164,6 +164,7 @@ fn image(tasks: Vec<ProcessImage>, files: Vec<OpenFile>, pipes: Vec<PipeObject>)
         pipes,
         shmem: vec![],
         deleted: vec![],
+        locks: vec![],
     }
 }
 

@@ -533,20 +533,126 @@ impl Pager {
 
     /// Copy the pages the kernel refused earlier (`EAGAIN`), after the
     /// pending events were handled ([`Pager::handle_events`] calls it).
+    ///
+    /// A deferred piece goes to every live space that still lacks it, not
+    /// only to the one that refused it: the refusal is typically a fork in
+    /// progress, and the child's space, made from the parent's owed map
+    /// when the fork event is read, lacks the same pages. The source sends
+    /// each page once, so a space left out here would wait for it forever.
     fn retry(&mut self) -> Result<()> {
         for d in std::mem::take(&mut self.deferred) {
             if self.spaces.get(d.space).is_none_or(|s| s.dead) {
                 continue;
             }
-            let n = self.put(d.space, d.src, d.pages, d.data.as_deref(), d.origin)?;
-            if self.spaces[d.space].main {
-                match d.origin {
-                    Origin::Pushed => self.stats.pages_pushed += n,
-                    Origin::Requested => self.stats.pages_requested += n,
+            let mut order = vec![d.space];
+            order.extend((0..self.spaces.len()).filter(|&i| i != d.space));
+            for i in order {
+                if self.spaces[i].dead {
+                    continue;
+                }
+                let n = self.put(i, d.src, d.pages, d.data.as_deref(), d.origin)?;
+                if self.spaces[i].main {
+                    match d.origin {
+                        Origin::Pushed => self.stats.pages_pushed += n,
+                        Origin::Requested => self.stats.pages_requested += n,
+                    }
                 }
             }
         }
         self.note_complete();
         Ok(())
+    }
+
+    /// Ask the source again for up to `max_pages` pages that a live space
+    /// still lacks and that no request is out for. A backstop for pages
+    /// the push went past (a space made by a fork after they were pushed,
+    /// a copy refused and dropped): call it when no page came for a while;
+    /// the source answers a request whether or not it pushed the page.
+    /// Returns how many pages were asked for.
+    pub fn request_stragglers(&mut self, max_pages: u64) -> u64 {
+        let now = Instant::now();
+        let mut asked = 0u64;
+        for (addr, pages) in self.owed_sources() {
+            let mut run_start = None;
+            let mut run = 0u32;
+            for k in 0..pages {
+                if asked >= max_pages {
+                    break;
+                }
+                let p = addr + k * PAGE_SIZE;
+                let queued = self.requested.contains_key(&p)
+                    || self
+                        .deferred
+                        .iter()
+                        .any(|d| p >= d.src && p < d.src + d.pages * PAGE_SIZE);
+                if queued || run == u32::MAX {
+                    if let Some(s) = run_start.take() {
+                        self.outbox.push((s, run));
+                    }
+                    run = 0;
+                    if queued {
+                        continue;
+                    }
+                }
+                self.requested.insert(p, now);
+                run_start.get_or_insert(p);
+                run += 1;
+                asked += 1;
+            }
+            if let Some(s) = run_start {
+                self.outbox.push((s, run));
+            }
+            if asked >= max_pages {
+                break;
+            }
+        }
+        asked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pager over a userfaultfd of this process with nothing registered:
+    /// enough for the bookkeeping that never touches memory.
+    fn pager(owed: &[(u64, u64)]) -> Pager {
+        let uffd = userfaultfd::UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .create()
+            .expect("userfaultfd (tests run as root)");
+        Pager::new(std::process::id() as i32, uffd, owed)
+    }
+
+    #[test]
+    fn stragglers_are_asked_for_once_in_runs_skipping_outstanding_requests() {
+        let base = 0x7000_0000u64;
+        let mut p = pager(&[(base, 8), (base + 100 * PAGE_SIZE, 2)]);
+        // A request already out for page 3.
+        p.requested.insert(base + 3 * PAGE_SIZE, Instant::now());
+        assert_eq!(p.request_stragglers(u64::MAX), 9);
+        assert_eq!(
+            p.take_requests(),
+            vec![
+                (base, 3),
+                (base + 4 * PAGE_SIZE, 4),
+                (base + 100 * PAGE_SIZE, 2)
+            ]
+        );
+        // Everything missing is requested now: nothing more to ask.
+        assert_eq!(p.request_stragglers(u64::MAX), 0);
+        assert!(p.take_requests().is_empty());
+        assert!(!p.is_complete());
+    }
+
+    #[test]
+    fn stragglers_respect_the_page_budget() {
+        let base = 0x7000_0000u64;
+        let mut p = pager(&[(base, 10)]);
+        assert_eq!(p.request_stragglers(4), 4);
+        assert_eq!(p.take_requests(), vec![(base, 4)]);
+        assert_eq!(p.request_stragglers(100), 6);
+        assert_eq!(p.take_requests(), vec![(base + 4 * PAGE_SIZE, 6)]);
     }
 }

@@ -108,6 +108,7 @@ fn tree_with(obj: ShmemObject) -> TreeImage {
         pipes: vec![],
         shmem: vec![obj],
         deleted: vec![],
+        locks: vec![],
     }
 }
 

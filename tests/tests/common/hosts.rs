@@ -223,6 +223,8 @@ impl Hosts {
         for var in [
             "FERRY_HOSTS_ADDR_A",
             "FERRY_HOSTS_ADDR_B",
+            "FERRY_HOSTS_ADDR_C",
+            "FERRY_HOSTS_SERVICE",
             "FERRY_HOSTS_PLEN",
             "FERRY_HOSTS_FAIL_AFTER",
         ] {
@@ -337,6 +339,13 @@ impl Hosts {
     /// Run a command on B; returns its outcome.
     pub fn exec_b(&self, args: &[&str]) -> Run {
         let mut all = vec!["exec-b"];
+        all.extend_from_slice(args);
+        self.run(&all)
+    }
+
+    /// Run a command on client C; returns its outcome.
+    pub fn exec_c(&self, args: &[&str]) -> Run {
+        let mut all = vec!["exec-c"];
         all.extend_from_slice(args);
         self.run(&all)
     }

@@ -344,6 +344,15 @@ impl Procs {
         Workload { pid, out }
     }
 
+    /// Track a child spawned by the test itself (with stdio of its choice).
+    pub fn track(&mut self, child: Child) {
+        self.entries.push(Entry {
+            pid: child.id() as i32,
+            child: Some(child),
+            reaped: false,
+        });
+    }
+
     /// Spawn a workload binary of this package (`exe` from
     /// `env!("CARGO_BIN_EXE_...")`).
     pub fn workload(&mut self, exe: &str, args: &[&str], dir: &Path, name: &str) -> Workload {
