@@ -1,6 +1,7 @@
 //! The process image file (`process.img`): a versioned, checksummed container
-//! for a [`TreeImage`] (a process tree; version 1 held a single process and
-//! is refused with a clear message).
+//! for a [`TreeImage`] (a process tree). Older versions are refused with a
+//! clear message: version 1 held a single process, version 2 a tree without
+//! event fds, FIFOs, inotify, locks, epoll, pidfds or sockets.
 //!
 //! # Layout
 //!
@@ -37,9 +38,9 @@ use crate::model::TreeImage;
 use crate::validate::ValidationError;
 
 /// Current (and newest readable) version of the image file format.
-pub const IMAGE_VERSION: u32 = 2;
+pub const IMAGE_VERSION: u32 = 3;
 /// Oldest image file format version this build can still read.
-pub const MIN_IMAGE_VERSION: u32 = 2;
+pub const MIN_IMAGE_VERSION: u32 = 3;
 /// Name of the process image file inside an image directory.
 pub const PROCESS_FILE: &str = "process.img";
 /// Magic bytes at the start of every ferry image file.
@@ -468,12 +469,13 @@ mod tests {
     #[test]
     fn older_version() {
         let (dir, _, mut bytes) = written();
-        // A version-1 image (one process, before trees) is refused.
-        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        // A version-2 image (trees, before event fds, locks and sockets)
+        // is refused.
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
         rewrite(dir.path(), &bytes);
         let e = read_tree_image(dir.path()).unwrap_err();
         assert!(
-            matches!(e, ImageError::VersionTooOld { found: 1, .. }),
+            matches!(e, ImageError::VersionTooOld { found: 2, .. }),
             "{e}"
         );
         assert!(e.to_string().contains("re-create the image"), "{e}");

@@ -343,7 +343,7 @@ pub use state::{DestState, PageAdmit, Phase};
 /// Magic at the start of every frame.
 pub const WIRE_MAGIC: u16 = 0xFE77;
 /// Major protocol version: must be equal on both sides.
-pub const WIRE_MAJOR: u8 = 2;
+pub const WIRE_MAJOR: u8 = 3;
 /// Minor protocol version of this build; the lower of both sides' is used.
 pub const WIRE_MINOR: u16 = 1;
 /// The minor version that introduced the lazy pages (post-copy) messages
