@@ -21,6 +21,7 @@
 pub mod compress;
 pub mod image;
 pub mod model;
+pub mod net;
 pub mod packer;
 pub mod pages;
 pub mod validate;

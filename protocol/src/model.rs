@@ -547,6 +547,10 @@ pub enum FileKind {
     /// tree (live or zombie), which has the same PID after restore. Its
     /// `PIDFD_NONBLOCK`/`PIDFD_THREAD` flags are in the status flags.
     Pidfd { pid: i32 },
+    /// A TCP socket (see [`crate::net`]).
+    Tcp { socket: Box<crate::net::TcpSocket> },
+    /// A UDP socket (see [`crate::net`]).
+    Udp { socket: Box<crate::net::UdpSocket> },
 }
 
 /// One watch of an inotify instance.

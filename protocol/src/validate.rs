@@ -234,6 +234,9 @@ pub enum ValidationError {
     /// A pidfd whose process is not one of the tree.
     #[error("open file {file}: a pidfd of process {pid}, which is not a process of the tree")]
     PidfdOutsideTree { file: u32, pid: i32 },
+    /// A socket record that cannot be rebuilt.
+    #[error("open file {file} (a socket): {why}")]
+    BadSocket { file: u32, why: String },
 }
 
 /// At most this many file locks in one image.
@@ -665,6 +668,16 @@ impl TreeImage {
                             pid: *pid,
                         });
                     }
+                }
+                FileKind::Tcp { socket } => {
+                    socket
+                        .check()
+                        .map_err(|why| ValidationError::BadSocket { file: f.id, why })?;
+                }
+                FileKind::Udp { socket } => {
+                    socket
+                        .check()
+                        .map_err(|why| ValidationError::BadSocket { file: f.id, why })?;
                 }
             }
         }

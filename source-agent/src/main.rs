@@ -93,7 +93,7 @@ enum Command {
     /// shell's pipe, a terminal, journald's socket) cannot come along: on
     /// restore stdin reads end of file and output goes to a log file (see
     /// `restore --stdio-log`). Not supported yet (the checkpoint fails,
-    /// names the reason, and every process keeps running): sockets,
+    /// names the reason, and every process keeps running): sockets other than TCP and UDP,
     /// event fds, deleted mapped files, and processes sharing an fd table
     /// or address space (vfork, CLONE_FILES).
     Checkpoint {

@@ -1,25 +1,23 @@
-//! wl-socket: holds a TCP socket listening on 127.0.0.1 (a kind of fd that
-//! checkpoint does not support yet), prints `ready pid=P fd=N port=X`, then
-//! ticks every 20 ms.
+//! wl-socket: holds a unix datagram socket bound to the abstract name
+//! `ferry-wl-socket-PID` (a kind of fd that checkpoint does not support
+//! yet), prints `ready pid=P fd=N`, then ticks every 20 ms.
 mod shared;
 
 use shared::{die, say};
 use std::os::fd::AsRawFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
 
 fn main() {
-    let listener = match std::net::TcpListener::bind("127.0.0.1:0") {
-        Ok(l) => l,
-        Err(e) => die(&format!("bind: {e}")),
-    };
-    let port = match listener.local_addr() {
-        Ok(a) => a.port(),
-        Err(e) => die(&format!("local_addr: {e}")),
-    };
+    let name = format!("ferry-wl-socket-{}", std::process::id());
+    let addr = SocketAddr::from_abstract_name(name.as_bytes())
+        .unwrap_or_else(|e| die(&format!("abstract name: {e}")));
+    let sock = UnixDatagram::bind_addr(&addr).unwrap_or_else(|e| die(&format!("bind: {e}")));
     say(&format!(
-        "ready pid={} fd={} port={port}",
+        "ready pid={} fd={}",
         std::process::id(),
-        listener.as_raw_fd()
+        sock.as_raw_fd()
     ));
     for tick in 1u64.. {
         say(&format!("tick {tick}"));

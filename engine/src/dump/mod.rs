@@ -281,6 +281,7 @@ fn capture_tree(
 ) -> Result<TreeImage> {
     let host = crate::host::host_info();
     let mut files = FileCollector::with_deleted_limit(max_deleted_bytes);
+    files.repair = frozen.repair.clone();
     let mut tasks = Vec::with_capacity(frozen.tasks.len());
     for (id, f) in frozen.tasks.iter_mut() {
         tasks.push(capture_task(*id, f, host.xstate_size, &mut files, shmem)?);

@@ -36,6 +36,10 @@ pub struct FrozenTree {
     /// Live processes, root first, each after its parent.
     pub tasks: Vec<(TaskIdentity, Frozen)>,
     pub zombies: Vec<Zombie>,
+    /// Sockets a checkpoint put into repair mode: they leave it when the
+    /// tree is thawed (or this is dropped), and stay in it when the tree
+    /// is killed.
+    pub repair: crate::files::socket::RepairSet,
 }
 
 impl FrozenTree {
@@ -50,6 +54,7 @@ impl FrozenTree {
         let mut tree = FrozenTree {
             tasks: Vec::new(),
             zombies: Vec::new(),
+            repair: Default::default(),
         };
         let walked = match scope {
             Scope::Tree => tree.walk(root),
@@ -145,6 +150,7 @@ impl FrozenTree {
 
     /// Let every process run on, untouched (children first, the root last).
     pub fn thaw(self) -> Result<()> {
+        self.repair.leave();
         let mut first = None;
         for (_, f) in self.tasks.into_iter().rev() {
             if let Err(e) = f.thaw() {
@@ -163,6 +169,7 @@ impl FrozenTree {
                 first.get_or_insert(e);
             }
         }
+        self.repair.close_in_repair();
         first.map_or(Ok(()), Err)
     }
 }

@@ -34,6 +34,7 @@ pub mod pidfd;
 pub mod pipe;
 pub mod regular;
 pub mod signalfd;
+pub mod socket;
 pub mod stdio;
 pub(crate) mod sys;
 #[cfg(test)]
@@ -96,6 +97,8 @@ pub struct FileCollector {
     locks: locks::LockCollector,
     /// Every process seen, in order.
     tasks: Vec<i32>,
+    /// Sockets put into repair mode (shared with the frozen tree).
+    pub(crate) repair: socket::RepairSet,
 }
 
 impl FileCollector {
@@ -217,7 +220,7 @@ impl FileCollector {
             if stdio {
                 return Ok(FileKind::Outside { what: link.into() });
             }
-            return Err(unsupported(format!("a socket ({link})")));
+            return socket::classify(pid, fd, link, &self.repair);
         }
         if link == "anon_inode:inotify" {
             return inotify::classify(pid, fd);
@@ -387,6 +390,8 @@ impl Opened {
                 FileKind::Inotify { .. } => format!("{who} (inotify instance)"),
                 FileKind::Epoll { .. } => format!("{who} (epoll instance)"),
                 FileKind::Pidfd { pid } => format!("{who} (pidfd of process {pid})"),
+                FileKind::Tcp { .. } => format!("{who} (a TCP socket)"),
+                FileKind::Udp { .. } => format!("{who} (a UDP socket)"),
             }
         };
         let mut opened = Opened {
@@ -400,9 +405,14 @@ impl Opened {
         for d in &tree.deleted {
             inodes.insert(d.id, deleted::create(d)?);
         }
+        let mut sockets = Vec::new();
         for f in &tree.files {
             let d = describe(f);
             let fd = match &f.kind {
+                FileKind::Tcp { .. } | FileKind::Udp { .. } => {
+                    sockets.push(f);
+                    continue;
+                }
                 FileKind::Pipe { pipe, .. } => {
                     by_pipe.entry(*pipe).or_default().push(f);
                     continue;
@@ -445,6 +455,7 @@ impl Opened {
                 opened.fds.insert(file, fd);
             }
         }
+        opened.fds.extend(socket::open_all(&sockets, &describe)?);
         for (id, users) in by_fifo {
             let p = tree.pipe(id).ok_or_else(|| {
                 Error::parse("image", format!("named pipe {id} is used but not defined"))
