@@ -88,14 +88,19 @@ enum Command {
     /// The tree comes back as it was: every process with its PID, parent,
     /// process group and session, zombies included; fds shared across fork
     /// and dup stay shared; pipes between the processes keep their unread
-    /// data; shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS) stays
-    /// shared. Stdin, stdout and stderr that reach outside the tree (a
-    /// shell's pipe, a terminal, journald's socket) cannot come along: on
-    /// restore stdin reads end of file and output goes to a log file (see
-    /// `restore --stdio-log`). Not supported yet (the checkpoint fails,
-    /// names the reason, and every process keeps running): sockets other than TCP and UDP,
-    /// event fds, deleted mapped files, and processes sharing an fd table
-    /// or address space (vfork, CLONE_FILES).
+    /// data; shared memory (shared anonymous, memfd, /dev/shm, SysV) stays
+    /// shared; eventfds, timerfds, signalfds, epoll instances, pidfds,
+    /// FIFOs, inotify instances, file locks and TCP (listening and
+    /// established, through TCP_REPAIR) and UDP sockets come back as the
+    /// kernel held them. Stdin, stdout and stderr that reach outside the
+    /// tree (a shell's pipe, a terminal, journald's socket) cannot come
+    /// along: on restore stdin reads end of file and output goes to a log
+    /// file (see `restore --stdio-log`). Not supported yet (the checkpoint
+    /// fails, names the reason, and every process keeps running): unix,
+    /// netlink, raw and packet sockets, half-closed TCP connections,
+    /// terminals inside the tree, io_uring, perf and BPF fds, deleted
+    /// mapped files, and processes sharing an fd table or address space
+    /// (vfork, CLONE_FILES).
     Checkpoint {
         /// PID of the process to checkpoint.
         pid: i32,
