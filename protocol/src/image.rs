@@ -400,7 +400,7 @@ mod tests {
     fn round_trip() {
         let (dir, img, bytes) = written();
         assert_eq!(&bytes[..8], b"FERRYIMG");
-        assert_eq!(&bytes[8..12], &2u32.to_le_bytes());
+        assert_eq!(&bytes[8..12], &IMAGE_VERSION.to_le_bytes());
         assert_eq!(&bytes[12..16], &KIND_PROCESS.to_le_bytes());
         let back = read_tree_image(dir.path()).expect("read");
         assert_eq!(back, img);
