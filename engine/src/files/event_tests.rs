@@ -5,11 +5,11 @@
 //! installed into a stub, whose fds are then inspected through fdinfo and
 //! `pidfd_getfd` copies.
 
-use super::testkit::{Act, ScriptChild};
+use super::testkit::{image, process, Act, ScriptChild};
 use super::*;
 use crate::testutil::{with_stub, StubGuard};
 use ferry_parasite::Tracee;
-use ferry_protocol::model::{MmFields, ProcessImage, ProcessMisc, TimerFd, Timespec};
+use ferry_protocol::model::{TimerFd, Timespec};
 use std::time::Duration;
 
 const NONBLOCK: u32 = libc::O_NONBLOCK as u32;
@@ -27,29 +27,6 @@ fn collect(pid: i32) -> (Vec<FdEntry>, Vec<OpenFile>) {
     })();
     t.detach().expect("detach");
     out.expect("collect")
-}
-
-fn image(pid: i32, fds: Vec<FdEntry>, files: Vec<OpenFile>) -> TreeImage {
-    TreeImage {
-        host: crate::host::host_info(),
-        tasks: vec![ProcessImage {
-            pid,
-            ppid: 1,
-            pgid: pid,
-            sid: pid,
-            vmas: vec![],
-            mm: MmFields::default(),
-            threads: vec![],
-            fds,
-            misc: ProcessMisc::default(),
-        }],
-        zombies: vec![],
-        files,
-        pipes: vec![],
-        shmem: vec![],
-        deleted: vec![],
-        locks: vec![],
-    }
 }
 
 /// Open `tree` in the agent and install its only task's fds into a stub.
@@ -144,7 +121,7 @@ fn eventfds_keep_counter_mode_and_flags() {
     assert_eq!(info(child.pid, 3, "eventfd-count:"), "12c");
     assert_eq!(info(child.pid, 4, "eventfd-count:"), "200000002");
 
-    let tree = image(child.pid, fds, files);
+    let tree = image(vec![process(child.pid, fds)], files, vec![]);
     let stub = restore(&tree).expect("restore");
     let pid = stub.0;
     assert_eq!(info(pid, 3, "eventfd-count:"), "12c");
@@ -262,7 +239,7 @@ fn timerfds_keep_clock_times_and_missed_expirations() {
         "{i:?}"
     );
 
-    let tree = image(child.pid, fds.clone(), files.clone());
+    let tree = image(vec![process(child.pid, fds.clone())], files.clone(), vec![]);
     let stub = restore(&tree).expect("restore");
     let pid = stub.0;
     for fd in 3..=6 {
@@ -325,7 +302,7 @@ fn absolute_monotonic_timer_from_another_boot_keeps_its_time_left() {
             cloexec: false,
             file: 1,
         }];
-        let stub = restore(&image(4242, fds, files)).expect("restore");
+        let stub = restore(&image(vec![process(4242, fds)], files, vec![])).expect("restore");
         assert_eq!(info(stub.0, 3, "settime flags:"), "01");
         let cur = sys::timerfd_gettime(copy_fd(stub.0, 3).as_fd()).expect("gettime");
         (ns_libc(cur.it_value), info(stub.0, 3, "ticks:"))
@@ -350,7 +327,7 @@ fn signalfd_keeps_its_mask() {
     let f = file_of(&fds, &files, 7);
     assert_eq!(f.kind, FileKind::SignalFd { mask });
     assert_ne!(f.flags & NONBLOCK, 0);
-    let stub = restore(&image(child.pid, fds, files)).expect("restore");
+    let stub = restore(&image(vec![process(child.pid, fds)], files, vec![])).expect("restore");
     assert_eq!(info(stub.0, 7, "sigmask:"), info(child.pid, 7, "sigmask:"));
     assert_eq!(info(stub.0, 7, "flags:"), "04002");
     assert_eq!(
@@ -382,7 +359,7 @@ fn a_timer_on_a_clock_timerfds_do_not_have_is_refused_clearly() {
         cloexec: false,
         file: 1,
     }];
-    match restore(&image(4242, fds, files)) {
+    match restore(&image(vec![process(4242, fds)], files, vec![])) {
         Err(e) => {
             let msg = e.to_string();
             assert!(

@@ -3,12 +3,11 @@
 //! that cannot move. Real processes: a forked child sets its fds up with
 //! raw system calls and pauses; restore goes into stubs.
 
-use super::testkit::{ScriptChild, TempDir};
+use super::testkit::{process, ScriptChild, TempDir};
 use super::*;
 use crate::shmem::ShmemHandles;
 use crate::testutil::{with_stub, StubGuard};
 use ferry_parasite::Tracee;
-use ferry_protocol::model::{MmFields, ProcessImage, ProcessMisc};
 use std::ffi::CString;
 use std::io::Read;
 
@@ -115,20 +114,6 @@ fn try_collect(pids: &[i32]) -> Result<TreeImage> {
 
 fn collect(pids: &[i32]) -> TreeImage {
     try_collect(pids).expect("collect")
-}
-
-fn process(pid: i32, fds: Vec<FdEntry>) -> ProcessImage {
-    ProcessImage {
-        pid,
-        ppid: 1,
-        pgid: pid,
-        sid: pid,
-        vmas: vec![],
-        mm: MmFields::default(),
-        threads: vec![],
-        fds,
-        misc: ProcessMisc::default(),
-    }
 }
 
 fn policy(dir: &TempDir) -> StdioPolicy {

@@ -269,3 +269,39 @@ pub fn cs(s: &str) -> CString {
 pub fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 + 3) as u8).collect()
 }
+
+/// A process of an image with only what the file code looks at.
+pub fn process(
+    pid: i32,
+    fds: Vec<ferry_protocol::model::FdEntry>,
+) -> ferry_protocol::model::ProcessImage {
+    ferry_protocol::model::ProcessImage {
+        pid,
+        ppid: 1,
+        pgid: pid,
+        sid: pid,
+        vmas: vec![],
+        mm: ferry_protocol::model::MmFields::default(),
+        threads: vec![],
+        fds,
+        misc: ferry_protocol::model::ProcessMisc::default(),
+    }
+}
+
+/// An image of `tasks` over `files` and `pipes`, nothing else shared.
+pub fn image(
+    tasks: Vec<ferry_protocol::model::ProcessImage>,
+    files: Vec<ferry_protocol::model::OpenFile>,
+    pipes: Vec<ferry_protocol::model::PipeObject>,
+) -> ferry_protocol::model::TreeImage {
+    ferry_protocol::model::TreeImage {
+        host: crate::host::host_info(),
+        tasks,
+        zombies: vec![],
+        files,
+        pipes,
+        shmem: vec![],
+        deleted: vec![],
+        locks: vec![],
+    }
+}

@@ -7,11 +7,10 @@
 //! ([`crate::testutil::with_stub`]), which are then inspected through
 //! `/proc` and `pidfd_getfd` copies of their fds.
 
-use super::testkit::{cs, pattern, scene, Act, ScriptChild, TempDir};
+use super::testkit::{cs, image, pattern, process, scene, Act, ScriptChild, TempDir};
 use super::*;
 use crate::testutil::{with_stub, StubGuard};
 use ferry_parasite::Tracee;
-use ferry_protocol::model::{MmFields, ProcessImage, ProcessMisc};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 
@@ -137,34 +136,6 @@ fn expect_unsupported(acts: &[Act], fd: i32, needle: &str) {
             assert!(msg.contains(&format!("fd {fd} ")), "{msg}");
         }
         other => panic!("expected UnsupportedFd for fd {fd}, got {other:?}"),
-    }
-}
-
-/// A process of an image with only what the file code looks at.
-fn process(pid: i32, fds: Vec<FdEntry>) -> ProcessImage {
-    ProcessImage {
-        pid,
-        ppid: 1,
-        pgid: pid,
-        sid: pid,
-        vmas: vec![],
-        mm: MmFields::default(),
-        threads: vec![],
-        fds,
-        misc: ProcessMisc::default(),
-    }
-}
-
-fn image(tasks: Vec<ProcessImage>, files: Vec<OpenFile>, pipes: Vec<PipeObject>) -> TreeImage {
-    TreeImage {
-        host: crate::host::host_info(),
-        tasks,
-        zombies: vec![],
-        files,
-        pipes,
-        shmem: vec![],
-        deleted: vec![],
-        locks: vec![],
     }
 }
 

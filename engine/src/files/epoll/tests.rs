@@ -5,13 +5,13 @@
 
 use super::super::pidfd;
 use super::super::sys;
-use super::super::testkit::kill_and_reap;
+use super::super::testkit::{image, kill_and_reap, process};
 use super::*;
 use crate::files::{install, FileCollector, StdioPolicy};
 use crate::shmem::{ShmemCollector, ShmemHandles};
 use crate::testutil::{with_stub, TempDir};
 use ferry_parasite::Tracee;
-use ferry_protocol::model::{FdEntry, MmFields, PipeObject, ProcessImage, ProcessMisc};
+use ferry_protocol::model::{FdEntry, PipeObject};
 use std::os::fd::{AsRawFd, RawFd};
 
 const IN: u32 = libc::EPOLLIN as u32;
@@ -327,29 +327,6 @@ fn copy_fd(pid: i32, fd: i32) -> OwnedFd {
     sys::pidfd_getfd(p.as_fd(), fd).expect("pidfd_getfd")
 }
 
-fn image(pid: i32, fds: Vec<FdEntry>, files: Vec<OpenFile>, pipes: Vec<PipeObject>) -> TreeImage {
-    TreeImage {
-        host: crate::host::host_info(),
-        tasks: vec![ProcessImage {
-            pid,
-            ppid: 1,
-            pgid: pid,
-            sid: pid,
-            vmas: vec![],
-            mm: MmFields::default(),
-            threads: vec![],
-            fds,
-            misc: ProcessMisc::default(),
-        }],
-        zombies: vec![],
-        files,
-        pipes,
-        shmem: vec![],
-        deleted: vec![],
-        locks: vec![],
-    }
-}
-
 fn fdinfo_field(pid: i32, fd: i32, key: &str) -> String {
     let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("fdinfo");
     text.lines()
@@ -497,7 +474,7 @@ fn epoll_registrations_are_collected_with_their_files() {
 fn epoll_round_trip_into_a_stub() {
     let child = spawn(&scene());
     let (fds, files, pipes) = try_collect(child.0).expect("collect");
-    let tree = image(child.0, fds.clone(), files.clone(), pipes);
+    let tree = image(vec![process(child.0, fds.clone())], files.clone(), pipes);
     assert_eq!(
         ferry_protocol::validate::epoll_order(&tree.files).map(|o| o.len()),
         Ok(3)
@@ -651,7 +628,11 @@ fn pidfd_restore_refers_to_the_process() {
         cloexec: false,
         file: 1,
     };
-    let tree = image(child.0, vec![entry], vec![pidfd(child.0)], vec![]);
+    let tree = image(
+        vec![process(child.0, vec![entry])],
+        vec![pidfd(child.0)],
+        vec![],
+    );
     let opened = Opened::open_all(&tree, &ShmemHandles::default(), &stdio).expect("open_all");
     let (guard, r) = with_stub(true, |_, inj| install(inj, &tree.tasks[0].fds, &opened));
     r.expect("install");
@@ -675,7 +656,11 @@ fn pidfd_restore_refers_to_the_process() {
     assert!(libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGKILL);
     drop(child);
     // A process that does not exist here: a clear error.
-    let gone = image(guard.0, vec![entry], vec![pidfd(i32::MAX - 1)], vec![]);
+    let gone = image(
+        vec![process(guard.0, vec![entry])],
+        vec![pidfd(i32::MAX - 1)],
+        vec![],
+    );
     match Opened::open_all(&gone, &ShmemHandles::default(), &stdio) {
         Err(e @ Error::Incompatible(_)) => {
             assert!(e.to_string().contains("does not exist here"), "{e}")
