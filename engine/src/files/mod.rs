@@ -239,14 +239,8 @@ impl FileCollector {
                 _ => {}
             }
             let what = match rest {
-                "[eventfd]" => "an eventfd".to_string(),
-                "[eventpoll]" => "an epoll instance".to_string(),
-                "[signalfd]" => "a signalfd".to_string(),
-                "[timerfd]" => "a timerfd".to_string(),
-                "inotify" => "an inotify instance".to_string(),
                 "[fanotify]" => "a fanotify instance".to_string(),
                 "[userfaultfd]" => "a userfaultfd".to_string(),
-                "[pidfd]" => "a pidfd".to_string(),
                 "[io_uring]" => "an io_uring instance".to_string(),
                 "[perf_event]" => "a perf event fd (perf_event_open)".to_string(),
                 "bpf-map" => "a BPF map".to_string(),
