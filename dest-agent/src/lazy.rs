@@ -304,7 +304,13 @@ fn run(
         }
         if last_check.elapsed() >= TICK {
             last_check = Instant::now();
-            if exited(pid) {
+            if exited(pid) && !pager.is_complete() {
+                tracing::warn!(
+                    pid,
+                    "process {pid} ended during the lazy phase, {} pages still owed: \
+                     the rest is not fetched",
+                    pager.remaining()
+                );
                 pager.process_gone();
             }
         }

@@ -456,6 +456,11 @@ pub struct ProcessMisc {
     pub personality: u32,
     /// The signal sent when the parent dies (`PR_SET_PDEATHSIG`), 0 for none.
     pub pdeath_signal: i32,
+    /// `PR_GET_DUMPABLE`: 0 (not dumpable: no core, no ptrace by its
+    /// user, /proc files owned by root), 1, or 2 (`suid_dumpable` mode).
+    pub dumpable: u32,
+    /// `PR_GET_SECUREBITS` of the main thread (`SECBIT_*`, locks included).
+    pub securebits: u32,
 }
 
 /// One open file descriptor of a process: a number in its fd table that

@@ -85,6 +85,15 @@ fn comm_on_b(h: &Hosts, pid: i32) -> Option<String> {
     (!c.is_empty()).then(|| c.to_string())
 }
 
+/// What tells why the process is not on B: its last output lines and the
+/// dest-agent's log (which says how a restored process ended).
+fn gone_from_b(w: &Workload, agent: &Workload) -> String {
+    let lines = w.out.lines();
+    let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+    let log = std::fs::read_to_string(&agent.out.err_path).unwrap_or_default();
+    format!("its last output:\n{tail}\ndest-agent log:\n{log}")
+}
+
 /// Wait until `pid` is wl-lazy on B while A's copy is frozen, then until
 /// it ticks (A's copy being frozen, a new tick comes from B). Fails early
 /// if `migrate` exits.
@@ -182,7 +191,7 @@ fn lazy_moves_a_gib_at_once() {
     let h = Hosts::up_as("fml", "a");
     let mut procs = Procs::new();
     pair(&h);
-    h.start_dest(&mut procs, "b");
+    let dest = h.start_dest(&mut procs, "b");
     let (w, ready) = h.start_workload(&mut procs, "1024", "wl");
     let pid = w.pid.to_string();
 
@@ -216,7 +225,12 @@ fn lazy_moves_a_gib_at_once() {
     // Gone from A, running on B with the same PID, all memory as at the
     // freeze (wl-memory does not write after start), still ticking.
     reap_source(&mut procs, w.pid);
-    assert_eq!(comm_on_b(&h, w.pid).as_deref(), Some("wl-memory"));
+    assert_eq!(
+        comm_on_b(&h, w.pid).as_deref(),
+        Some("wl-memory"),
+        "the process is not running on B; {}",
+        gone_from_b(&w, &dest)
+    );
     let tick = w.out.last_tick().expect("ticks");
     w.out.wait_tick_above(tick);
     verify(&h, &w, &ready, true);
@@ -231,7 +245,7 @@ fn lazy_faults_from_all_threads_at_once() {
     let h = Hosts::up_as("fml", "b");
     let mut procs = Procs::new();
     pair(&h);
-    h.start_dest(&mut procs, "b");
+    let dest = h.start_dest(&mut procs, "b");
     let (w, ready) = h.start_wl_lazy(&mut procs, "256", "8", "wl");
     let pid = w.pid.to_string();
 
@@ -261,7 +275,12 @@ fn lazy_faults_from_all_threads_at_once() {
     );
 
     reap_source(&mut procs, w.pid);
-    assert_eq!(comm_on_b(&h, w.pid).as_deref(), Some("wl-lazy"));
+    assert_eq!(
+        comm_on_b(&h, w.pid).as_deref(),
+        Some("wl-lazy"),
+        "the process is not running on B; {}",
+        gone_from_b(&w, &dest)
+    );
     let tick = w.out.last_tick().expect("ticks");
     w.out.wait_tick_above(tick + 2);
     let line = verify_wl_lazy(&h, &w, &ready, true);
@@ -274,7 +293,7 @@ fn lazy_survives_fork_mremap_munmap() {
     let h = Hosts::up_as("fml", "c");
     let mut procs = Procs::new();
     pair(&h);
-    h.start_dest(&mut procs, "b");
+    let dest = h.start_dest(&mut procs, "b");
     let (w, ready) = h.start_wl_lazy(&mut procs, "128", "2", "wl");
     let pid = w.pid.to_string();
     let before = verify_wl_lazy(&h, &w, &ready, false);
@@ -303,7 +322,12 @@ fn lazy_survives_fork_mremap_munmap() {
     assert!(ms > 500.0, "a lazy phase long enough for events: {v}");
 
     reap_source(&mut procs, w.pid);
-    assert_eq!(comm_on_b(&h, w.pid).as_deref(), Some("wl-lazy"));
+    assert_eq!(
+        comm_on_b(&h, w.pid).as_deref(),
+        Some("wl-lazy"),
+        "the process is not running on B; {}",
+        gone_from_b(&w, &dest)
+    );
     // A few more ticks: every kind of event happens again on B.
     let tick = w.out.last_tick().expect("ticks");
     w.out.wait_tick_above(tick + 8);
@@ -491,7 +515,12 @@ fn lazy_reconnects_after_a_long_outage() {
         "the destination gave up: {log}"
     );
     reap_source(&mut procs, w.pid);
-    assert_eq!(comm_on_b(&h, w.pid).as_deref(), Some("wl-lazy"));
+    assert_eq!(
+        comm_on_b(&h, w.pid).as_deref(),
+        Some("wl-lazy"),
+        "the process is not running on B; {}",
+        gone_from_b(&w, &agent.w)
+    );
     let tick = w.out.last_tick().expect("ticks");
     w.out.wait_tick_above(tick + 2);
     verify_wl_lazy(&h, &w, &ready, true);

@@ -316,9 +316,10 @@ impl State {
             )
         };
         if r == libc::MAP_FAILED || r as usize != to {
+            let e = std::io::Error::last_os_error();
             die(&format!(
-                "mremap {from:#x} -> {to:#x} failed: {}",
-                std::io::Error::last_os_error()
+                "mremap {from:#x} -> {to:#x} failed: {e}; mappings around it:\n{}",
+                maps_near(self.reserve, 2 * MOVE_LEN)
             ));
         }
         self.mv.addr = to;
@@ -556,4 +557,24 @@ fn main() {
         }
         std::thread::sleep(TICK);
     }
+}
+
+/// The lines of /proc/self/maps that touch `[start - len, start + 2 len)`
+/// (what an mremap failure is explained by).
+fn maps_near(start: usize, len: usize) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let (lo, hi) = (start.saturating_sub(len), start + 2 * len);
+    maps.lines()
+        .filter(|l| {
+            let Some((a, b)) = l.split_whitespace().next().and_then(|r| r.split_once('-')) else {
+                return false;
+            };
+            let (a, b) = (
+                usize::from_str_radix(a, 16).unwrap_or(0),
+                usize::from_str_radix(b, 16).unwrap_or(0),
+            );
+            a < hi && b > lo
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

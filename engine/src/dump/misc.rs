@@ -40,6 +40,9 @@ pub fn collect(pid: i32, inj: &mut Injector) -> Result<ProcessMisc> {
     let rlimits = read_rlimits(pid, inj)?;
     let personality = read_personality(pid)?;
     let pdeath_signal = query_pdeath_signal(inj)?;
+    refuse_seccomp(pid)?;
+    let dumpable = query_prctl(inj, "prctl(PR_GET_DUMPABLE)", PR_GET_DUMPABLE)?;
+    let securebits = query_prctl(inj, "prctl(PR_GET_SECUREBITS)", PR_GET_SECUREBITS)?;
 
     Ok(ProcessMisc {
         creds,
@@ -51,7 +54,51 @@ pub fn collect(pid: i32, inj: &mut Injector) -> Result<ProcessMisc> {
         rlimits,
         personality,
         pdeath_signal,
+        dumpable,
+        securebits,
     })
+}
+
+const PR_GET_DUMPABLE: u64 = 3;
+const PR_GET_SECUREBITS: u64 = 27;
+
+/// A `prctl` query that returns its answer (a small non-negative number).
+fn query_prctl(inj: &mut Injector, name: &'static str, option: u64) -> Result<u32> {
+    let v = inj.call(name, libc::SYS_prctl, &[option])?;
+    u32::try_from(v).map_err(|_| Error::parse(name, format!("{v:#x}")))
+}
+
+/// Refuse a process any thread of which runs under seccomp (strict mode or
+/// a filter: systemd's `SystemCallFilter=`, container runtimes, browser
+/// sandboxes). Its filters are not carried yet, and a sandboxed process
+/// must never come back unsandboxed.
+pub(crate) fn refuse_seccomp(pid: i32) -> Result<()> {
+    let dir = format!("/proc/{pid}/task");
+    let tasks = std::fs::read_dir(&dir).map_err(|e| Error::io(format!("read {dir}"), e))?;
+    for t in tasks.flatten() {
+        let path = t.path().join("status");
+        let Ok(status) = std::fs::read_to_string(&path) else {
+            // The thread ended meanwhile.
+            continue;
+        };
+        let mode = status_field(&status, "Seccomp")?;
+        if mode != "0" {
+            let what = if mode == "1" {
+                "strict mode"
+            } else {
+                "a filter"
+            };
+            return Err(Error::Unsupported {
+                pid,
+                what: format!(
+                    "seccomp ({what}, thread {}): its system call filter cannot be carried \
+                     yet, and restoring the process without it would leave it unsandboxed",
+                    t.file_name().to_string_lossy()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The parent-death signal of the thread driven by `inj`
@@ -400,6 +447,12 @@ mod tests {
                     libc::_exit(13);
                 }
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                // The change of uid made it as dumpable as suid_dumpable says.
+                libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
+            } else {
+                libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+                // SECBIT_NOROOT.
+                libc::prctl(libc::PR_SET_SECUREBITS, 1, 0, 0, 0);
             }
             let me = libc::getpid();
             // Shared queue: kill(); private queue: tgkill().
@@ -622,6 +675,7 @@ mod tests {
         assert_eq!(m.creds.uids, [uid; 4]);
         assert_eq!(m.creds.gids, [gid; 4]);
         assert!(!m.creds.no_new_privs);
+        assert_eq!((m.dumpable, m.securebits), (0, 1));
     }
 
     #[test]
@@ -638,6 +692,7 @@ mod tests {
         );
         assert_ne!(cr.cap_bounding, 0);
         assert!(cr.no_new_privs);
+        assert_eq!((c.misc.dumpable, c.misc.securebits), (1, 0));
     }
 
     #[test]
@@ -659,5 +714,73 @@ mod tests {
         assert!(parse_creds(&good.replace("CapEff:\t0000000000000001", "CapEff:\tzz")).is_err());
         assert!(parse_creds(&good.replace("NoNewPrivs:\t1", "")).is_err());
         assert!(parse_umask("Umask:\t0999\n").is_err());
+    }
+
+    /// A child under a seccomp filter (allow-all, with no_new_privs) is
+    /// refused by a freeze, naming seccomp, and runs on afterwards.
+    #[test]
+    fn seccomp_is_refused_and_the_process_runs_on() {
+        let allow = [libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        }];
+        let prog = libc::sock_fprog {
+            len: 1,
+            filter: allow.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: the child makes raw prctl calls on data prepared before
+        // the fork (valid for the child's copy of our memory), then pauses.
+        let pid = unsafe {
+            let pid = libc::fork();
+            if pid == 0 {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || libc::prctl(
+                        libc::PR_SET_SECCOMP,
+                        libc::SECCOMP_MODE_FILTER,
+                        &prog as *const libc::sock_fprog,
+                    ) != 0
+                {
+                    libc::_exit(3);
+                }
+                loop {
+                    libc::syscall(libc::SYS_pause);
+                }
+            }
+            pid
+        };
+        assert!(pid > 0, "fork");
+        let _g = ChildGuard(pid);
+        let filtered = || {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .is_ok_and(|s| s.lines().any(|l| l == "Seccomp:\t2"))
+        };
+        let start = std::time::Instant::now();
+        while !filtered() {
+            assert!(start.elapsed().as_secs() < 10, "child never got its filter");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        match crate::dump::Captured::freeze(pid) {
+            Err(e @ Error::Unsupported { .. }) => {
+                let m = e.to_string();
+                assert!(m.contains("seccomp (a filter"), "{m}");
+                assert!(m.contains("unsandboxed"), "{m}");
+            }
+            Err(other) => panic!("expected Unsupported, got {other}"),
+            Ok(_) => panic!("a process under seccomp was captured"),
+        }
+        // Thawed: neither stopped nor traced.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        assert!(status.lines().any(|l| l == "TracerPid:\t0"), "{status}");
+        let state = status
+            .lines()
+            .find(|l| l.starts_with("State:"))
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            !state.contains("stopped") && !state.contains("tracing"),
+            "{state}"
+        );
     }
 }

@@ -25,6 +25,12 @@ use ferry_protocol::model::{Credentials, PendingSignal, ProcessMisc, Rlimit, Sig
 /// `_LINUX_CAPABILITY_VERSION_3`.
 const CAP_VERSION_3: u32 = 0x2008_0522;
 const PR_SET_KEEPCAPS: u64 = 8;
+const PR_GET_SECUREBITS: u64 = 27;
+const PR_SET_SECUREBITS: u64 = 28;
+const PR_SET_DUMPABLE: u64 = 4;
+const SECBIT_KEEP_CAPS: u32 = 1 << 4;
+const SECBIT_KEEP_CAPS_LOCKED: u32 = 1 << 5;
+const SECBIT_NO_CAP_AMBIENT_RAISE: u32 = 1 << 6;
 const PR_CAPBSET_DROP: u64 = 24;
 const PR_SET_NO_NEW_PRIVS: u64 = 38;
 const PR_CAP_AMBIENT: u64 = 47;
@@ -57,6 +63,21 @@ pub fn apply(inj: &mut Injector, misc: &ProcessMisc) -> Result<()> {
         &[u64::from(misc.personality)],
     )?;
     apply_rlimits(inj.tid(), &misc.rlimits);
+    Ok(())
+}
+
+/// Make the process dumpable or not as it was (`PR_SET_DUMPABLE`). After
+/// the credentials: a change of user ids resets it to the host's
+/// `suid_dumpable`. Mode 2 cannot be set by `prctl`; it is what such a
+/// change gives where `suid_dumpable` is 2, and is left to it.
+pub fn apply_dumpable(inj: &mut Injector, dumpable: u32) -> Result<()> {
+    if dumpable <= 1 {
+        inj.call(
+            "prctl(PR_SET_DUMPABLE)",
+            libc::SYS_prctl,
+            &[PR_SET_DUMPABLE, u64::from(dumpable)],
+        )?;
+    }
     Ok(())
 }
 
@@ -234,8 +255,23 @@ pub fn queue_signals(
 /// differs. The last step before the process resumes, once per thread
 /// (credentials are per thread). Capabilities that this restorer does not
 /// hold itself cannot be given and are refused up front.
-pub fn apply_creds(inj: &mut Injector, creds: &Credentials) -> Result<()> {
+pub fn apply_creds(inj: &mut Injector, creds: &Credentials, securebits: u32) -> Result<()> {
     let tid = inj.tid();
+    let keep = creds.cap_permitted != 0;
+    if securebits & SECBIT_KEEP_CAPS_LOCKED != 0 && securebits & SECBIT_KEEP_CAPS == 0 && keep {
+        return Err(Error::Incompatible(
+            "the process's securebits lock KEEP_CAPS off, so its capabilities cannot be \
+             kept through the change of user ids"
+                .into(),
+        ));
+    }
+    if securebits & SECBIT_NO_CAP_AMBIENT_RAISE != 0 && creds.cap_ambient != 0 {
+        return Err(Error::Incompatible(
+            "the process has ambient capabilities under SECBIT_NO_CAP_AMBIENT_RAISE, \
+             which cannot be raised again"
+                .into(),
+        ));
+    }
     let status_path = format!("/proc/{tid}/task/{tid}/status");
     let now = parse_creds(&read_status_path(&status_path, tid)?)?;
     let lacking = creds.cap_permitted & !now.cap_permitted;
@@ -291,8 +327,16 @@ pub fn apply_creds(inj: &mut Injector, creds: &Credentials) -> Result<()> {
     // 4. User ids. Leaving uid 0 clears the permitted set unless KEEPCAPS is
     //    on, and a non-zero euid clears the effective set; capset below puts
     //    the saved sets back.
-    let keep = creds.cap_permitted != 0;
-    if keep {
+    //    The securebits go first (PR_SET_SECUREBITS needs CAP_SETPCAP, still
+    //    effective), with KEEP_CAPS on for the change if needed.
+    let bits = securebits | if keep { SECBIT_KEEP_CAPS } else { 0 };
+    if securebits != 0 {
+        inj.call(
+            "prctl(PR_SET_SECUREBITS)",
+            libc::SYS_prctl,
+            &[PR_SET_SECUREBITS, u64::from(bits)],
+        )?;
+    } else if keep {
         inj.call(
             "prctl(PR_SET_KEEPCAPS)",
             libc::SYS_prctl,
@@ -320,7 +364,7 @@ pub fn apply_creds(inj: &mut Injector, creds: &Credentials) -> Result<()> {
     }
     let hdr = inj.put(0, &cap)?;
     inj.call("capset", libc::SYS_capset, &[hdr, hdr + 8])?;
-    if keep {
+    if keep && securebits & SECBIT_KEEP_CAPS == 0 {
         inj.call(
             "prctl(PR_SET_KEEPCAPS)",
             libc::SYS_prctl,
@@ -354,6 +398,16 @@ pub fn apply_creds(inj: &mut Injector, creds: &Credentials) -> Result<()> {
     }
 
     // 8. Verify.
+    let got_bits = inj.call(
+        "prctl(PR_GET_SECUREBITS)",
+        libc::SYS_prctl,
+        &[PR_GET_SECUREBITS],
+    )?;
+    if got_bits != u64::from(securebits) {
+        return Err(Error::Incompatible(format!(
+            "securebits of thread {tid} are {got_bits:#x} after restore, the image has {securebits:#x}"
+        )));
+    }
     let got = parse_creds(&read_status_path(&status_path, tid)?)?;
     let diff = creds_diff(creds, &got);
     if !diff.is_empty() {
@@ -527,6 +581,8 @@ mod tests {
             ],
             personality: libc::ADDR_NO_RANDOMIZE as u32,
             pdeath_signal: libc::SIGTERM,
+            dumpable: 1,
+            securebits: 0,
         };
         let shared = vec![
             siginfo(libc::SIGUSR2, SI_QUEUE, 4242, 42),
@@ -628,7 +684,7 @@ mod tests {
                 no_new_privs: true,
                 ..Default::default()
             };
-            apply_creds(inj, &creds).expect("apply_creds");
+            apply_creds(inj, &creds, 0).expect("apply_creds");
             let status = read_status(pid).expect("status");
             let line = |k: &str| {
                 status
@@ -724,9 +780,56 @@ mod tests {
                 cap_ambient: nbs,
                 no_new_privs: false,
             };
-            apply_creds(inj, &creds).expect("apply_creds");
+            apply_creds(inj, &creds, 0).expect("apply_creds");
             let got = parse_creds(&read_status(pid).expect("status")).expect("creds");
             assert_eq!(got, creds);
+        });
+    }
+
+    /// A service of another user with capabilities, NOROOT and
+    /// NO_SETUID_FIXUP securebits (one locked) and not dumpable comes back
+    /// exactly so; a change of user ids alone would have made it dumpable
+    /// as the host's `suid_dumpable` says, and cleared the bits.
+    #[test]
+    fn misc_securebits_and_dumpable_survive_the_change_of_user() {
+        const SECBIT_NOROOT: u32 = 1;
+        const SECBIT_NOROOT_LOCKED: u32 = 1 << 1;
+        const SECBIT_NO_SETUID_FIXUP: u32 = 1 << 2;
+        with_stub(|pid, inj| {
+            let before = parse_creds(&read_status(pid).expect("status")).expect("creds");
+            let nbs = 1u64 << CAP_NET_BIND_SERVICE;
+            let creds = Credentials {
+                uids: [NOBODY; 4],
+                gids: [NOBODY; 4],
+                groups: vec![],
+                cap_permitted: nbs,
+                cap_effective: nbs,
+                cap_bounding: before.cap_bounding,
+                ..Default::default()
+            };
+            let bits = SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP;
+            apply_creds(inj, &creds, bits).expect("apply_creds");
+            apply_dumpable(inj, 0).expect("dumpable");
+            let got = parse_creds(&read_status(pid).expect("status")).expect("creds");
+            assert_eq!(got, creds);
+            let q = |inj: &mut Injector, op: u64| {
+                inj.call("prctl", libc::SYS_prctl, &[op]).expect("prctl")
+            };
+            assert_eq!(q(inj, PR_GET_SECUREBITS), u64::from(bits));
+            assert_eq!(q(inj, 3), 0, "PR_GET_DUMPABLE");
+            apply_dumpable(inj, 1).expect("dumpable");
+            assert_eq!(q(inj, 3), 1, "PR_GET_DUMPABLE");
+        });
+        // KEEP_CAPS locked off cannot keep capabilities through setresuid.
+        with_stub(|_pid, inj| {
+            let creds = Credentials {
+                uids: [NOBODY; 4],
+                gids: [NOBODY; 4],
+                cap_permitted: 1 << CAP_NET_BIND_SERVICE,
+                ..Default::default()
+            };
+            let err = apply_creds(inj, &creds, SECBIT_KEEP_CAPS_LOCKED).unwrap_err();
+            assert!(err.to_string().contains("KEEP_CAPS"), "{err}");
         });
     }
 
@@ -741,7 +844,7 @@ mod tests {
                 cap_bounding: before.cap_bounding,
                 ..Default::default()
             };
-            let err = apply_creds(inj, &creds).unwrap_err();
+            let err = apply_creds(inj, &creds, 0).unwrap_err();
             assert!(matches!(err, Error::Incompatible(_)), "{err}");
             // Refused before anything changed.
             let after = parse_creds(&read_status(pid).expect("status")).expect("creds");

@@ -163,11 +163,57 @@ pub(crate) fn build_task(
         return Ok(None);
     };
     let owed = owed.unwrap_or_default();
-    let ranges: Vec<(u64, u64)> = merged_spans(owed);
-    let uffd = crate::lazy::uffd::arm(stub.pid, fd, &ranges)?;
+    let spans: Vec<(u64, u64)> = merged_spans(owed);
+    let uffd = crate::lazy::uffd::arm(stub.pid, fd, &lazy_areas(&img.vmas, &spans))?;
     // Nothing may have populated an owed page since it was dropped.
-    crate::lazy::uffd::check_missing(stub.pid, &ranges)?;
+    crate::lazy::uffd::check_missing(stub.pid, &spans)?;
     Ok(Some(uffd))
+}
+
+/// The ranges to register for missing-page faults: every area of `vmas`
+/// that holds an owed span, whole (a span outside every area, which a
+/// valid plan never has, as itself).
+///
+/// Registering only the owed spans would split an area at each page that
+/// is not owed (a page around a stack pointer sent eagerly, a never
+/// populated gap): the kernel keeps registered and unregistered parts in
+/// separate areas, and an `mremap` of a range that spans two of them fails
+/// with `EFAULT` (or, on kernels that move several areas at once, moves
+/// the first and then fails), where on the source it was one area and
+/// worked. Pages of a registered area that are not owed are either
+/// populated already (no fault) or were never populated, and a fault
+/// there gets a zero page ([`crate::lazy::pager`]).
+fn lazy_areas(vmas: &[Vma], spans: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(start, end) in spans {
+        let mut covered = false;
+        let private_anon = |v: &&Vma| {
+            matches!(v.kind, VmaKind::Anonymous) && v.flags & libc::MAP_SHARED as u32 == 0
+        };
+        for v in vmas
+            .iter()
+            .filter(private_anon)
+            .filter(|v| v.start < end && start < v.end)
+        {
+            covered |= v.start <= start && end <= v.end;
+            if !out.contains(&(v.start, v.end)) {
+                out.push((v.start, v.end));
+            }
+        }
+        if !covered && !out.iter().any(|&(s, e)| s <= start && end <= e) {
+            out.push((start, end));
+        }
+    }
+    out.sort_unstable();
+    // Registering one range twice would fail: keep them disjoint.
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in out {
+        match merged.last_mut() {
+            Some(l) if s <= l.1 => l.1 = l.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
 }
 
 /// Spans `(addr, pages)` as merged `(start, end)` ranges.
@@ -216,14 +262,16 @@ fn apply_state(
         let mut inj = stub.injector_for(tr);
         threads::setup(&mut inj, t)?;
         misc::queue_signals(&mut inj, pid, Some(t.tid), &t.pending)?;
-        misc::apply_creds(&mut inj, &img.misc.creds)?;
+        misc::apply_creds(&mut inj, &img.misc.creds, img.misc.securebits)?;
     }
     {
         let main = &img.threads[0];
         let mut inj = stub.injector()?;
         misc::queue_signals(&mut inj, pid, Some(main.tid), &main.pending)?;
         misc::queue_signals(&mut inj, pid, None, &img.misc.shared_pending)?;
-        misc::apply_creds(&mut inj, &img.misc.creds)?;
+        misc::apply_creds(&mut inj, &img.misc.creds, img.misc.securebits)?;
+        // After every thread's credentials, which reset it.
+        misc::apply_dumpable(&mut inj, img.misc.dumpable)?;
         // Owed pages must fault: drop what earlier passes wrote there. Last
         // thing before the trampoline goes, after every other injection.
         for &(addr, pages) in owed.unwrap_or_default() {
@@ -274,6 +322,63 @@ mod tests {
             zombies: vec![],
             shmem: vec![],
         }
+    }
+
+    fn area(start: u64, end: u64, kind: VmaKind, flags: i32) -> Vma {
+        Vma {
+            start,
+            end,
+            prot: (libc::PROT_READ | libc::PROT_WRITE) as u32,
+            flags: flags as u32,
+            kind,
+            name: None,
+        }
+    }
+
+    /// Owed spans with holes (eager pages around a stack pointer, a never
+    /// populated gap) register their whole areas, so that no area is split
+    /// between registered and unregistered parts (an `mremap` over such a
+    /// split fails with EFAULT: seen in the lazy tests). Areas that are not
+    /// private anonymous are never registered whole.
+    #[test]
+    fn lazy_areas_register_whole_private_anonymous_areas() {
+        const P: u64 = PAGE_SIZE;
+        let file = VmaKind::File(ferry_protocol::model::FileMapping {
+            path: "/f".into(),
+            offset: 0,
+            dev: 0,
+            ino: 0,
+            size: 0,
+            mtime_ns: 0,
+        });
+        let vmas = [
+            // A thread stack merged with the region above it.
+            area(0x100 * P, 0x600 * P, VmaKind::Anonymous, libc::MAP_PRIVATE),
+            // Adjacent, also owed: the two ranges become one.
+            area(0x600 * P, 0x700 * P, VmaKind::Anonymous, libc::MAP_PRIVATE),
+            // Not owed at all: left alone.
+            area(0x800 * P, 0x900 * P, VmaKind::Anonymous, libc::MAP_PRIVATE),
+            area(0xa00 * P, 0xb00 * P, file, libc::MAP_PRIVATE),
+            area(0xc00 * P, 0xd00 * P, VmaKind::Anonymous, libc::MAP_SHARED),
+        ];
+        let spans = [
+            (0x100 * P, 0x1fd * P),
+            // 0x1fd..0x202 went eagerly.
+            (0x202 * P, 0x600 * P),
+            (0x650 * P, 0x660 * P),
+            // Outside every private anonymous area (never in a valid plan).
+            (0xa10 * P, 0xa20 * P),
+            (0xc10 * P, 0xc20 * P),
+        ];
+        assert_eq!(
+            lazy_areas(&vmas, &spans),
+            vec![
+                (0x100 * P, 0x700 * P),
+                (0xa10 * P, 0xa20 * P),
+                (0xc10 * P, 0xc20 * P),
+            ]
+        );
+        assert!(lazy_areas(&vmas, &[]).is_empty());
     }
 
     /// A stub with a captured process's PID and layout; the layout then
