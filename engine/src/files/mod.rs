@@ -78,6 +78,8 @@ struct PipeState {
     /// A read end in the tree (to copy the data from).
     reader: Option<(i32, i32)>,
     writer: bool,
+    /// A write-only end in the tree (to tell whether any reader is left).
+    write_end: Option<(i32, i32)>,
 }
 
 /// Collects the open files of the tasks of a frozen tree.
@@ -205,10 +207,14 @@ impl FileCollector {
                 id: next,
                 reader: None,
                 writer: false,
+                write_end: None,
             });
             let acc = flags & libc::O_ACCMODE as u32;
             if acc != libc::O_WRONLY as u32 && p.reader.is_none() {
                 p.reader = Some((pid, fd));
+            }
+            if acc == libc::O_WRONLY as u32 && p.write_end.is_none() {
+                p.write_end = Some((pid, fd));
             }
             p.writer |= acc != libc::O_RDONLY as u32;
             return Ok(FileKind::Pipe {
@@ -284,27 +290,45 @@ impl FileCollector {
         let mut pidfds: HashMap<i32, OwnedFd> = HashMap::new();
         /// A read end to copy from, if the tree also holds a write end.
         type Readable = Option<(i32, i32)>;
-        let found: Vec<(u64, PipeId, Readable)> = self
+        /// The end the tree holds when it holds only one kind.
+        type Lone = Option<(i32, i32)>;
+        let found: Vec<(u64, PipeId, Readable, Lone)> = self
             .pipes
             .iter()
-            .map(|(ino, p)| (*ino, p.id, p.reader.filter(|_| p.writer)))
+            .map(|(ino, p)| {
+                let both = p.reader.filter(|_| p.writer);
+                (*ino, p.id, both, p.reader.or(p.write_end))
+            })
             .collect();
-        for (ino, id, reader) in found {
-            match reader {
-                Some((pid, fd)) => {
-                    let pidfd = match pidfds.get(&pid) {
-                        Some(f) => f,
-                        None => {
-                            let f = sys::pidfd_open(pid).map_err(|e| {
-                                Error::io(format!("pidfd_open of process {pid}"), e)
-                            })?;
-                            pidfds.entry(pid).or_insert(f)
-                        }
-                    };
-                    let (capacity, data) = pipe::capture(pid, fd, pidfd.as_fd(), ino)?;
+        for (ino, id, reader, lone) in found {
+            let pidfd = |pid: i32, pidfds: &mut HashMap<i32, OwnedFd>| -> Result<OwnedFd> {
+                if let Some(f) = pidfds.get(&pid) {
+                    return f
+                        .try_clone()
+                        .map_err(|e| Error::io(format!("dup of the pidfd of {pid}"), e));
+                }
+                let f = sys::pidfd_open(pid)
+                    .map_err(|e| Error::io(format!("pidfd_open of process {pid}"), e))?;
+                let copy = f
+                    .try_clone()
+                    .map_err(|e| Error::io(format!("dup of the pidfd of {pid}"), e))?;
+                pidfds.insert(pid, f);
+                Ok(copy)
+            };
+            match (reader, lone) {
+                (Some((pid, fd)), _) => {
+                    let pf = pidfd(pid, &mut pidfds)?;
+                    let (capacity, data) = pipe::capture(pid, fd, pf.as_fd(), ino)?;
                     pipes.push(PipeObject { id, capacity, data });
                 }
-                None => self.pipe_outside(id, ino)?,
+                (None, Some((pid, fd))) => {
+                    let pf = pidfd(pid, &mut pidfds)?;
+                    match pipe::capture_widowed(pid, fd, pf.as_fd(), ino)? {
+                        Some((capacity, data)) => pipes.push(PipeObject { id, capacity, data }),
+                        None => self.pipe_outside(id, ino)?,
+                    }
+                }
+                (None, None) => self.pipe_outside(id, ino)?,
             }
         }
         pipes.extend(std::mem::take(&mut self.fifos).finish()?);

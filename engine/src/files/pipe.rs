@@ -1,4 +1,5 @@
-//! Pipes whose ends are all inside the tree. Checkpoint copies the unread
+//! Pipes whose ends are all inside the tree (or whose other end nobody
+//! holds any more: [`capture_widowed`]). Checkpoint copies the unread
 //! data with `tee(2)` from a copy of a read end taken with `pidfd_getfd`, so
 //! the process keeps it; restore creates the pipe afresh, sets its capacity,
 //! refills it, and gives each open file description of it an agent fd (the
@@ -20,6 +21,46 @@ pub fn capture(pid: i32, fd: i32, pidfd: BorrowedFd<'_>, id: u64) -> Result<(u32
     let what = |op: &str| format!("fd {fd} of process {pid} (pipe:[{id}]): {op}");
     let copy = sys::pidfd_getfd(pidfd, fd).map_err(|e| Error::io(what("pidfd_getfd"), e))?;
     peek_pipe(copy.as_fd()).map_err(|e| Error::io(what("peek"), e))
+}
+
+/// A pipe of which the tree holds only one kind of end, and whose other
+/// end nobody holds any more (a supervisor's pipe the service inherited
+/// and its parent closed, a reader that went away): it needs nothing
+/// outside the tree, and comes back as a pipe whose other end is closed
+/// (reads drain what is left, then see end of file; writes get EPIPE).
+/// `Some((capacity, data))` for such a pipe, `None` if the other end is
+/// still open somewhere outside the tree.
+pub fn capture_widowed(
+    pid: i32,
+    fd: i32,
+    pidfd: BorrowedFd<'_>,
+    id: u64,
+) -> Result<Option<(u32, Vec<u8>)>> {
+    let what = |op: &str| format!("fd {fd} of process {pid} (pipe:[{id}]): {op}");
+    let copy = sys::pidfd_getfd(pidfd, fd).map_err(|e| Error::io(what("pidfd_getfd"), e))?;
+    // The copy is the same open file description: it adds no reader or
+    // writer. A read end reports POLLHUP once no writer is left, a write
+    // end POLLERR once no reader is.
+    let revents = sys::poll_one(copy.as_fd(), libc::POLLIN | libc::POLLOUT, 0)
+        .map_err(|e| Error::io(what("poll"), e))?;
+    let acc = sys::fcntl(copy.as_fd(), libc::F_GETFL, 0)
+        .map_err(|e| Error::io(what("F_GETFL"), e))?
+        & libc::O_ACCMODE;
+    if acc == libc::O_WRONLY {
+        if revents & libc::POLLERR == 0 {
+            return Ok(None);
+        }
+        // What is in it can never be read by anyone.
+        let capacity = sys::fcntl(copy.as_fd(), libc::F_GETPIPE_SZ, 0)
+            .map_err(|e| Error::io(what("F_GETPIPE_SZ"), e))?;
+        return Ok(Some((capacity as u32, Vec::new())));
+    }
+    if revents & libc::POLLHUP == 0 {
+        return Ok(None);
+    }
+    peek_pipe(copy.as_fd())
+        .map(Some)
+        .map_err(|e| Error::io(what("peek"), e))
 }
 
 /// Read the unread bytes of the pipe whose read end is `src` without

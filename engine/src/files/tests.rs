@@ -440,6 +440,62 @@ fn pipe_with_peer_outside_is_refused() {
     drop((r, w));
 }
 
+/// A pipe the tree holds one end of, whose other end nobody holds any
+/// more (a supervisor closed its side): collected with its unread data and
+/// restored as a pipe whose other end is closed: the data, then end of
+/// file; a write end without readers gets EPIPE.
+#[test]
+fn pipe_whose_other_end_is_closed_comes_back_widowed() {
+    let (r, w) = sys::pipe2(libc::O_CLOEXEC).expect("pipe");
+    let (r2, w2) = sys::pipe2(libc::O_CLOEXEC).expect("pipe 2");
+    std::fs::File::from(w.try_clone().expect("dup"))
+        .write_all(b"left behind")
+        .expect("write");
+    let child = ScriptChild::spawn(&[
+        Act::Keep {
+            from: r.as_raw_fd(),
+            at: 4,
+        },
+        Act::Keep {
+            from: w2.as_raw_fd(),
+            at: 5,
+        },
+    ]);
+    // While this test holds the other ends, they are outside the tree.
+    assert!(try_collect(&[child.pid]).is_err());
+    drop((r, w, r2, w2));
+    let c = collect(&[child.pid]);
+    assert_eq!(c.pipes.len(), 2, "{:?}", c.pipes);
+    let read_end = c.file(0, 4);
+    let FileKind::Pipe { pipe, write_end } = read_end.kind else {
+        panic!("fd 4: {:?}", read_end.kind);
+    };
+    assert!(!write_end);
+    let obj = c.pipes.iter().find(|p| p.id == pipe).expect("pipe of fd 4");
+    assert_eq!(obj.data, b"left behind");
+    assert!(matches!(
+        c.file(0, 5).kind,
+        FileKind::Pipe {
+            write_end: true,
+            ..
+        }
+    ));
+
+    let tree = image_of(&[child.pid], &c);
+    let dir = TempDir::new("widowed");
+    let opened = open_tree(&tree, &policy(&dir));
+    let guard = restore_task(&tree, 0, &opened);
+    drop(opened);
+    let pid = guard.0;
+    let mut got = Vec::new();
+    copy_fd(pid, 4)
+        .read_to_end(&mut got)
+        .expect("read to end of file");
+    assert_eq!(got, b"left behind");
+    let err = copy_fd(pid, 5).write(b"x").expect_err("no reader");
+    assert_eq!(err.raw_os_error(), Some(libc::EPIPE), "{err}");
+}
+
 #[test]
 fn pipe_with_peer_outside_is_outside_at_stdio() {
     // The child's stdin is read from the test, its stdout written to it.
