@@ -50,7 +50,7 @@ impl Client {
         assert!(line.ends_with("\r\n"), "reply line {line:?}");
         let line = line.trim_end().to_string();
         match line.as_bytes().first() {
-            Some(b'+' | b':') => line[1..].as_bytes().to_vec(),
+            Some(b'+' | b':') => line.as_bytes()[1..].to_vec(),
             Some(b'$') => {
                 let n: usize = line[1..].parse().expect("bulk length");
                 let mut buf = vec![0u8; n + 2];
