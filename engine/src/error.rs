@@ -39,6 +39,11 @@ pub enum Error {
     /// Data read from /proc or an image did not have the expected form.
     #[error("unexpected {what}: {detail}")]
     Parse { what: String, detail: String },
+    /// An image that someone other than root or the invoking user could
+    /// have written (named in the message): restoring it as root would run
+    /// what they put there.
+    #[error("refusing to restore {path}: {why}")]
+    UntrustedImage { path: String, why: String },
 }
 
 impl Error {

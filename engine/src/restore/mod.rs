@@ -37,6 +37,7 @@ pub mod mm;
 pub mod stub;
 pub mod threads;
 pub mod tree;
+pub mod trusted;
 
 use crate::error::{Error, Result};
 use crate::files::{Opened, StdioPolicy};

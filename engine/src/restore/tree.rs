@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 /// Recreate the process tree saved in `dir` with its PIDs and TIDs, and
 /// let it run.
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreSummary> {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    super::trusted::check_image_dir(dir, uid)?;
     let tree = read_tree_image(dir)?;
     preflight(&tree)?;
     let mut r = TreeRestorer::begin(&tree.layout(), &tree.host)?;
