@@ -130,6 +130,40 @@ fn restore_refuses_an_image_with_a_broken_checksum() {
     );
 }
 
+/// An image another user could have rewritten is refused before it is
+/// read (restore runs as root and would run what they put there); once
+/// only root can write it, the same image restores.
+#[test]
+fn restore_refuses_an_image_others_could_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let _serial = common::setup();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut procs = Procs::new();
+    let (pid, image) = image_of_ended_process(&mut procs, tmp.path());
+    let dir = image.parent().expect("dir").to_path_buf();
+    let chmod = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    chmod(&image, 0o666);
+    common::restore(&dir).assert_error(&["refusing to restore", "process.img", "chmod go-w"]);
+    assert!(
+        !common::pid_exists(pid),
+        "a refused restore made process {pid}"
+    );
+    chmod(&image, 0o644);
+    chmod(&dir, 0o777);
+    common::restore(&dir).assert_error(&["refusing to restore", "writable by group or others"]);
+    assert!(
+        !common::pid_exists(pid),
+        "a refused restore made process {pid}"
+    );
+    chmod(&dir, 0o755);
+    common::restore(&dir).assert_ok();
+    procs.adopt(pid);
+    common::assert_running_untraced(pid);
+    procs.kill(pid).expect("reap the restored process");
+}
+
 #[test]
 fn restore_refuses_an_image_of_a_newer_version() {
     let _serial = common::setup();
