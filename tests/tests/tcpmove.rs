@@ -97,14 +97,15 @@ fn start_pair(h: &Hosts, procs: &mut Procs, addr: &str, port: u16) -> Pair {
     );
     client.out.wait_line(0, "connected");
     server.out.wait_line(0, "connected");
-    // Streaming both ways.
-    client.out.wait_line(0, "rx=1000 ");
-    Pair {
+    let p = Pair {
         server,
         client,
         stop,
         at,
-    }
+    };
+    // Streaming both ways.
+    keeps_going(&p, 1000, common::LINE_TIMEOUT);
+    p
 }
 
 /// Records the client received, from its last `rx=` line.

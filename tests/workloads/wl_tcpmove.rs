@@ -10,7 +10,8 @@
 //!
 //! `wl-tcpmove client ADDR:PORT STOPFILE`: connects, prints `connected`,
 //! and does the same from its side, printing `rx=N tx=M` every 500 records
-//! received; once STOPFILE exists it closes its sending side and prints
+//! received; once STOPFILE exists it closes its sending side, reads up to
+//! the server's end (the server closes once it saw the client's), prints
 //! `done tx=T rx=R bad=B gap_ms=G` (G: the longest wait between two
 //! received records), then exits 0. Any socket error (a reset) is printed
 //! and exits 1.
@@ -151,6 +152,10 @@ fn server(addr: SocketAddr) {
         if !ends.eof {
             ends.send(&mut conn);
             ends.recv(&mut conn);
+            if ends.eof {
+                // The client's end: close ours too (it reads to the end).
+                let _ = conn.shutdown(Shutdown::Write);
+            }
         }
         match listener.accept() {
             Ok((mut s, _)) => {
@@ -186,6 +191,11 @@ fn client(addr: SocketAddr, stop: &str) {
         if std::path::Path::new(stop).exists() && ends.out_at == 0 {
             conn.shutdown(Shutdown::Write)
                 .unwrap_or_else(|e| die(&format!("shutdown: {e}")));
+            // Read what the server still sends, up to its end.
+            while !ends.eof {
+                ends.recv(&mut conn);
+                std::thread::sleep(Duration::from_millis(1));
+            }
             say(&format!(
                 "done tx={} rx={} bad={} gap_ms={}",
                 ends.tx,
