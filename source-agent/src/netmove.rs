@@ -54,9 +54,8 @@ impl SourceNet {
         let root = *pids.first().ok_or_else(|| anyhow!("no process"))?;
         let locals = locals(pids)?;
         let addrs: Vec<IpAddr> = locals.iter().map(|l| l.addr).collect();
-        let moving = addr::movable(&addrs).map_err(|e| {
-            anyhow!("{e} (process {root} was not touched)")
-        })?;
+        let moving =
+            addr::movable(&addrs).map_err(|e| anyhow!("{e} (process {root} was not touched)"))?;
         let mut ports: Vec<u16> = locals
             .iter()
             .filter(|l| l.tcp && moving.iter().any(|h| h.addr == canonical(l.addr)))
@@ -94,9 +93,8 @@ impl SourceNet {
             if addrs.is_empty() {
                 return Ok(());
             }
-            let b = block::install(&tag, &addrs, &ports).map_err(|e| {
-                format!("blocking the service address before the freeze: {e}")
-            })?;
+            let b = block::install(&tag, &addrs, &ports)
+                .map_err(|e| format!("blocking the service address before the freeze: {e}"))?;
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(b);
             Ok(())
         })
@@ -178,7 +176,12 @@ fn locals(pids: &[i32]) -> Result<Vec<Local>> {
     }
     let root = pids[0];
     let mut out = Vec::new();
-    for (file, tcp) in [("tcp", true), ("tcp6", true), ("udp", false), ("udp6", false)] {
+    for (file, tcp) in [
+        ("tcp", true),
+        ("tcp6", true),
+        ("udp", false),
+        ("udp6", false),
+    ] {
         let path = format!("/proc/{root}/net/{file}");
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -197,7 +200,10 @@ fn locals(pids: &[i32]) -> Result<Vec<Local>> {
 
 /// `socket:[INODE]`.
 fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// (local address, local port, inode) of each row of /proc/net/{tcp,udp}{,6}.

@@ -114,7 +114,13 @@ fn client_rx(p: &Pair) -> u64 {
         .out
         .lines()
         .iter()
-        .filter_map(|l| l.strip_prefix("rx=")?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.strip_prefix("rx=")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .max()
         .unwrap_or(0)
 }
@@ -122,10 +128,17 @@ fn client_rx(p: &Pair) -> u64 {
 /// Wait until the client received `more` records beyond what it had.
 fn keeps_going(p: &Pair, more: u64, timeout: Duration) {
     let from = client_rx(p);
-    p.client.out.wait_for(0, timeout, "more records at the client", |l| {
-        let n: u64 = l.strip_prefix("rx=")?.split_whitespace().next()?.parse().ok()?;
-        (n >= from + more).then_some(())
-    });
+    p.client
+        .out
+        .wait_for(0, timeout, "more records at the client", |l| {
+            let n: u64 = l
+                .strip_prefix("rx=")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            (n >= from + more).then_some(())
+        });
 }
 
 /// `wl-tcpmove ask` from C: the server's `rx=N bad=B eof=E` line.
@@ -145,10 +158,14 @@ fn finish(h: &Hosts, procs: &mut Procs, p: &Pair) {
     assert_eq!(status.code(), Some(0), "client: {status}; {done}");
     assert_eq!(field(&done, "bad"), Some("0"), "server → client: {done}");
     let tx = field(&done, "tx").unwrap().to_string();
-    let line = common::wait_until(Duration::from_secs(10), "the server to see the client's end", || {
-        let l = ask(h, &p.at);
-        (field(&l, "eof") == Some("1")).then_some(l)
-    });
+    let line = common::wait_until(
+        Duration::from_secs(10),
+        "the server to see the client's end",
+        || {
+            let l = ask(h, &p.at);
+            (field(&l, "eof") == Some("1")).then_some(l)
+        },
+    );
     assert_eq!(field(&line, "bad"), Some("0"), "client → server: {line}");
     assert_eq!(
         field(&line, "rx"),
@@ -180,7 +197,11 @@ fn migrates_with_its_address(tag: &str, addr: &str, port: u16) {
 
     // Gone from A, running on B with the same PID.
     let status = procs.reap(p.server.pid).expect("reap the source copy");
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "source copy: {status}");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "source copy: {status}"
+    );
     let comm = h.exec_b(&["cat", &format!("/proc/{pid}/comm")]);
     comm.assert_ok();
     assert_eq!(comm.stdout.trim(), "wl-tcpmove");
