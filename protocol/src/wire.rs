@@ -32,7 +32,10 @@
 //!        │── PassEnd {pass: n, batches: k, pages, bytes} ──────────────▶│ tally
 //!        │ ╚═════════════════════════════════════════════════════════════╝ │
 //!        │ freeze; the last pass (PassStart … PassEnd) sends the final delta│
+//!        │ (service address moving: blocked before the freeze, off A now)  │
+//!        │── NetMove {addrs: [addr/prefix]} (minor ≥ 2, if any) ──────────▶│ kept for Switchover
 //!        │── Switchover {image: TreeImage} ────────────────────────────────▶│ wait for all batches,
+//!        │                                                               │ (block, add addresses)
 //!        │                                                               │ restore, resume
 //!        │◀──────────────────────────── Running {pid, restore_us} ────────│
 //!        │   or ◀────────────────────────────── Failed {reason}; close ───│ (source resumes)
@@ -104,6 +107,11 @@
 //!   the destination removed what it built. **Done** tells the destination
 //!   that the source has seen `Running` (in a lazy migration:
 //!   `LazyComplete`) and kills its copy.
+//! * **NetMove** (minor ≥ [`NET_MINOR`]; at most once, after a `PassEnd`
+//!   and before `Switchover`) lists the service addresses ([`MovedAddr`])
+//!   the source took off after the freeze: the destination blocks TCP to
+//!   them, puts them on, restores, announces them and unblocks once the
+//!   process runs (`ferry_engine::net`).
 //! * **LazyPlan** (minor ≥ [`LAZY_MINOR`]; at most once, after the last
 //!   pass's `PassEnd` and before `Switchover`; no `PassStart` may follow it)
 //!   makes the migration lazy: `owed` lists the pages whose content the
