@@ -4,5 +4,6 @@
 
 pub mod guard;
 pub mod lazy;
+pub mod netmove;
 pub mod restorer;
 pub mod session;

@@ -51,6 +51,10 @@ struct Cli {
     /// The same as `listen --stdio-dir`.
     #[arg(long, value_name = "DIR")]
     stdio_dir: Option<PathBuf>,
+    /// The interface that takes the service addresses moving here with a
+    /// process (default: the interface whose subnet contains each).
+    #[arg(long, global = true, value_name = "DEV")]
+    addr_dev: Option<String>,
     #[command(subcommand)]
     cmd: Option<Command>,
 }
@@ -143,6 +147,7 @@ fn run(cli: Cli) -> Result<()> {
             work_dir.or(cli.work_dir),
             lazy_timeout.or(cli.lazy_timeout),
             stdio_dir.or(cli.stdio_dir),
+            cli.addr_dev,
         ),
         None => listen_cmd(
             &config_dir,
@@ -150,6 +155,7 @@ fn run(cli: Cli) -> Result<()> {
             cli.work_dir,
             cli.lazy_timeout,
             cli.stdio_dir,
+            cli.addr_dev,
         ),
     }
 }
@@ -184,6 +190,7 @@ fn listen_cmd(
     work_dir: Option<PathBuf>,
     lazy_timeout: Option<u64>,
     stdio_dir: Option<PathBuf>,
+    addr_dev: Option<String>,
 ) -> Result<()> {
     if lazy_timeout == Some(0) {
         bail!("--lazy-timeout must be at least 1 second");
@@ -207,10 +214,16 @@ fn listen_cmd(
     }
     let id = Identity::load_or_create(config_dir)?;
     let trust = TrustStore::load(config_dir)?;
+    // No migration runs yet: a table of ours is a crashed agent's.
+    match ferry_engine::net::block::cleanup() {
+        Ok(_) | Err(ferry_engine::net::NetError::NftMissing) => {}
+        Err(e) => tracing::warn!("removing stale tables of an earlier migration: {e}"),
+    }
     let shared = Arc::new(Shared {
         pause_at,
         lazy_timeout: lazy_timeout.map(Duration::from_secs),
         stdio_dir: stdio_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STDIO_DIR)),
+        addr_dev,
         ..Shared::default()
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

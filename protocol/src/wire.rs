@@ -32,7 +32,10 @@
 //!        │── PassEnd {pass: n, batches: k, pages, bytes} ──────────────▶│ tally
 //!        │ ╚═════════════════════════════════════════════════════════════╝ │
 //!        │ freeze; the last pass (PassStart … PassEnd) sends the final delta│
+//!        │ (service address moving: blocked before the freeze, off A now)  │
+//!        │── NetMove {addrs: [addr/prefix]} (minor ≥ 2, if any) ──────────▶│ kept for Switchover
 //!        │── Switchover {image: TreeImage} ────────────────────────────────▶│ wait for all batches,
+//!        │                                                               │ (block, add addresses)
 //!        │                                                               │ restore, resume
 //!        │◀──────────────────────────── Running {pid, restore_us} ────────│
 //!        │   or ◀────────────────────────────── Failed {reason}; close ───│ (source resumes)
@@ -104,6 +107,11 @@
 //!   the destination removed what it built. **Done** tells the destination
 //!   that the source has seen `Running` (in a lazy migration:
 //!   `LazyComplete`) and kills its copy.
+//! * **NetMove** (minor ≥ [`NET_MINOR`]; at most once, after a `PassEnd`
+//!   and before `Switchover`) lists the service addresses ([`MovedAddr`])
+//!   the source took off after the freeze: the destination blocks TCP to
+//!   them, puts them on, restores, announces them and unblocks once the
+//!   process runs (`ferry_engine::net`).
 //! * **LazyPlan** (minor ≥ [`LAZY_MINOR`]; at most once, after the last
 //!   pass's `PassEnd` and before `Switchover`; no `PassStart` may follow it)
 //!   makes the migration lazy: `owed` lists the pages whose content the
@@ -297,6 +305,10 @@
 //!   `PageRequest`, 15 `LazyComplete`, 16 `LazyResume`, 17 `LazyResumed`
 //!   and 33 `LazyPages`. A source that
 //!   negotiated minor 0 migrates by pre-copy only.
+//! * **2** ([`NET_MINOR`]): kind 18 `NetMove`, the service addresses that
+//!   move with the process (sent between the last `PassEnd` and
+//!   `Switchover`; at most once). A source whose process has an address to
+//!   move refuses, before freezing, a destination of a lower minor.
 //!
 //! # Limits
 //!
@@ -345,11 +357,16 @@ pub const WIRE_MAGIC: u16 = 0xFE77;
 /// Major protocol version: must be equal on both sides.
 pub const WIRE_MAJOR: u8 = 3;
 /// Minor protocol version of this build; the lower of both sides' is used.
-pub const WIRE_MINOR: u16 = 1;
+pub const WIRE_MINOR: u16 = 2;
 /// The minor version that introduced the lazy pages (post-copy) messages
 /// (`LazyPlan`, `PageRequest`, `LazyComplete`, `LazyPages`): a side sends
 /// them only when the negotiated minor is at least this.
 pub const LAZY_MINOR: u16 = 1;
+/// The minor version that introduced `NetMove` (the service address moves
+/// with the process).
+pub const NET_MINOR: u16 = 2;
+/// Most addresses in one `NetMove`.
+pub const MAX_MOVED_ADDRS: usize = 16;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload of a control frame (the final image can be large).
@@ -469,6 +486,10 @@ pub enum MsgKind {
     /// Destination → source (minor ≥ [`LAZY_MINOR`]), the answer to
     /// `LazyResume`: the pages still missing; the lazy phase goes on.
     LazyResumed = 17,
+    /// Source → destination (minor ≥ [`NET_MINOR`]), between the last
+    /// `PassEnd` and `Switchover`: the addresses that leave the source
+    /// with the process.
+    NetMove = 18,
     /// Source → destination on a page stream: one page batch.
     Pages = 32,
     /// Source → destination on a page stream opened after `Running`
@@ -478,7 +499,7 @@ pub enum MsgKind {
 
 impl MsgKind {
     /// Every kind, in kind-byte order.
-    pub const ALL: [MsgKind; 19] = [
+    pub const ALL: [MsgKind; 20] = [
         MsgKind::Hello,
         MsgKind::HelloAck,
         MsgKind::Prepare,
@@ -496,6 +517,7 @@ impl MsgKind {
         MsgKind::LazyComplete,
         MsgKind::LazyResume,
         MsgKind::LazyResumed,
+        MsgKind::NetMove,
         MsgKind::Pages,
         MsgKind::LazyPages,
     ];
@@ -909,6 +931,71 @@ pub enum ControlMsg {
         /// the lost connection, and none of the others.
         owed: Vec<PageSpan>,
     },
+    /// Source → destination (minor ≥ [`NET_MINOR`]), after the last
+    /// `PassEnd` and before `Switchover`: these addresses were taken off
+    /// the source (the process's sockets use them); the destination puts
+    /// them on before the sockets exist, blocked until the process runs.
+    NetMove {
+        /// At most [`MAX_MOVED_ADDRS`], each once; none unspecified,
+        /// loopback, multicast or link-local, prefix within its family.
+        addrs: Vec<MovedAddr>,
+    },
+}
+
+/// A service address that moves with the process (`NetMove`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MovedAddr {
+    /// The address (IPv4-mapped IPv6 addresses are sent as IPv4).
+    pub addr: std::net::IpAddr,
+    /// Its prefix length on the source's interface.
+    pub prefix_len: u8,
+}
+
+fn check_moved(addrs: &[MovedAddr]) -> Result<(), WireError> {
+    use std::net::IpAddr;
+    if addrs.len() > MAX_MOVED_ADDRS {
+        return Err(invalid(format!(
+            "NetMove: {} addresses, at most {MAX_MOVED_ADDRS}",
+            addrs.len()
+        )));
+    }
+    let mut seen = HashSet::with_capacity(addrs.len());
+    for m in addrs {
+        let a = m.addr;
+        let (max_plen, bad) = match a {
+            IpAddr::V4(v4) => (
+                32,
+                v4.is_unspecified()
+                    || v4.is_loopback()
+                    || v4.is_multicast()
+                    || v4.is_broadcast()
+                    || v4.is_link_local(),
+            ),
+            IpAddr::V6(v6) => (
+                128,
+                v6.is_unspecified()
+                    || v6.is_loopback()
+                    || v6.is_multicast()
+                    || v6.to_ipv4_mapped().is_some()
+                    || (v6.segments()[0] & 0xffc0) == 0xfe80,
+            ),
+        };
+        if bad {
+            return Err(invalid(format!(
+                "NetMove: {a} cannot be a service address (unspecified, loopback, multicast, broadcast, link-local or IPv4-mapped)"
+            )));
+        }
+        if m.prefix_len == 0 || m.prefix_len > max_plen {
+            return Err(invalid(format!(
+                "NetMove: prefix length {} of {a} is not in 1..={max_plen}",
+                m.prefix_len
+            )));
+        }
+        if !seen.insert(a) {
+            return Err(invalid(format!("NetMove: {a} appears twice")));
+        }
+    }
+    Ok(())
 }
 
 fn check_text(field: &str, s: &str, max: usize) -> Result<(), WireError> {
@@ -1018,6 +1105,7 @@ impl ControlMsg {
             ControlMsg::LazyComplete { .. } => MsgKind::LazyComplete,
             ControlMsg::LazyResume { .. } => MsgKind::LazyResume,
             ControlMsg::LazyResumed { .. } => MsgKind::LazyResumed,
+            ControlMsg::NetMove { .. } => MsgKind::NetMove,
         }
     }
 
@@ -1138,6 +1226,7 @@ impl ControlMsg {
                 Ok(())
             }
             ControlMsg::LazyComplete { .. } => Ok(()),
+            ControlMsg::NetMove { addrs } => check_moved(addrs),
         }
     }
 
@@ -1178,6 +1267,7 @@ impl ControlMsg {
             ControlMsg::LazyComplete { stats } => enc(stats),
             ControlMsg::LazyResume { pid } => enc(pid),
             ControlMsg::LazyResumed { owed } => enc(owed),
+            ControlMsg::NetMove { addrs } => enc(addrs),
         }
     }
 
@@ -1275,6 +1365,9 @@ impl ControlMsg {
             MsgKind::LazyResume => ControlMsg::LazyResume { pid: dec(kind, p)? },
             MsgKind::LazyResumed => ControlMsg::LazyResumed {
                 owed: dec(kind, p)?,
+            },
+            MsgKind::NetMove => ControlMsg::NetMove {
+                addrs: dec(kind, p)?,
             },
             MsgKind::Pages | MsgKind::LazyPages => return Err(WireError::WrongStream { kind }),
         })

@@ -2,6 +2,7 @@
 
 mod check;
 mod lazy;
+mod netmove;
 mod passes;
 mod precopy;
 mod remote;

@@ -577,12 +577,15 @@ impl Source {
 /// thread. Errors before [`Event::Frozen`] leave the tree running
 /// untouched; after it, `decision` says whether to kill the tree (it runs
 /// on the destination) or let it continue. Returns how long it was frozen.
+/// `before_freeze` runs right before the freeze (the network block); its
+/// error ends the migration with the tree untouched.
 pub fn run(
     pid: i32,
     policy: Policy,
     lazy: bool,
     tx: Sender<Event>,
     decision: Receiver<Decision>,
+    before_freeze: crate::netmove::BeforeFreeze,
 ) -> Result<Duration, String> {
     let mut src = Source {
         root: pid,
@@ -613,6 +616,10 @@ pub fn run(
             return Err(format!("pre-copy of process {pid} failed: {e}"));
         }
     };
+    if let Err(e) = before_freeze() {
+        src.stop_trackers();
+        return Err(format!("process {pid} was not frozen: {e}"));
+    }
     // The image travels in one control frame (64 MiB at most).
     let c = match Captured::freeze_with(pid, src.scope, MAX_DELETED_BYTES_ON_WIRE) {
         Ok(c) => {

@@ -10,12 +10,15 @@
 //! the process, which continues untouched.
 
 use crate::lazy::{self, LazyOptions, LazyReport, OwedPages};
+use crate::netmove::SourceNet;
 use crate::passes::{self, Decision, Event, PassEnd, SpaceSent};
 use crate::precopy::{Policy, SwitchReason};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_protocol::model::TreeImage;
 use ferry_protocol::pages::PageSpace;
-use ferry_protocol::wire::{ControlMsg, FileFacts, PageSpan, ProtocolVersion, LAZY_MINOR};
+use ferry_protocol::wire::{
+    ControlMsg, FileFacts, PageSpan, ProtocolVersion, LAZY_MINOR, NET_MINOR,
+};
 use ferry_transport::frames::{recv_control, send_control, send_page};
 use ferry_transport::{Identity, TrustStore, DEFAULT_PORT};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -81,6 +84,8 @@ struct Report {
     resident_bytes: u64,
     /// The lazy phase, for `--lazy`.
     lazy: Option<LazyReport>,
+    /// The service addresses that moved with the process.
+    moved: Vec<String>,
 }
 
 /// Run `migrate --to`; prints the report. Errors name the reason.
@@ -203,6 +208,7 @@ fn report_json(r: &Report) -> serde_json::Value {
             PageSpace::Task(_) => None,
         }).collect::<Vec<_>>(),
         "lazy": r.lazy.as_ref().map(lazy_json),
+        "addresses_moved": r.moved,
     })
 }
 
@@ -297,6 +303,9 @@ fn print_report(r: &Report) {
             p.bytes >> 10,
             ms(p.duration)
         );
+    }
+    for a in &r.moved {
+        println!("  address moved  {a}");
     }
     if let Some(l) = &r.lazy {
         println!(
@@ -531,7 +540,7 @@ async fn migrate_on(
         },
     )
     .await?;
-    match recv_msg(conn, &mut recv, STEP_TIMEOUT).await? {
+    let minor = match recv_msg(conn, &mut recv, STEP_TIMEOUT).await? {
         ControlMsg::HelloAck { version, agent, .. } => {
             let Some(v) = ProtocolVersion::CURRENT.negotiate(version) else {
                 bail!(
@@ -551,10 +560,11 @@ async fn migrate_on(
                 );
             }
             tracing::info!("destination: {agent}");
+            v.minor
         }
         ControlMsg::Refuse { reason, .. } => bail!("the destination refused: {reason}"),
         m => bail!("protocol error: expected HelloAck, got {}", m.kind()),
-    }
+    };
 
     let scope = if lazy.is_some() {
         ferry_engine::dump::tree::Scope::Process
@@ -564,6 +574,27 @@ async fn migrate_on(
     let (tids, exe, files) = tokio::task::spawn_blocking(move || gather(pid, scope))
         .await
         .context("gathering facts")??;
+    let mut net = tokio::task::spawn_blocking(move || {
+        let pids = match scope {
+            ferry_engine::dump::tree::Scope::Tree => ferry_engine::dump::tree::live_members(pid)?
+                .0
+                .iter()
+                .map(|t| t.pid)
+                .collect(),
+            ferry_engine::dump::tree::Scope::Process => vec![pid],
+        };
+        SourceNet::plan(&pids)
+    })
+    .await
+    .context("finding the process's addresses")??;
+    if !net.is_empty() && minor < NET_MINOR {
+        bail!(
+            "the process's connections use {} which must move with it, and the destination \
+             (protocol minor {minor}) cannot take addresses over: upgrade it (process {pid} \
+             was not touched)",
+            net.moved().join(", ")
+        );
+    }
     p.step(&format!(
         "checking process {pid} ({} threads, {} files) on the destination",
         tids.len(),
@@ -596,11 +627,12 @@ async fn migrate_on(
     ));
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(BATCH_QUEUE);
     let (dec_tx, dec_rx) = std::sync::mpsc::channel::<Decision>();
+    let before_freeze = net.before_freeze();
     let thread = std::thread::Builder::new()
         .name("ptrace".into())
-        .spawn(move || passes::run(pid, policy, lazy.is_some(), ev_tx, dec_rx))
+        .spawn(move || passes::run(pid, policy, lazy.is_some(), ev_tx, dec_rx, before_freeze))
         .context("starting the ptrace thread")?;
-    let streamed = stream(conn, &mut send, &mut recv, pid, &mut ev_rx, p).await;
+    let streamed = stream(conn, &mut send, &mut recv, pid, &mut ev_rx, p, &mut net).await;
     // After Running the destination runs the process; with lazy pages part
     // of its memory is still here: serve it before the copy here goes.
     let lazy_result = match (&streamed, lazy) {
@@ -615,11 +647,20 @@ async fn migrate_on(
     let decision = if streamed.is_ok() {
         Decision::Kill
     } else {
+        // The address is back before the connections go on.
+        net.give_back();
         Decision::Thaw
     };
     let _ = dec_tx.send(decision);
     drop(ev_rx);
-    let outcome = join_thread(thread, "the ptrace thread").await?;
+    let outcome = join_thread(thread, "the ptrace thread").await;
+    // Thawed (out of repair mode) or killed (closed in repair mode): the
+    // peers may get through again.
+    net.unblock();
+    if streamed.is_ok() {
+        net.commit();
+    }
+    let outcome = outcome?;
     let s = match (streamed, outcome) {
         (Ok(s), Ok(frozen)) => {
             tracing::info!("process {pid} was frozen for {frozen:?} here");
@@ -680,6 +721,7 @@ async fn migrate_on(
         reason: s.reason,
         resident_bytes,
         lazy: lazy_report,
+        moved: net.moved(),
     })
 }
 
@@ -803,6 +845,7 @@ async fn stream(
     pid: i32,
     events: &mut mpsc::Receiver<Event>,
     p: &Progress,
+    net: &mut SourceNet,
 ) -> Result<Streamed> {
     p.bar.enable_steady_tick(Duration::from_millis(120));
     // One writer task per page stream, fed round-robin.
@@ -922,6 +965,10 @@ async fn stream(
     };
     p.bar.disable_steady_tick();
     let image_bytes = postcard::to_stdvec(image.as_ref()).map_or(0, |v| v.len() as u64);
+    if !net.is_empty() {
+        let addrs = net.take_off()?;
+        send_msg(conn, send, &ControlMsg::NetMove { addrs }).await?;
+    }
     send_msg(conn, send, &ControlMsg::Switchover { image }).await?;
     p.step("waiting for the process to run on the destination");
     let restore_us = match recv_msg(conn, recv, RUNNING_TIMEOUT).await? {

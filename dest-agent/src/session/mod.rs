@@ -127,6 +127,9 @@ pub struct Shared {
     /// Where the output of a tree whose stdio reached outside it goes
     /// (`DIR/ferry-PID.log`).
     pub stdio_dir: std::path::PathBuf,
+    /// Where moved service addresses go (`--addr-dev`); default: the
+    /// interface whose subnet contains each.
+    pub addr_dev: Option<String>,
 }
 
 /// Default of [`Shared::stdio_dir`].
@@ -379,6 +382,7 @@ pub async fn handle(shared: &Shared, conn: &quinn::Connection) -> Result<Outcome
         lazy: None,
         lazy_inbox: Arc::default(),
         lazy_events: mpsc::unbounded_channel(),
+        net: crate::netmove::DestNet::default(),
     };
     let r = m.run(recv).await;
     if m.switched {
@@ -470,6 +474,8 @@ struct Migration<'a> {
         mpsc::UnboundedSender<LazyEvent>,
         mpsc::UnboundedReceiver<LazyEvent>,
     ),
+    /// The service addresses moving here, and their guards.
+    net: crate::netmove::DestNet,
 }
 
 /// The tasks reading one connection: the control stream and the page
@@ -694,6 +700,7 @@ impl Migration<'_> {
                 self.switchover_at = Some(Instant::now());
                 tracing::info!(pid = self.pid, "switchover");
                 self.shared.pause(PausePoint::Switchover).await;
+                self.net.arrive(self.pid, self.shared.addr_dev.as_deref())?;
                 self.image = Some(image);
                 self.advance()?;
             }
@@ -723,6 +730,10 @@ impl Migration<'_> {
             ControlMsg::Done => {
                 tracing::info!(pid = self.pid, "source confirmed");
                 return Ok(true);
+            }
+            ControlMsg::NetMove { addrs } => {
+                tracing::info!(pid = self.pid, ?addrs, "addresses move here");
+                self.net.expect(addrs);
             }
             m => bail!("unexpected {}", m.kind()),
         }
@@ -853,6 +864,7 @@ impl Migration<'_> {
                     self.register();
                 }
                 self.command(Command::Resume)?;
+                self.net.open();
                 tracing::info!(
                     pid = self.pid,
                     threads = summary.threads,

@@ -4,7 +4,9 @@
 
 use std::fmt;
 
-use super::{ControlMsg, MsgKind, ProtocolVersion, WireError, LAZY_MINOR, MAX_PASSES, WIRE_MAJOR};
+use super::{
+    ControlMsg, MsgKind, ProtocolVersion, WireError, LAZY_MINOR, MAX_PASSES, NET_MINOR, WIRE_MAJOR,
+};
 use crate::model::HostInfo;
 
 /// Where the destination is in a migration.
@@ -109,6 +111,8 @@ pub struct DestState {
     pid: Option<i32>,
     passes: Vec<PassTally>,
     lazy: bool,
+    /// A `NetMove` was accepted (at most one).
+    net_moved: bool,
 }
 
 impl Default for DestState {
@@ -127,6 +131,7 @@ impl DestState {
             pid: None,
             passes: Vec::new(),
             lazy: false,
+            net_moved: false,
         }
     }
 
@@ -259,6 +264,21 @@ impl DestState {
                     ));
                 }
                 self.lazy = true;
+                Phase::PreCopy
+            }
+            (Phase::PreCopy, ControlMsg::NetMove { .. }) if !self.net_moved => {
+                let minor = self.version.map_or(0, |v| v.minor);
+                if minor < NET_MINOR {
+                    return Err(WireError::Invalid(format!(
+                        "NetMove needs protocol minor version {NET_MINOR}, but {WIRE_MAJOR}.{minor} was negotiated"
+                    )));
+                }
+                if self.passes.is_empty() {
+                    return Err(WireError::Invalid(
+                        "NetMove before any pass was sent".into(),
+                    ));
+                }
+                self.net_moved = true;
                 Phase::PreCopy
             }
             (Phase::PreCopy, ControlMsg::Switchover { image }) => {

@@ -89,7 +89,23 @@ fn every_message() -> Vec<ControlMsg> {
         lazy_complete(),
         lazy_resume(),
         lazy_resumed(),
+        net_move(),
     ]
+}
+
+fn net_move() -> ControlMsg {
+    ControlMsg::NetMove {
+        addrs: vec![
+            MovedAddr {
+                addr: "198.18.0.100".parse().unwrap(),
+                prefix_len: 24,
+            },
+            MovedAddr {
+                addr: "2001:2:0:1::100".parse().unwrap(),
+                prefix_len: 64,
+            },
+        ],
+    }
 }
 
 fn span(addr: u64, pages: u64) -> PageSpan {
@@ -159,7 +175,7 @@ fn fix_checksum(bytes: &mut [u8]) {
 #[test]
 fn every_message_round_trips() {
     let kinds: HashSet<MsgKind> = every_message().iter().map(ControlMsg::kind).collect();
-    assert_eq!(kinds.len(), 17, "one sample per control kind");
+    assert_eq!(kinds.len(), 18, "one sample per control kind");
     assert_eq!(
         kinds.len(),
         MsgKind::ALL.iter().filter(|k| k.is_control()).count()
@@ -291,7 +307,7 @@ fn newer_minor_is_negotiated_down() {
 
 #[test]
 fn unknown_kind_is_refused() {
-    for k in [0u8, 18, 31, 34, 255] {
+    for k in [0u8, 19, 31, 34, 255] {
         let mut bytes = encode_control(&ControlMsg::Done).unwrap();
         bytes[3] = k;
         assert!(
@@ -1051,7 +1067,7 @@ fn random_mutations_never_panic() {
 
 #[test]
 fn lazy_versions() {
-    assert_eq!(WIRE_MINOR, 1);
+    assert_eq!(WIRE_MINOR, 2);
     assert_eq!(LAZY_MINOR, 1);
     const { assert!(WIRE_MINOR >= LAZY_MINOR) };
     let old = ProtocolVersion {
@@ -1786,4 +1802,78 @@ fn pass_start_layout_is_validated_as_a_tree() {
     };
     let e = msg.validate().unwrap_err().to_string();
     assert!(e.contains("5000") && e.contains("9999"), "{e}");
+}
+
+// ---- the address moves with the process (minor 2) ----
+
+#[test]
+fn net_move_is_validated() {
+    let one = |addr: &str, prefix_len| ControlMsg::NetMove {
+        addrs: vec![MovedAddr {
+            addr: addr.parse().unwrap(),
+            prefix_len,
+        }],
+    };
+    assert!(net_move().validate().is_ok());
+    assert!(ControlMsg::NetMove { addrs: vec![] }.validate().is_ok());
+    for (bad, plen, why) in [
+        ("0.0.0.0", 24, "unspecified"),
+        ("127.0.0.1", 8, "loopback"),
+        ("::1", 128, "loopback"),
+        ("224.0.0.1", 24, "multicast"),
+        ("fe80::1", 64, "link-local"),
+        ("::ffff:198.18.0.1", 96, "IPv4-mapped"),
+        ("198.18.0.100", 33, "prefix length"),
+        ("198.18.0.100", 0, "prefix length"),
+        ("2001:2::1", 129, "prefix length"),
+    ] {
+        let e = one(bad, plen).validate().unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}/{plen}: {e}");
+    }
+    let twice = ControlMsg::NetMove {
+        addrs: vec![
+            MovedAddr {
+                addr: "198.18.0.100".parse().unwrap(),
+                prefix_len: 24,
+            };
+            2
+        ],
+    };
+    assert!(twice.validate().unwrap_err().to_string().contains("twice"));
+    let many = ControlMsg::NetMove {
+        addrs: (0..=MAX_MOVED_ADDRS as u8)
+            .map(|i| MovedAddr {
+                addr: std::net::IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 1, i + 1)),
+                prefix_len: 24,
+            })
+            .collect(),
+    };
+    assert!(many.validate().is_err());
+    // Decoding validates too.
+    let mut bytes = encode_control(&one("198.18.0.100", 24)).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] = 40;
+    fix_checksum(&mut bytes);
+    assert!(decode_bytes(&bytes).is_err());
+}
+
+#[test]
+fn net_move_only_between_passes_once_and_from_minor_2() {
+    let mut st = ready_state_minor(NET_MINOR);
+    // Not before a pass.
+    assert!(st.clone().accept(&net_move()).is_err());
+    st.accept(&pass_start(0)).unwrap();
+    // Not inside a pass.
+    assert!(st.clone().accept(&net_move()).is_err());
+    st.accept(&pass_end(0, 0, 0, 0)).unwrap();
+    st.accept(&net_move()).unwrap();
+    assert_eq!(st.phase(), Phase::PreCopy);
+    // Once.
+    assert!(st.clone().accept(&net_move()).is_err());
+    // A source of minor 1 may not send it.
+    let mut old = ready_state_minor(LAZY_MINOR);
+    old.accept(&pass_start(0)).unwrap();
+    old.accept(&pass_end(0, 0, 0, 0)).unwrap();
+    let e = old.accept(&net_move()).unwrap_err().to_string();
+    assert!(e.contains("minor"), "{e}");
 }
