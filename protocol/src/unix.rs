@@ -34,7 +34,7 @@ pub enum UnixType {
 }
 
 /// The address a unix socket is bound to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum UnixName {
     /// A socket file at this path.
     Path(String),

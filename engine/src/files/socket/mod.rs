@@ -23,6 +23,10 @@ pub mod tcp;
 #[cfg(test)]
 mod tests;
 pub mod udp;
+pub mod unix;
+pub(crate) mod unix_sys;
+#[cfg(test)]
+mod unix_tests;
 
 use crate::{Error, Result};
 use ferry_protocol::model::{FileId, FileKind, OpenFile};
@@ -170,6 +174,9 @@ pub fn open_all(
     files: &[&OpenFile],
     describe: &dyn Fn(&OpenFile) -> String,
 ) -> Result<Vec<(FileId, OwnedFd)>> {
+    let (unix, files): (Vec<&OpenFile>, Vec<&OpenFile>) = files
+        .iter()
+        .partition(|f| matches!(f.kind, FileKind::Unix { .. }));
     let mut order: Vec<&OpenFile> = files.to_vec();
     order.sort_by_key(|f| match &f.kind {
         FileKind::Tcp { socket } => tcp::restore_rank(socket),
@@ -185,5 +192,6 @@ pub fn open_all(
         };
         out.push((f.id, fd));
     }
+    out.extend(unix::open_all(&unix, describe)?);
     Ok(out)
 }
