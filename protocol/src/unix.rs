@@ -133,9 +133,7 @@ impl UnixSocket {
             .iter()
             .fold(0usize, |n, m| n.saturating_add(m.data.len()));
         if bytes > MAX_UNIX_QUEUE {
-            return Err(format!(
-                "{bytes} queued bytes (at most {MAX_UNIX_QUEUE})"
-            ));
+            return Err(format!("{bytes} queued bytes (at most {MAX_UNIX_QUEUE})"));
         }
         if self.shutdown > 3 {
             return Err(format!("shutdown mask {} (at most 3)", self.shutdown));

@@ -103,20 +103,19 @@ impl UnixCollector {
         {
             return Ok(None);
         }
-        let ty = match get_int(s, libc::SOL_SOCKET, libc::SO_TYPE)
-            .map_err(|e| io_err("SO_TYPE", e))?
-        {
-            libc::SOCK_STREAM => UnixType::Stream,
-            libc::SOCK_DGRAM => UnixType::Datagram,
-            libc::SOCK_SEQPACKET => UnixType::Seqpacket,
-            other => {
-                return Err(Error::UnsupportedFd {
-                    pid,
-                    fd,
-                    kind: format!("a unix socket of type {other} ({link})"),
-                })
-            }
-        };
+        let ty =
+            match get_int(s, libc::SOL_SOCKET, libc::SO_TYPE).map_err(|e| io_err("SO_TYPE", e))? {
+                libc::SOCK_STREAM => UnixType::Stream,
+                libc::SOCK_DGRAM => UnixType::Datagram,
+                libc::SOCK_SEQPACKET => UnixType::Seqpacket,
+                other => {
+                    return Err(Error::UnsupportedFd {
+                        pid,
+                        fd,
+                        kind: format!("a unix socket of type {other} ({link})"),
+                    })
+                }
+            };
         let unsupported = |why: String| Error::UnsupportedFd {
             pid,
             fd,
@@ -142,6 +141,17 @@ impl UnixCollector {
                     )));
                 }
                 UnixState::Listening { backlog: d.rqlen.1 }
+            }
+            // A datagram socket others connected to shows ESTABLISHED too,
+            // but has no peer of its own.
+            ESTABLISHED
+                if ty == UnixType::Datagram
+                    && d.peer == 0
+                    && unix_sys::peer_name(s)
+                        .err()
+                        .is_some_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) =>
+            {
+                UnixState::Unconnected
             }
             ESTABLISHED => UnixState::Connected { peer: None },
             CLOSE => UnixState::Unconnected,
@@ -176,9 +186,11 @@ impl UnixCollector {
                 Ok(q) => q,
                 Err(QueueError::Rights) => {
                     return Err(unsupported(format!(
-                        "{} with file descriptors in flight (SCM_RIGHTS) in its receive queue, which \
-                         ferry cannot carry",
-                        name_words(&d.name)
+                        "({}) with file descriptors in flight (SCM_RIGHTS) in its receive queue, \
+                         which ferry cannot carry",
+                        d.name
+                            .as_ref()
+                            .map_or_else(|| "unnamed".to_string(), |n| format!("bound to {n}"))
                     )))
                 }
                 Err(QueueError::Io(e)) => return Err(io_err("reading its receive queue", e)),
@@ -392,7 +404,10 @@ pub fn open_all(
     let mut orphans: HashMap<FileId, OwnedFd> = HashMap::new();
 
     // Bound, listening and unconnected sockets first: others connect to them.
-    for (f, s) in all.iter().filter(|(_, s)| !matches!(s.state, UnixState::Connected { .. })) {
+    for (f, s) in all
+        .iter()
+        .filter(|(_, s)| !matches!(s.state, UnixState::Connected { .. }))
+    {
         let at = |step: &str| {
             let w = format!("restoring {}: {step}", d(f));
             move |e: io::Error| Error::io(w, e)
@@ -443,7 +458,11 @@ pub fn open_all(
                 fds.insert(p, b);
             }
             None => {
-                let big = s.queue.iter().map(|m| m.data.len() * 2 + 1024).sum::<usize>();
+                let big = s
+                    .queue
+                    .iter()
+                    .map(|m| m.data.len() * 2 + 1024)
+                    .sum::<usize>();
                 super::options::set_buffers(b.as_fd(), (big.max(1 << 16)) as i32 * 2, 0)
                     .map_err(at("sizing the writer of its queue"))?;
                 orphans.insert(f.id, b);
@@ -459,12 +478,15 @@ pub fn open_all(
         if fds.contains_key(&f.id) {
             continue;
         }
-        let target = by_id.get(&p).and_then(|ps| ps.name.as_ref()).ok_or_else(|| {
-            Error::Incompatible(format!(
-                "{}: connected to open file {p}, which has no name to connect to",
-                d(f)
-            ))
-        })?;
+        let target = by_id
+            .get(&p)
+            .and_then(|ps| ps.name.as_ref())
+            .ok_or_else(|| {
+                Error::Incompatible(format!(
+                    "{}: connected to open file {p}, which has no name to connect to",
+                    d(f)
+                ))
+            })?;
         let at = |step: &str| {
             let w = format!("restoring {}: {step}", d(f));
             move |e: io::Error| Error::io(w, e)
@@ -528,7 +550,10 @@ pub fn open_all(
         };
         let peer_gone = s.state == UnixState::Connected { peer: None };
         if !peer_gone || s.ty == UnixType::Datagram {
-            for (bit, how) in [(SEND_SHUTDOWN, libc::SHUT_WR), (RCV_SHUTDOWN, libc::SHUT_RD)] {
+            for (bit, how) in [
+                (SEND_SHUTDOWN, libc::SHUT_WR),
+                (RCV_SHUTDOWN, libc::SHUT_RD),
+            ] {
                 if s.shutdown & bit != 0 {
                     unix_sys::shutdown(fd.as_fd(), how).map_err(at("shutdown"))?;
                 }

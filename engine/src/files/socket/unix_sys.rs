@@ -187,7 +187,9 @@ fn name_from_path_bytes(p: &[u8]) -> Option<UnixName> {
         Some((0, rest)) => Some(UnixName::Abstract(rest.to_vec())),
         Some(_) => {
             let end = p.iter().position(|&c| c == 0).unwrap_or(p.len());
-            Some(UnixName::Path(String::from_utf8_lossy(&p[..end]).into_owned()))
+            Some(UnixName::Path(
+                String::from_utf8_lossy(&p[..end]).into_owned(),
+            ))
         }
     }
 }

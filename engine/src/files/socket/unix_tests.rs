@@ -39,11 +39,7 @@ fn try_collect(pids: &[i32]) -> Result<(Vec<Vec<FdEntry>>, Vec<OpenFile>)> {
 }
 
 fn tree(pids: &[i32], fds: Vec<Vec<FdEntry>>, files: Vec<OpenFile>) -> TreeImage {
-    let tasks = pids
-        .iter()
-        .zip(fds)
-        .map(|(&p, f)| process(p, f))
-        .collect();
+    let tasks = pids.iter().zip(fds).map(|(&p, f)| process(p, f)).collect();
     let t = image(tasks, files, vec![]);
     let is_unix = |id| t.file(id).is_some();
     for f in &t.files {
@@ -126,7 +122,9 @@ fn drain_messages(fd: BorrowedFd<'_>) -> Vec<Vec<u8>> {
 }
 
 fn pattern(n: usize, salt: u8) -> Vec<u8> {
-    (0..n).map(|i| ((i % 251) as u8).wrapping_add(salt)).collect()
+    (0..n)
+        .map(|i| ((i % 251) as u8).wrapping_add(salt))
+        .collect()
 }
 
 fn keep(from: &OwnedFd, at: i32) -> Act {
@@ -163,7 +161,12 @@ fn stream_socketpair_across_two_processes_keeps_data_both_ways() {
             peer: Some(file_id(&fds, 0, 3))
         }
     );
-    let bytes = |s: &UnixSocket| s.queue.iter().flat_map(|m| m.data.clone()).collect::<Vec<u8>>();
+    let bytes = |s: &UnixSocket| {
+        s.queue
+            .iter()
+            .flat_map(|m| m.data.clone())
+            .collect::<Vec<u8>>()
+    };
     assert_eq!(bytes(sa), to_a);
     assert_eq!(bytes(sb), to_b);
 
@@ -291,7 +294,11 @@ fn listeners_and_a_bound_datagram_server_come_back_bound() {
             .expect("stat"),
     )
     .expect("diag");
-    assert_eq!((d.state, d.rqlen), (10, (1, 7)), "listening, backlog 7, one waiting");
+    assert_eq!(
+        (d.state, d.rqlen),
+        (10, (1, 7)),
+        "listening, backlog 7, one waiting"
+    );
     assert_eq!(
         drain_messages(grab(pid, 5).as_fd()),
         vec![b"d1".to_vec(), b"d2".to_vec()]
@@ -360,12 +367,17 @@ fn a_peer_outside_the_tree_is_refused_by_its_address() {
     let c2 = ScriptChild::spawn(&[keep(&cl, 4)]);
     refused(
         &[c2.pid],
-        &[&format!("stream socket connected to {path} (a connection not yet accepted")],
+        &[&format!(
+            "stream socket connected to {path} (a connection not yet accepted"
+        )],
     );
     // An unnamed peer (one end of a pair) says so.
     let (a, _b) = unix_sys::socketpair(libc::SOCK_SEQPACKET).expect("pair");
     let c3 = ScriptChild::spawn(&[keep(&a, 3)]);
-    refused(&[c3.pid], &["seqpacket socket connected to an unnamed socket"]);
+    refused(
+        &[c3.pid],
+        &["seqpacket socket connected to an unnamed socket"],
+    );
     // And the refused processes go on: their sockets work.
     send(a.as_fd(), b"still");
     assert_eq!(recv(_b.as_fd()).expect("data"), b"still");
@@ -423,7 +435,11 @@ fn credentials_of_queued_messages_are_kept() {
     let s = sock(&fds, &files, 0, 4);
     assert!(s.passcred);
     let creds = s.queue[0].creds.expect("credentials recorded");
-    assert_eq!(creds.pid, std::process::id() as i32, "the sender was the test");
+    assert_eq!(
+        creds.pid,
+        std::process::id() as i32,
+        "the sender was the test"
+    );
     let dir = TempDir::new("unix-creds");
     let t = tree(&[c.pid], fds, files);
     let stubs = restore(&t, &dir);
