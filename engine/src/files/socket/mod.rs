@@ -1,8 +1,9 @@
 //! Sockets, both directions, one module per kind: [`tcp`] (listening,
 //! closed and established TCP over IPv4 and IPv6), [`udp`] (bound and
-//! connected UDP; queued datagrams are counted, not carried), with the
-//! options they share in [`options`]. Every other kind of socket (unix,
-//! netlink, raw, packet) is refused, named.
+//! connected UDP; queued datagrams are counted, not carried), [`unix`]
+//! (unix domain sockets, dispatched before [`classify`] by the file
+//! collector), with the options they share in [`options`]. Every other
+//! kind of socket (netlink, raw, packet) is refused, named.
 //!
 //! ```text
 //!  checkpoint  classify(pid, fd)   pidfd_getfd: the agent's copy is the
