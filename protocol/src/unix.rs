@@ -106,21 +106,19 @@ impl UnixSocket {
     /// unix socket of the image. The error says what is wrong.
     pub fn check(&self, exists: impl Fn(u32) -> bool) -> Result<(), String> {
         match &self.name {
-            Some(UnixName::Path(p)) => {
-                if p.is_empty() || p.len() >= MAX_UNIX_NAME || p.contains('\0') {
-                    return Err(format!("socket path {p:?} is empty, too long or has a NUL"));
-                }
+            Some(UnixName::Path(p))
+                if p.is_empty() || p.len() >= MAX_UNIX_NAME || p.contains('\0') =>
+            {
+                return Err(format!("socket path {p:?} is empty, too long or has a NUL"));
             }
-            Some(UnixName::Abstract(n)) => {
-                if n.len() >= MAX_UNIX_NAME {
-                    return Err(format!(
-                        "abstract name of {} bytes (at most {})",
-                        n.len(),
-                        MAX_UNIX_NAME - 1
-                    ));
-                }
+            Some(UnixName::Abstract(n)) if n.len() >= MAX_UNIX_NAME => {
+                return Err(format!(
+                    "abstract name of {} bytes (at most {})",
+                    n.len(),
+                    MAX_UNIX_NAME - 1
+                ));
             }
-            None => {}
+            _ => {}
         }
         if self.queue.len() > MAX_UNIX_MESSAGES {
             return Err(format!(
