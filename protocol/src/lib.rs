@@ -24,6 +24,7 @@ pub mod model;
 pub mod net;
 pub mod packer;
 pub mod pages;
+pub mod unix;
 pub mod validate;
 pub mod wire;
 

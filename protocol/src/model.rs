@@ -556,6 +556,10 @@ pub enum FileKind {
     Tcp { socket: Box<crate::net::TcpSocket> },
     /// A UDP socket (see [`crate::net`]).
     Udp { socket: Box<crate::net::UdpSocket> },
+    /// A unix domain socket (see [`crate::unix`]).
+    Unix {
+        socket: Box<crate::unix::UnixSocket>,
+    },
 }
 
 /// One watch of an inotify instance.

@@ -679,6 +679,15 @@ impl TreeImage {
                         .check()
                         .map_err(|why| ValidationError::BadSocket { file: f.id, why })?;
                 }
+                FileKind::Unix { socket } => {
+                    let is_unix = |id| {
+                        self.file(id)
+                            .is_some_and(|p| matches!(p.kind, FileKind::Unix { .. }))
+                    };
+                    socket
+                        .check(is_unix)
+                        .map_err(|why| ValidationError::BadSocket { file: f.id, why })?;
+                }
             }
         }
         check_locks(self)?;

@@ -92,13 +92,16 @@ enum Command {
     /// data; shared memory (shared anonymous, memfd, /dev/shm, SysV) stays
     /// shared; eventfds, timerfds, signalfds, epoll instances, pidfds,
     /// FIFOs, inotify instances, file locks and TCP (listening and
-    /// established, through TCP_REPAIR) and UDP sockets come back as the
-    /// kernel held them. Stdin, stdout and stderr that reach outside the
+    /// established, through TCP_REPAIR), UDP and unix sockets (pairs and
+    /// connections inside the tree, bound, listening, with their queued
+    /// messages) come back as the kernel held them. Stdin, stdout and stderr that reach outside the
     /// tree (a shell's pipe, a terminal, journald's socket) cannot come
     /// along: on restore stdin reads end of file and output goes to a log
     /// file (see `restore --stdio-log`). Not supported yet (the checkpoint
-    /// fails, names the reason, and every process keeps running): unix,
-    /// netlink, raw and packet sockets, half-closed TCP connections,
+    /// fails, names the reason, and every process keeps running): unix
+    /// sockets connected outside the tree, with fds in flight or with
+    /// connections waiting to be accepted, netlink, raw and packet
+    /// sockets, half-closed TCP connections,
     /// terminals inside the tree, io_uring, perf and BPF fds, deleted
     /// mapped files, and processes sharing an fd table or address space
     /// (vfork, CLONE_FILES).

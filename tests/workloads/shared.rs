@@ -99,3 +99,29 @@ pub fn arg_num<T: std::str::FromStr>(pos: usize, usage: &str) -> T {
         _ => die(usage),
     }
 }
+
+/// Send one byte with `fd` attached (`SCM_RIGHTS`) on the unix socket
+/// `over` (to its peer): a file descriptor in flight, which checkpoint
+/// refuses.
+pub fn send_fd_in_flight(over: std::os::fd::RawFd, fd: std::os::fd::RawFd) -> bool {
+    let mut data = *b"f";
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut ctl = [0u64; 4];
+    // SAFETY: a msghdr over live locals; one cmsg of one int fits in `ctl`.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = ctl.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
+        libc::sendmsg(over, &msg, 0) == 1
+    }
+}

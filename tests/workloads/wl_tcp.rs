@@ -6,7 +6,8 @@
 //! after a SIGUSR1), and answers every further connection to the listener
 //! with one line `rx=N bad=B` (records received, and 1 if one was out of
 //! sequence) before closing it. Dies on any socket error. With the argument
-//! `unix` it also holds a unix datagram socket.
+//! `unix` it also holds a unix datagram socketpair with a file descriptor
+//! in flight on it (which checkpoint refuses).
 mod shared;
 
 use shared::{die, install_sigusr1, say, take_sigusr1};
@@ -35,8 +36,13 @@ fn main() {
     // `wl-tcp unix`: also hold a unix socket (a kind checkpoint refuses),
     // opened after the connection.
     let _unix = (std::env::args().nth(1).as_deref() == Some("unix")).then(|| {
-        std::os::unix::net::UnixDatagram::unbound()
-            .unwrap_or_else(|e| die(&format!("unix socket: {e}")))
+        let (a, b) = std::os::unix::net::UnixDatagram::pair()
+            .unwrap_or_else(|e| die(&format!("unix socket: {e}")));
+        // A file descriptor in flight on it: refused.
+        if !shared::send_fd_in_flight(a.as_raw_fd(), 0) {
+            die("sendmsg(SCM_RIGHTS)");
+        }
+        (a, b)
     });
     say("connected");
     serve(&listener, conn);

@@ -101,6 +101,8 @@ pub struct FileCollector {
     tasks: Vec<i32>,
     /// Sockets put into repair mode (shared with the frozen tree).
     pub(crate) repair: socket::RepairSet,
+    /// Unix sockets, to join their peers.
+    unix: socket::unix::UnixCollector,
 }
 
 impl FileCollector {
@@ -226,6 +228,10 @@ impl FileCollector {
             if stdio {
                 return Ok(FileKind::Outside { what: link.into() });
             }
+            let next = self.files.len() as FileId + 1;
+            if let Some(kind) = self.unix.classify(pid, fd, link, md, next)? {
+                return Ok(kind);
+            }
             return socket::classify(pid, fd, link, &self.repair);
         }
         if link == "anon_inode:inotify" {
@@ -332,6 +338,7 @@ impl FileCollector {
             }
         }
         pipes.extend(std::mem::take(&mut self.fifos).finish()?);
+        self.unix.finish(&mut self.files)?;
         epoll::resolve(&mut self.files, &self.users, &self.seen)?;
         pidfd::check(&self.files, &self.users, &self.tasks)?;
         Ok((self.files, pipes, self.deleted.finish()))
@@ -410,6 +417,7 @@ impl Opened {
                 FileKind::Pidfd { pid } => format!("{who} (pidfd of process {pid})"),
                 FileKind::Tcp { .. } => format!("{who} (a TCP socket)"),
                 FileKind::Udp { .. } => format!("{who} (a UDP socket)"),
+                FileKind::Unix { .. } => format!("{who} (a unix socket)"),
             }
         };
         let mut opened = Opened {
@@ -427,7 +435,7 @@ impl Opened {
         for f in &tree.files {
             let d = describe(f);
             let fd = match &f.kind {
-                FileKind::Tcp { .. } | FileKind::Udp { .. } => {
+                FileKind::Tcp { .. } | FileKind::Udp { .. } | FileKind::Unix { .. } => {
                     sockets.push(f);
                     continue;
                 }

@@ -1,8 +1,9 @@
 //! Sockets, both directions, one module per kind: [`tcp`] (listening,
 //! closed and established TCP over IPv4 and IPv6), [`udp`] (bound and
-//! connected UDP; queued datagrams are counted, not carried), with the
-//! options they share in [`options`]. Every other kind of socket (unix,
-//! netlink, raw, packet) is refused, named.
+//! connected UDP; queued datagrams are counted, not carried), [`unix`]
+//! (unix domain sockets, dispatched before [`classify`] by the file
+//! collector), with the options they share in [`options`]. Every other
+//! kind of socket (netlink, raw, packet) is refused, named.
 //!
 //! ```text
 //!  checkpoint  classify(pid, fd)   pidfd_getfd: the agent's copy is the
@@ -23,6 +24,10 @@ pub mod tcp;
 #[cfg(test)]
 mod tests;
 pub mod udp;
+pub mod unix;
+pub(crate) mod unix_sys;
+#[cfg(test)]
+mod unix_tests;
 
 use crate::{Error, Result};
 use ferry_protocol::model::{FileId, FileKind, OpenFile};
@@ -170,6 +175,9 @@ pub fn open_all(
     files: &[&OpenFile],
     describe: &dyn Fn(&OpenFile) -> String,
 ) -> Result<Vec<(FileId, OwnedFd)>> {
+    let (unix, files): (Vec<&OpenFile>, Vec<&OpenFile>) = files
+        .iter()
+        .partition(|f| matches!(f.kind, FileKind::Unix { .. }));
     let mut order: Vec<&OpenFile> = files.to_vec();
     order.sort_by_key(|f| match &f.kind {
         FileKind::Tcp { socket } => tcp::restore_rank(socket),
@@ -185,5 +193,6 @@ pub fn open_all(
         };
         out.push((f.id, fd));
     }
+    out.extend(unix::open_all(&unix, describe)?);
     Ok(out)
 }
