@@ -94,14 +94,17 @@ enum Command {
     /// FIFOs, inotify instances, file locks and TCP (listening and
     /// established, through TCP_REPAIR), UDP and unix sockets (pairs and
     /// connections inside the tree, bound, listening, with their queued
-    /// messages) come back as the kernel held them. Stdin, stdout and stderr that reach outside the
-    /// tree (a shell's pipe, a terminal, journald's socket) cannot come
-    /// along: on restore stdin reads end of file and output goes to a log
-    /// file (see `restore --stdio-log`). Not supported yet (the checkpoint
-    /// fails, names the reason, and every process keeps running): unix
-    /// sockets connected outside the tree, with fds in flight or with
-    /// connections waiting to be accepted, netlink, raw and packet
-    /// sockets, half-closed TCP connections,
+    /// messages) come back as the kernel held them; so do the credentials,
+    /// securebits, no_new_privs and dumpable flag. A pipe whose other end
+    /// nobody holds any more comes back with that end closed. Stdin, stdout
+    /// and stderr that reach outside the tree (a shell's pipe, a terminal,
+    /// journald's socket) cannot come along: on restore stdin reads end of
+    /// file and output goes to a log file (see `restore --stdio-log`). Not
+    /// supported yet (the checkpoint fails, names the reason, and every
+    /// process keeps running): seccomp filters (a sandboxed process is
+    /// never restored unsandboxed), unix sockets connected outside the
+    /// tree, with fds in flight or with connections waiting to be accepted,
+    /// netlink, raw and packet sockets, half-closed TCP connections,
     /// terminals inside the tree, io_uring, perf and BPF fds, deleted
     /// mapped files, and processes sharing an fd table or address space
     /// (vfork, CLONE_FILES).
