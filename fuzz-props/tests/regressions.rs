@@ -38,3 +38,39 @@ fn recv_frame_allocates_only_what_arrives() {
     // And the property that caught it.
     ferry_fuzz_props::frame(&bytes);
 }
+
+/// `page_store`: the page store reader sized (and zero-filled) its buffer
+/// for the whole batch body a batch header declared (up to 65 MiB with the
+/// default limits) before reading it, so a 96-byte file cost 65 MiB. It now
+/// reads the body as it comes.
+#[test]
+fn page_store_allocates_only_what_the_file_holds() {
+    assert!(alloc::installed());
+    let mut file = b"FERRYPGS".to_vec();
+    file.extend_from_slice(&1u32.to_le_bytes());
+    file.extend_from_slice(&0u32.to_le_bytes());
+    // A zstd batch of 65536 runs and 64 MiB of raw data, stored in 64 MiB.
+    file.extend_from_slice(b"FPGB");
+    for v in [1u32, 1 << 16, 0] {
+        file.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [64u64 << 20, 64 << 20, 0] {
+        file.extend_from_slice(&v.to_le_bytes());
+    }
+    file.extend_from_slice(&[0; 16]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join(ferry_protocol::pages::PAGES_FILE), &file).expect("write");
+    let (r, peak) = alloc::measure(|| {
+        let mut reader = ferry_protocol::PageReader::open(dir.path())?;
+        reader.next_batch()
+    });
+    assert!(
+        matches!(r, Err(ferry_protocol::PageError::Truncated { .. })),
+        "{r:?}"
+    );
+    assert!(
+        peak <= 1 << 20,
+        "the page store reader allocated {peak} bytes"
+    );
+    ferry_fuzz_props::page_store(&file);
+}
