@@ -1,10 +1,12 @@
-//! Writes seed inputs for every fuzz target into `OUT/TARGET/` from image
+//! Writes seed inputs for every fuzz target into `OUT/TARGET/` (the
+//! repository keeps them in `fuzz/seeds/`) from image
 //! directories made by `migrate checkpoint` (their `process.img` and page
 //! stores) and messages built here from them:
 //!
 //!     cargo run -p ferry-fuzz-props --example seeds -- OUT IMAGE_DIR...
 //!
-//! `scripts/fuzz` then grows the corpus from them and minimizes it.
+//! `scripts/fuzz` grows the corpus `fuzz/corpus/` from them and minimizes
+//! it; the seeds themselves are never minimized away.
 
 use std::error::Error;
 use std::fs;
@@ -34,18 +36,31 @@ fn main() -> Result<(), Box<dyn Error>> {
     };
     let mut frames = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
+        // The first image gives every kind of seed; the others (trees) only
+        // their image, to keep the seeds small.
+        let first = i == 0;
         let file = fs::read(dir.join("process.img"))?;
-        put("image", &format!("{i}-file"), &file)?;
+        if first {
+            put("image", &format!("{i}-file"), &file)?;
+        }
         put("image", &format!("{i}-payload"), &file[32..])?;
         let img = read_tree_image(dir)?;
         for (j, m) in messages(&img).iter().enumerate() {
             let f = encode_control(m)?;
-            put(
-                "control",
-                &format!("{i}-{j}"),
-                &control_input(m.kind(), &f[16..]),
-            )?;
-            frames.extend_from_slice(&f);
+            let tree = matches!(m.kind(), MsgKind::Switchover | MsgKind::PassStart);
+            if first || tree {
+                put(
+                    "control",
+                    &format!("{i}-{j}"),
+                    &control_input(m.kind(), &f[16..]),
+                )?;
+            }
+            if first && m.kind() != MsgKind::Switchover {
+                frames.extend_from_slice(&f);
+            }
+        }
+        if !first {
+            continue;
         }
         for entry in fs::read_dir(dir)? {
             let p = entry?.path();

@@ -1,5 +1,6 @@
-//! Replays the fuzz corpus (`fuzz/corpus/TARGET/`, kept small with `cargo
-//! fuzz cmin` by `scripts/fuzz`) through the same property functions the
+//! Replays the fuzz seeds (`fuzz/seeds/TARGET/`: valid messages, images and
+//! batches) and corpus (`fuzz/corpus/TARGET/`, kept small by `scripts/fuzz`)
+//! through the same property functions the
 //! libFuzzer targets call, on stable: every input that ever mattered to a
 //! fuzzer, crashes found and fixed included, is checked by `cargo test`.
 
@@ -28,13 +29,17 @@ fn replay(target: &str) {
         .iter()
         .find(|(n, _)| *n == target)
         .unwrap_or_else(|| panic!("no property for target {target}"));
-    let dir = fuzz_dir().join("corpus").join(target);
-    let mut files: Vec<_> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))
-        .map(|e| e.expect("corpus entry").path())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "corpus {} is empty", dir.display());
+    let mut files = Vec::new();
+    for kind in ["seeds", "corpus"] {
+        let dir = fuzz_dir().join(kind).join(target);
+        let mut here: Vec<_> = fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.expect("corpus entry").path())
+            .collect();
+        assert!(!here.is_empty(), "{} is empty", dir.display());
+        here.sort();
+        files.extend(here);
+    }
     let mut failed = Vec::new();
     for f in &files {
         let bytes = fs::read(f).expect("read corpus file");
