@@ -39,6 +39,7 @@ use ferry_protocol::pages::{
     encode_batch, BatchDecoder, BatchError, BatchLimits, PageBatch, PageReader, PageRun,
     BATCH_HEADER_LEN, PAGES_FILE, RUN_LEN, TRAILER_LEN,
 };
+use ferry_protocol::validate::is_page_aligned;
 use ferry_protocol::wire::{
     decode_control, decode_frame, encode_control, encode_frame, page_decoder, read_frame,
     DestState, Frame, MsgKind, PageSpan, StreamFrame, WireError, MAX_CONTROL_FRAME, MAX_PAGE_FRAME,
@@ -49,9 +50,12 @@ use ferry_transport::trust::TRUST_FILE;
 use ferry_transport::{Error as TransportError, Fingerprint, TrustStore};
 use xxhash_rust::xxh3::xxh3_64 as xxh3;
 
+/// A property: panics if the input breaks it.
+pub type Property = fn(&[u8]);
+
 /// Every fuzz target: its name (the file `fuzz/fuzz_targets/NAME.rs` and the
 /// corpus directory `fuzz/corpus/NAME/`) and its property function.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Property)] = &[
     ("frame", frame),
     ("control", control),
     ("stream", stream),
@@ -339,7 +343,7 @@ fn check_decoded_batch(b: &PageBatch, sum: u64, limits: BatchLimits) {
     assert!(b
         .runs
         .iter()
-        .all(|r: &PageRun| r.pages > 0 && r.addr % PAGE_SIZE == 0 && r.end().is_some()));
+        .all(|r: &PageRun| r.pages > 0 && is_page_aligned(r.addr) && r.end().is_some()));
     assert_eq!(b.iter().count(), b.runs.len(), "iter stops early");
     for level in [1, 3] {
         let again = encode_batch(b, level);
