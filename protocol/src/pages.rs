@@ -977,13 +977,14 @@ impl PageReader {
         let mut h = [0u8; BATCH_HEADER_LEN];
         h.copy_from_slice(&self.buf);
         let hdr = BatchHeader::parse(&h, self.dec.limits()).map_err(|e| self.corrupt(e))?;
-        // Bounded by the limits checked in `parse`.
-        let body = hdr.body_len() as usize;
-        self.buf.resize(BATCH_HEADER_LEN + body, 0);
-        if read_full(&mut self.file, &mut self.buf[BATCH_HEADER_LEN..])
-            .map_err(io_err(&self.path))?
-            < body
-        {
+        // Bounded by the limits checked in `parse`; the buffer grows as the
+        // body is read, so a file that ends early costs only what it holds.
+        let body = hdr.body_len();
+        let got = (&mut self.file)
+            .take(body)
+            .read_to_end(&mut self.buf)
+            .map_err(io_err(&self.path))?;
+        if (got as u64) < body {
             return Err(self.truncated());
         }
         let sum = self
@@ -1679,6 +1680,29 @@ mod tests {
         let e = read_err(dir.path(), &bytes[..FILE_HEADER_LEN + 1]);
         assert!(e.to_string().contains("is truncated"), "{e}");
         assert!(e.to_string().contains(PAGES_FILE), "{e}");
+    }
+
+    /// A batch header that declares the largest body the limits allow, in a
+    /// file that ends right after it: truncated, read without sizing a
+    /// buffer for the declared body first (found by the `page_store` fuzz
+    /// target; the allocation is checked in ferry-fuzz-props' regression
+    /// tests).
+    #[test]
+    fn a_declared_body_that_never_comes_is_truncated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = PAGES_MAGIC.to_vec();
+        b.extend_from_slice(&PAGES_VERSION.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&BATCH_MAGIC);
+        for v in [CODEC_ZSTD, 1 << 16, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [64u64 << 20, 64 << 20, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&[0; RUN_LEN]);
+        let e = read_err(dir.path(), &b);
+        assert!(matches!(e, PageError::Truncated { batch: 0, .. }), "{e}");
     }
 
     #[test]

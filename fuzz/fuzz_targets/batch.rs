@@ -1,0 +1,7 @@
+#![no_main]
+//! Fuzz target `batch`: see `ferry_fuzz_props::batch`.
+
+#[global_allocator]
+static ALLOC: ferry_fuzz_props::alloc::CountingAlloc = ferry_fuzz_props::alloc::CountingAlloc;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ferry_fuzz_props::batch(data));
