@@ -8,6 +8,7 @@
 mod shared;
 
 pub mod hosts;
+pub mod http;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
