@@ -5,10 +5,9 @@
 //! installed into a stub, whose fds are then inspected through fdinfo and
 //! `pidfd_getfd` copies.
 
-use super::testkit::{image, process, Act, ScriptChild};
+use super::testkit::{frozen, image, process, Act, ScriptChild};
 use super::*;
 use crate::testutil::{with_stub, StubGuard};
-use ferry_parasite::Tracee;
 use ferry_protocol::model::{TimerFd, Timespec};
 use std::time::Duration;
 
@@ -16,17 +15,14 @@ const NONBLOCK: u32 = libc::O_NONBLOCK as u32;
 
 /// Collect the fds of `pid` while it is frozen.
 fn collect(pid: i32) -> (Vec<FdEntry>, Vec<OpenFile>) {
-    let mut t = Tracee::seize(pid).expect("seize");
-    t.interrupt().expect("interrupt");
-    let out = (|| {
+    frozen(&[pid], || {
         let mut files = FileCollector::new();
         let mut shmem = ShmemCollector::new();
         let fds = files.task(pid, &mut shmem)?;
         let (files, _, _) = files.finish()?;
         Ok::<_, Error>((fds, files))
-    })();
-    t.detach().expect("detach");
-    out.expect("collect")
+    })
+    .expect("collect")
 }
 
 /// Open `tree` in the agent and install its only task's fds into a stub.

@@ -3,11 +3,10 @@
 //! that cannot move. Real processes: a forked child sets its fds up with
 //! raw system calls and pauses; restore goes into stubs.
 
-use super::testkit::{process, ScriptChild, TempDir};
+use super::testkit::{frozen, process, ScriptChild, TempDir};
 use super::*;
 use crate::shmem::ShmemHandles;
 use crate::testutil::{with_stub, StubGuard};
-use ferry_parasite::Tracee;
 use std::ffi::CString;
 use std::io::Read;
 
@@ -80,13 +79,7 @@ fn flock_of(ty: i32, start: i64, len: i64) -> libc::flock {
 
 /// Collect the files of the frozen `pids`.
 fn try_collect(pids: &[i32]) -> Result<TreeImage> {
-    let mut held = Vec::new();
-    for &pid in pids {
-        let mut t = Tracee::seize(pid).expect("seize");
-        t.interrupt().expect("interrupt");
-        held.push(t);
-    }
-    let r = (|| {
+    frozen(pids, || {
         let mut files = FileCollector::new();
         let mut shmem = ShmemCollector::new();
         let mut tasks = Vec::new();
@@ -105,11 +98,7 @@ fn try_collect(pids: &[i32]) -> Result<TreeImage> {
             deleted,
             locks,
         })
-    })();
-    for t in held {
-        t.detach().expect("detach");
-    }
-    r
+    })
 }
 
 fn collect(pids: &[i32]) -> TreeImage {

@@ -1,6 +1,7 @@
 //! Test helpers shared by the file tests: a forked child that sets up
 //! exactly the fds it is told to, then waits in `pause()`.
 
+use ferry_parasite::Tracee;
 use std::ffi::CString;
 use std::os::fd::RawFd;
 
@@ -304,4 +305,20 @@ pub fn image(
         deleted: vec![],
         locks: vec![],
     }
+}
+
+/// Run `f` while every process of `pids` is held in a ptrace stop (a
+/// collector reads frozen processes), then let them go.
+pub fn frozen<T>(pids: &[i32], f: impl FnOnce() -> T) -> T {
+    let mut held = Vec::with_capacity(pids.len());
+    for &pid in pids {
+        let mut t = Tracee::seize(pid).expect("seize");
+        t.interrupt().expect("interrupt");
+        held.push(t);
+    }
+    let out = f();
+    for t in held {
+        t.detach().expect("detach");
+    }
+    out
 }

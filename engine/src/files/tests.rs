@@ -7,10 +7,9 @@
 //! ([`crate::testutil::with_stub`]), which are then inspected through
 //! `/proc` and `pidfd_getfd` copies of their fds.
 
-use super::testkit::{cs, image, pattern, process, scene, Act, ScriptChild, TempDir};
+use super::testkit::{cs, frozen, image, pattern, process, scene, Act, ScriptChild, TempDir};
 use super::*;
 use crate::testutil::{with_stub, StubGuard};
-use ferry_parasite::Tracee;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 
@@ -25,21 +24,6 @@ const APPEND: u32 = libc::O_APPEND as u32;
 const NONBLOCK: u32 = libc::O_NONBLOCK as u32;
 
 // ---------------------------------------------------------------- helpers
-
-/// Run `f` while every process of `pids` is held in a ptrace stop.
-fn frozen<T>(pids: &[i32], f: impl FnOnce() -> T) -> T {
-    let mut held = Vec::with_capacity(pids.len());
-    for &pid in pids {
-        let mut t = Tracee::seize(pid).expect("seize");
-        t.interrupt().expect("interrupt");
-        held.push(t);
-    }
-    let out = f();
-    for t in held {
-        t.detach().expect("detach");
-    }
-    out
-}
 
 /// What a [`FileCollector`] made of some processes.
 #[derive(Debug)]

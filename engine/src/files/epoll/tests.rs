@@ -5,12 +5,11 @@
 
 use super::super::pidfd;
 use super::super::sys;
-use super::super::testkit::{image, kill_and_reap, process};
+use super::super::testkit::{frozen, image, kill_and_reap, process};
 use super::*;
 use crate::files::{install, FileCollector, StdioPolicy};
 use crate::shmem::{ShmemCollector, ShmemHandles};
 use crate::testutil::{with_stub, TempDir};
-use ferry_parasite::Tracee;
 use ferry_protocol::model::{FdEntry, PipeObject};
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -244,13 +243,8 @@ fn try_collect_with(
     pid: i32,
     others: &[i32],
 ) -> Result<(Vec<FdEntry>, Vec<OpenFile>, Vec<PipeObject>)> {
-    let mut held = Vec::new();
-    for &p in std::iter::once(&pid).chain(others) {
-        let mut t = Tracee::seize(p).expect("seize");
-        t.interrupt().expect("interrupt");
-        held.push(t);
-    }
-    let r = (|| {
+    let all: Vec<i32> = std::iter::once(pid).chain(others.iter().copied()).collect();
+    frozen(&all, || {
         let mut files = FileCollector::new();
         let mut shmem = ShmemCollector::new();
         let fds = files.task(pid, &mut shmem)?;
@@ -259,11 +253,7 @@ fn try_collect_with(
         }
         let (files, pipes, _) = files.finish()?;
         Ok((fds, files, pipes))
-    })();
-    for t in held {
-        t.detach().expect("detach");
-    }
-    r
+    })
 }
 
 /// The open file of fd `fd` in `fds`/`files`.

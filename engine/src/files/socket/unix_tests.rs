@@ -4,25 +4,18 @@
 //! every queued byte and boundary and go on talking.
 
 use super::unix_sys;
-use crate::files::testkit::{image, process, Act, ScriptChild, TempDir};
+use crate::files::testkit::{frozen, image, process, Act, ScriptChild, TempDir};
 use crate::files::{install, FileCollector, Opened, StdioPolicy};
 use crate::shmem::{ShmemCollector, ShmemHandles};
 use crate::testutil::{with_stub, StubGuard};
 use crate::{Error, Result};
-use ferry_parasite::Tracee;
 use ferry_protocol::model::{FdEntry, FileKind, OpenFile, TreeImage};
 use ferry_protocol::unix::{UnixName, UnixSocket, UnixState, UnixType};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 /// The files of `pids` (each frozen while read), as one tree.
 fn try_collect(pids: &[i32]) -> Result<(Vec<Vec<FdEntry>>, Vec<OpenFile>)> {
-    let mut held = Vec::new();
-    for &pid in pids {
-        let mut t = Tracee::seize(pid).expect("seize");
-        t.interrupt().expect("interrupt");
-        held.push(t);
-    }
-    let r = (|| {
+    frozen(pids, || {
         let mut files = FileCollector::new();
         let mut shmem = ShmemCollector::new();
         let mut fds = Vec::new();
@@ -31,11 +24,7 @@ fn try_collect(pids: &[i32]) -> Result<(Vec<Vec<FdEntry>>, Vec<OpenFile>)> {
         }
         let (files, _, _) = files.finish()?;
         Ok((fds, files))
-    })();
-    for t in held {
-        t.detach().expect("detach");
-    }
-    r
+    })
 }
 
 fn tree(pids: &[i32], fds: Vec<Vec<FdEntry>>, files: Vec<OpenFile>) -> TreeImage {
