@@ -214,12 +214,17 @@ fn to_raw(name: &UnixName) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     Ok((sa, (base + bytes.len() + extra) as libc::socklen_t))
 }
 
-/// `bind(fd, name)`.
-pub fn bind(fd: BorrowedFd<'_>, name: &UnixName) -> io::Result<()> {
+/// `bind` or `connect` (same signature) of `fd` to `name`.
+fn with_name(
+    fd: BorrowedFd<'_>,
+    name: &UnixName,
+    call: unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int,
+) -> io::Result<()> {
     let (sa, len) = to_raw(name)?;
-    // SAFETY: `sa` is a valid sockaddr_un of `len` bytes.
+    // SAFETY: `call` is bind or connect; `sa` is a valid sockaddr_un of
+    // `len` bytes that outlives the call.
     let r = unsafe {
-        libc::bind(
+        call(
             fd.as_raw_fd(),
             (&sa as *const libc::sockaddr_un).cast(),
             len,
@@ -232,22 +237,14 @@ pub fn bind(fd: BorrowedFd<'_>, name: &UnixName) -> io::Result<()> {
     }
 }
 
+/// `bind(fd, name)`.
+pub fn bind(fd: BorrowedFd<'_>, name: &UnixName) -> io::Result<()> {
+    with_name(fd, name, libc::bind)
+}
+
 /// `connect(fd, name)`.
 pub fn connect(fd: BorrowedFd<'_>, name: &UnixName) -> io::Result<()> {
-    let (sa, len) = to_raw(name)?;
-    // SAFETY: `sa` is a valid sockaddr_un of `len` bytes.
-    let r = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    with_name(fd, name, libc::connect)
 }
 
 /// `getpeername(fd)`: the name of the socket `fd` is connected to (`None`:
