@@ -5,10 +5,9 @@
 //! server on B answers a new request.
 mod common;
 
-use common::hosts::{pair, Hosts, ADDR_B};
+use common::hosts::{pair, Hosts};
 use common::http::{self, PYTHON};
 use common::Procs;
-use std::os::unix::process::ExitStatusExt;
 
 const SERVICE: &str = "198.18.0.100";
 const PORT: &str = "7080";
@@ -50,22 +49,7 @@ fn python_http_server_download_survives_migration() {
     http::wait_serving(&h, &format!("{url}/small.txt"));
     let client = http::start_download(&h, &mut procs, &format!("{url}/big.bin"), 8 << 20);
 
-    let pid = server.pid.to_string();
-    let r = h.migrate("a", &["--to", ADDR_B, &pid, "--json"]);
-    r.assert_ok();
-    let v: serde_json::Value = serde_json::from_str(r.stdout.trim())
-        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {}", r.stdout));
-    assert_eq!(
-        v["addresses_moved"].as_array().map(Vec::len),
-        Some(1),
-        "{v}"
-    );
-    let status = procs.reap(server.pid).expect("reap the source copy");
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "source copy: {status}"
-    );
+    h.migrate_with_address(&mut procs, server.pid);
     // The download was not over when the process moved (else this test
     // would show nothing: make the file bigger or the rate lower).
     assert!(

@@ -6,11 +6,10 @@
 //! master (a reload by SIGHUP starts new workers that serve).
 mod common;
 
-use common::hosts::{pair, Hosts, ADDR_B};
+use common::hosts::{pair, Hosts};
 use common::http::{self, PYTHON};
 use common::Procs;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 const NGINX: &str = "/usr/sbin/nginx";
@@ -92,27 +91,11 @@ fn nginx_streaming_a_download_moves_to_b() {
     http::wait_serving(&h, &format!("{url}/small.txt"));
     let client = http::start_download(&h, &mut procs, &format!("{url}/big.bin"), 8 << 20);
 
-    let pid = master.pid.to_string();
-    let r = h.migrate("a", &["--to", ADDR_B, &pid, "--json"]);
-    r.assert_ok();
-    let v: serde_json::Value = serde_json::from_str(r.stdout.trim())
-        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {}", r.stdout));
-    assert_eq!(
-        v["addresses_moved"].as_array().map(Vec::len),
-        Some(1),
-        "{v}"
-    );
-    let status = procs.reap(master.pid).expect("reap the source copy");
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "source copy: {status}"
-    );
+    h.migrate_with_address(&mut procs, master.pid);
     assert!(
         !http::download_ended(&client),
         "the download ended before the migration did"
     );
-    assert!(h.exists_on_b(master.pid), "the master is not on B");
     let workers = workers_on_b(&h, master.pid);
     assert_eq!(workers.len(), 2, "workers on B: {workers:?}");
     for w in &workers {
@@ -132,7 +115,8 @@ fn nginx_streaming_a_download_moves_to_b() {
     );
     // The master still commands its workers over the restored channels:
     // a reload replaces them, and the new ones serve.
-    h.exec_b(&["kill", "-HUP", &pid]).assert_ok();
+    h.exec_b(&["kill", "-HUP", &master.pid.to_string()])
+        .assert_ok();
     common::wait_until(Duration::from_secs(20), "new workers after SIGHUP", || {
         let now = workers_on_b(&h, master.pid);
         (now.len() == 2 && now.iter().all(|w| !workers.contains(w))).then_some(())

@@ -5,9 +5,8 @@
 //! counter read afterwards on B over a new connection is the last reply.
 mod common;
 
-use common::hosts::{pair, Hosts, ADDR_B};
+use common::hosts::{pair, Hosts};
 use common::{field, Procs};
-use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -127,23 +126,7 @@ fn redis_counter_loop_from_c_survives_migration() {
     );
     wait_replies(&client, 1000, common::LINE_TIMEOUT);
 
-    let pid = server.pid.to_string();
-    let r = h.migrate("a", &["--to", ADDR_B, &pid, "--json"]);
-    r.assert_ok();
-    let v: serde_json::Value = serde_json::from_str(r.stdout.trim())
-        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {}", r.stdout));
-    assert_eq!(
-        v["addresses_moved"].as_array().map(Vec::len),
-        Some(1),
-        "{v}"
-    );
-    let status = procs.reap(server.pid).expect("reap the source copy");
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "source copy: {status}"
-    );
-    assert!(h.exists_on_b(server.pid), "redis is not on B");
+    h.migrate_with_address(&mut procs, server.pid);
 
     // The same connection goes on, served by B.
     let after = replies(&client);

@@ -343,6 +343,31 @@ impl Hosts {
         self.run(&all)
     }
 
+    /// `migrate --to B PID --json` of a server on the service address:
+    /// requires success, exactly one address moved, the source copy ended
+    /// by SIGKILL (reaped from `procs`) and PID present on B; returns the
+    /// report.
+    pub fn migrate_with_address(&self, procs: &mut Procs, pid: i32) -> serde_json::Value {
+        use std::os::unix::process::ExitStatusExt;
+        let r = self.migrate("a", &["--to", ADDR_B, &pid.to_string(), "--json"]);
+        r.assert_ok();
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {}", r.stdout));
+        assert_eq!(
+            v["addresses_moved"].as_array().map(Vec::len),
+            Some(1),
+            "{v}"
+        );
+        let status = procs.reap(pid).expect("reap the source copy");
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "source copy: {status}"
+        );
+        assert!(self.exists_on_b(pid), "process {pid} is not on B");
+        v
+    }
+
     /// Run a command on client C; returns its outcome.
     pub fn exec_c(&self, args: &[&str]) -> Run {
         let mut all = vec!["exec-c"];
