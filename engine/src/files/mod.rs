@@ -53,7 +53,7 @@ use ferry_protocol::model::{FileLock, LockOwner};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 pub use stdio::StdioPolicy;
 
@@ -307,29 +307,15 @@ impl FileCollector {
             })
             .collect();
         for (ino, id, reader, lone) in found {
-            let pidfd = |pid: i32, pidfds: &mut HashMap<i32, OwnedFd>| -> Result<OwnedFd> {
-                if let Some(f) = pidfds.get(&pid) {
-                    return f
-                        .try_clone()
-                        .map_err(|e| Error::io(format!("dup of the pidfd of {pid}"), e));
-                }
-                let f = sys::pidfd_open(pid)
-                    .map_err(|e| Error::io(format!("pidfd_open of process {pid}"), e))?;
-                let copy = f
-                    .try_clone()
-                    .map_err(|e| Error::io(format!("dup of the pidfd of {pid}"), e))?;
-                pidfds.insert(pid, f);
-                Ok(copy)
-            };
             match (reader, lone) {
                 (Some((pid, fd)), _) => {
-                    let pf = pidfd(pid, &mut pidfds)?;
-                    let (capacity, data) = pipe::capture(pid, fd, pf.as_fd(), ino)?;
+                    let pf = cached_pidfd(&mut pidfds, pid)?;
+                    let (capacity, data) = pipe::capture(pid, fd, pf, ino)?;
                     pipes.push(PipeObject { id, capacity, data });
                 }
                 (None, Some((pid, fd))) => {
-                    let pf = pidfd(pid, &mut pidfds)?;
-                    match pipe::capture_widowed(pid, fd, pf.as_fd(), ino)? {
+                    let pf = cached_pidfd(&mut pidfds, pid)?;
+                    match pipe::capture_widowed(pid, fd, pf, ino)? {
                         Some((capacity, data)) => pipes.push(PipeObject { id, capacity, data }),
                         None => self.pipe_outside(id, ino)?,
                     }
@@ -371,6 +357,18 @@ impl FileCollector {
         }
         Ok(())
     }
+}
+
+/// A pidfd of `pid`, opened once per collection.
+fn cached_pidfd(pidfds: &mut HashMap<i32, OwnedFd>, pid: i32) -> Result<BorrowedFd<'_>> {
+    let f: &OwnedFd = match pidfds.entry(pid) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(
+            sys::pidfd_open(pid)
+                .map_err(|e| Error::io(format!("pidfd_open of process {pid}"), e))?,
+        ),
+    };
+    Ok(f.as_fd())
 }
 
 /// The agent's side of every open file of a tree being restored: one
