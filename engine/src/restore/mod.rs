@@ -185,28 +185,25 @@ pub(crate) fn build_task(
 /// populated already (no fault) or were never populated, and a fault
 /// there gets a zero page ([`crate::lazy::pager`]).
 fn lazy_areas(vmas: &[Vma], spans: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let private_anon =
+        |v: &Vma| matches!(v.kind, VmaKind::Anonymous) && v.flags & libc::MAP_SHARED as u32 == 0;
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &(start, end) in spans {
         let mut covered = false;
-        let private_anon = |v: &&Vma| {
-            matches!(v.kind, VmaKind::Anonymous) && v.flags & libc::MAP_SHARED as u32 == 0
-        };
         for v in vmas
             .iter()
-            .filter(private_anon)
-            .filter(|v| v.start < end && start < v.end)
+            .filter(|v| private_anon(v) && v.start < end && start < v.end)
         {
             covered |= v.start <= start && end <= v.end;
-            if !out.contains(&(v.start, v.end)) {
-                out.push((v.start, v.end));
-            }
+            out.push((v.start, v.end));
         }
-        if !covered && !out.iter().any(|&(s, e)| s <= start && end <= e) {
+        if !covered {
             out.push((start, end));
         }
     }
     out.sort_unstable();
-    // Registering one range twice would fail: keep them disjoint.
+    // Registering one range twice would fail: keep them disjoint (this
+    // also drops an area listed for each of its spans).
     let mut merged: Vec<(u64, u64)> = Vec::new();
     for (s, e) in out {
         match merged.last_mut() {
