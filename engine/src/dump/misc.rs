@@ -27,6 +27,8 @@ pub(crate) const KSIGSET_SIZE: u64 = 8;
 /// [`Injector::on_stack`] (or own its scratch area) and only report-only
 /// system calls are injected through it. The caller calls `finish()` on it.
 pub fn collect(pid: i32, inj: &mut Injector) -> Result<ProcessMisc> {
+    // Before anything is injected: a refusal costs nothing then.
+    refuse_seccomp(pid)?;
     let status = read_status(pid)?;
     let creds = parse_creds(&status)?;
     let umask = parse_umask(&status)?;
@@ -40,7 +42,6 @@ pub fn collect(pid: i32, inj: &mut Injector) -> Result<ProcessMisc> {
     let rlimits = read_rlimits(pid, inj)?;
     let personality = read_personality(pid)?;
     let pdeath_signal = query_pdeath_signal(inj)?;
-    refuse_seccomp(pid)?;
     let dumpable = query_prctl(inj, "prctl(PR_GET_DUMPABLE)", PR_GET_DUMPABLE)?;
     let securebits = query_prctl(inj, "prctl(PR_GET_SECUREBITS)", PR_GET_SECUREBITS)?;
 
@@ -60,7 +61,7 @@ pub fn collect(pid: i32, inj: &mut Injector) -> Result<ProcessMisc> {
 }
 
 const PR_GET_DUMPABLE: u64 = 3;
-const PR_GET_SECUREBITS: u64 = 27;
+pub(crate) const PR_GET_SECUREBITS: u64 = 27;
 
 /// A `prctl` query that returns its answer (a small non-negative number).
 fn query_prctl(inj: &mut Injector, name: &'static str, option: u64) -> Result<u32> {

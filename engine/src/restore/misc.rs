@@ -17,6 +17,7 @@
 
 use crate::dump::misc::{
     encode_sigaction, parse_creds, prlimit64, read_status_path, RawRlimit, KSIGSET_SIZE, NSIG,
+    PR_GET_SECUREBITS,
 };
 use crate::{Error, Result};
 use ferry_parasite::remote::Injector;
@@ -25,7 +26,6 @@ use ferry_protocol::model::{Credentials, PendingSignal, ProcessMisc, Rlimit, Sig
 /// `_LINUX_CAPABILITY_VERSION_3`.
 const CAP_VERSION_3: u32 = 0x2008_0522;
 const PR_SET_KEEPCAPS: u64 = 8;
-const PR_GET_SECUREBITS: u64 = 27;
 const PR_SET_SECUREBITS: u64 = 28;
 const PR_SET_DUMPABLE: u64 = 4;
 const SECBIT_KEEP_CAPS: u32 = 1 << 4;
