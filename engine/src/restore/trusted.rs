@@ -15,84 +15,78 @@ use std::path::Path;
 
 /// Refuse `dir` unless only root or `uid` could have written it.
 pub fn check_image_dir(dir: &Path, uid: u32) -> Result<()> {
-    let untrusted = |path: &Path, why: String| Error::UntrustedImage {
-        path: path.display().to_string(),
-        why,
-    };
-    let stat = |p: &Path| {
-        std::fs::symlink_metadata(p).map_err(|e| Error::io(format!("stat {}", p.display()), e))
-    };
-    let owner_ok = |m: &std::fs::Metadata| m.uid() == 0 || m.uid() == uid;
-    let writable_by_others = |m: &std::fs::Metadata| m.permissions().mode() & 0o022 != 0;
     let dir = std::path::absolute(dir).map_err(|e| Error::io(format!("{}", dir.display()), e))?;
-    let m = stat(&dir)?;
-    if m.file_type().is_symlink() {
-        return Err(untrusted(&dir, "it is a symbolic link".into()));
-    }
-    check_one(&dir, &m, owner_ok(&m), writable_by_others(&m), uid)
-        .map_err(|w| untrusted(&dir, w))?;
+    check_entry(&dir, uid)?;
     let entries =
         std::fs::read_dir(&dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
     for e in entries {
         let e = e.map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
-        let p = e.path();
-        let m = stat(&p)?;
-        if m.file_type().is_symlink() {
-            return Err(untrusted(&p, "it is a symbolic link".into()));
-        }
-        check_one(&p, &m, owner_ok(&m), writable_by_others(&m), uid)
-            .map_err(|w| untrusted(&p, w))?;
+        check_entry(&e.path(), uid)?;
     }
     for a in dir.ancestors().skip(1) {
         let m = stat(a)?;
-        let sticky = m.permissions().mode() & 0o1000 != 0;
-        if !owner_ok(&m) {
-            return Err(untrusted(
-                &dir,
-                format!(
-                    "the directory {} above it belongs to uid {}, who could replace the image",
-                    a.display(),
-                    m.uid()
-                ),
-            ));
-        }
-        if writable_by_others(&m) && !sticky {
-            return Err(untrusted(
-                &dir,
-                format!(
-                    "the directory {} above it is writable by group or others (mode {:o}), \
-                     who could replace the image",
-                    a.display(),
-                    m.permissions().mode() & 0o7777
-                ),
-            ));
-        }
+        let mode = m.permissions().mode();
+        let why = if !owner_ok(&m, uid) {
+            format!("belongs to uid {}", m.uid())
+        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            format!("is writable by group or others (mode {:o})", mode & 0o7777)
+        } else {
+            continue;
+        };
+        return Err(untrusted(
+            &dir,
+            format!(
+                "the directory {} above it {why}, who could replace the image",
+                a.display()
+            ),
+        ));
     }
     Ok(())
 }
 
-/// Why `path` is not trusted, if it is not.
-fn check_one(
-    path: &Path,
-    m: &std::fs::Metadata,
-    owner_ok: bool,
-    writable_by_others: bool,
-    uid: u32,
-) -> std::result::Result<(), String> {
-    if !owner_ok {
-        return Err(format!(
-            "it belongs to uid {}, not to root or to the invoking user (uid {uid})",
-            m.uid()
+/// The image directory itself or one of its files: no symbolic link,
+/// owned by root or `uid`, writable by nobody else.
+fn check_entry(path: &Path, uid: u32) -> Result<()> {
+    let m = stat(path)?;
+    let mode = m.permissions().mode();
+    if m.file_type().is_symlink() {
+        return Err(untrusted(path, "it is a symbolic link".into()));
+    }
+    if !owner_ok(&m, uid) {
+        return Err(untrusted(
+            path,
+            format!(
+                "it belongs to uid {}, not to root or to the invoking user (uid {uid})",
+                m.uid()
+            ),
         ));
     }
-    if writable_by_others {
-        return Err(format!(
-            "it is writable by group or others (mode {:o}): run `chmod go-w {}`",
-            m.permissions().mode() & 0o7777,
-            path.display()
+    if mode & 0o022 != 0 {
+        return Err(untrusted(
+            path,
+            format!(
+                "it is writable by group or others (mode {:o}): run `chmod go-w {}`",
+                mode & 0o7777,
+                path.display()
+            ),
         ));
     }
     Ok(())
+}
+
+fn stat(p: &Path) -> Result<std::fs::Metadata> {
+    std::fs::symlink_metadata(p).map_err(|e| Error::io(format!("stat {}", p.display()), e))
+}
+
+fn owner_ok(m: &std::fs::Metadata, uid: u32) -> bool {
+    m.uid() == 0 || m.uid() == uid
+}
+
+fn untrusted(path: &Path, why: String) -> Error {
+    Error::UntrustedImage {
+        path: path.display().to_string(),
+        why,
+    }
 }
 
 #[cfg(test)]
