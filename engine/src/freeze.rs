@@ -52,8 +52,12 @@ impl Frozen {
                     Err(ferry_parasite::Error::AlreadyTraced { .. }) if traced_by_me(tid) => {
                         // A clone child auto-attached to us (PTRACE_O_TRACECLONE).
                         let mut t = Tracee::adopt(tid);
-                        t.wait_event_stop()?;
-                        frozen.threads.push(t);
+                        match t.wait_event_stop() {
+                            Ok(()) => frozen.threads.push(t),
+                            // It exited before its first stop: nothing to freeze.
+                            Err(ferry_parasite::Error::ThreadGone { .. }) => t.forget(),
+                            Err(e) => return Err(e.into()),
+                        }
                         continue;
                     }
                     Err(ferry_parasite::Error::NoSuchThread { .. }) => {
